@@ -1,0 +1,357 @@
+"""The catalog: SQLite through SQLAlchemy 2 Core, the index's source of truth.
+
+It holds the files seen (with size, mtime and content hash), the distinct media contents, captions,
+transcript segments, every embedding vector, the model identity and the schema version. The FAISS files are
+derived from the ``embeddings`` table and can always be rebuilt from it.
+
+Schema changes are numbered migrations (``MIGRATIONS``); ``meta.schema_version`` says how many ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    null,
+    select,
+    text,
+)
+
+from mmsearch.errors import MmsearchError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String, primary_key=True), Column("value", Text, nullable=False))
+
+media = Table(
+    "media",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # image | audio
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("duration", Float),
+    Column("language", String(16)),
+    Column("transcript", Text),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # The exact bytes of the absolute path: file names need not be valid UTF-8.
+    Column("path_key", LargeBinary, nullable=False, unique=True),
+    Column("path", Text, nullable=False),  # for display (undecodable bytes replaced)
+    Column("kind", String(8), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("mtime_ns", Integer, nullable=False),
+    Column("sha256", String(64)),
+    Column("media_id", Integer, ForeignKey("media.id"), index=True),
+    Column("status", String(8), nullable=False),  # ok | skipped
+    Column("reason", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+captions = Table(
+    "captions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("file_id", Integer, ForeignKey("files.id"), nullable=False, index=True),
+    Column("source", Text, nullable=False),
+    Column("text", Text, nullable=False),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("media_id", Integer, ForeignKey("media.id"), nullable=False, index=True),
+    Column("idx", Integer, nullable=False),  # -1: the whole (short) transcript
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("text", Text, nullable=False),
+)
+
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("id", Integer, primary_key=True),  # the FAISS id
+    Column("kind", String(8), nullable=False, index=True),  # image | caption | segment
+    Column("media_id", Integer, ForeignKey("media.id"), index=True),
+    Column("caption_id", Integer, ForeignKey("captions.id"), index=True),
+    Column("segment_id", Integer, ForeignKey("segments.id"), index=True),
+    Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+)
+
+VECTOR_KINDS = ("image", "caption", "segment")
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+# Append only: each entry brings a database at version i to version i+1.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def path_key(path: Path | str) -> bytes:
+    return os.fsencode(path)
+
+
+def display_path(key: bytes) -> str:
+    return key.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path_key: bytes
+    kind: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    media_id: int | None
+    status: str
+    reason: str | None
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.engine: Engine = create_engine(f"sqlite:///{path}", future=True)
+        event.listen(self.engine, "connect", _on_connect)
+        with self.engine.begin() as conn:
+            self._migrate(conn)
+
+    def _migrate(self, conn: Connection) -> None:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value TEXT NOT NULL)"))
+        row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise MmsearchError(
+                f"{self.path} has schema version {version}, newer than this mmsearch ({SCHEMA_VERSION}): upgrade"
+            )
+        for i in range(version, SCHEMA_VERSION):
+            log.info("migrating catalog %s to schema version %d", self.path, i + 1)
+            MIGRATIONS[i](conn)
+            _set_meta(conn, "schema_version", str(i + 1))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction: everything in it is visible to others at once, or not at all."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    # --- meta ---------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.read() as conn:
+            row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+        return json.loads(row[0]) if row else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.begin() as conn:
+            _set_meta(conn, key, json.dumps(value))
+
+    def generation(self, kind: str) -> int:
+        """Bumped by every transaction that changes embeddings of ``kind``; a FAISS file records the one
+        it reflects, so a stale file is known without reading it."""
+        return int(self.get_meta(f"generation.{kind}", 0))
+
+    # --- files --------------------------------------------------------------------------------
+    def files_by_key(self) -> dict[bytes, FileRow]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(
+                    files.c.id, files.c.path_key, files.c.kind, files.c.size, files.c.mtime_ns,
+                    files.c.sha256, files.c.media_id, files.c.status, files.c.reason,
+                )
+            ).all()
+        return {r.path_key: FileRow(*r) for r in rows}
+
+    def captions_of(self, file_ids: Sequence[int]) -> dict[int, list[tuple[int, str, str]]]:
+        """file id -> [(caption id, source, text)]."""
+        out: dict[int, list[tuple[int, str, str]]] = {}
+        with self.read() as conn:
+            for chunk in _chunks(list(file_ids), 900):
+                q = select(captions.c.file_id, captions.c.id, captions.c.source, captions.c.text).where(
+                    captions.c.file_id.in_(chunk)
+                )
+                for fid, cid, source, txt in conn.execute(q):
+                    out.setdefault(fid, []).append((cid, source, txt))
+        return out
+
+    def media_id_for(self, conn: Connection, sha256: str) -> int | None:
+        row = conn.execute(select(media.c.id).where(media.c.sha256 == sha256)).first()
+        return int(row[0]) if row else None
+
+    # --- vectors ------------------------------------------------------------------------------
+    def load_vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors) of one kind, ordered by id: what a FAISS index is rebuilt from."""
+        with self.read() as conn:
+            n = conn.execute(select(func.count()).where(embeddings.c.kind == kind)).scalar_one()
+            ids = np.empty(n, np.int64)
+            vecs = np.empty((n, dim), np.float32)
+            q = select(embeddings.c.id, embeddings.c.vector).where(embeddings.c.kind == kind)
+            i = 0
+            for eid, blob in conn.execute(q.order_by(embeddings.c.id)):
+                if i >= n:
+                    break
+                ids[i] = eid
+                vecs[i] = np.frombuffer(blob, np.float32)
+                i += 1
+        return ids[:i], vecs[:i]
+
+    def vectors_for(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        with self.read() as conn:
+            for chunk in _chunks(list(ids), 900):
+                q = select(embeddings.c.id, embeddings.c.vector).where(embeddings.c.id.in_(chunk))
+                for eid, blob in conn.execute(q):
+                    out[eid] = np.frombuffer(blob, np.float32)
+        return out
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """What a search hit shows: the embedding's item and the (first live) file it belongs to."""
+
+    id: int
+    kind: str
+    file_id: int
+    path_key: bytes
+    text: str | None
+    start: float | None
+    end: float | None
+    media_id: int | None
+
+
+def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
+    e, f, c, s = embeddings, files, captions, segments
+    first_file = (
+        select(f.c.media_id, func.min(f.c.id).label("file_id"))
+        .where(f.c.status == "ok", f.c.media_id.is_not(None))
+        .group_by(f.c.media_id)
+        .subquery()
+    )
+    out: dict[int, ItemRow] = {}
+    with catalog.read() as conn:
+        for chunk in _chunks([int(i) for i in ids], 900):
+            image_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id)
+                .join(first_file, first_file.c.media_id == e.c.media_id)
+                .join(f, f.c.id == first_file.c.file_id)
+                .where(e.c.id.in_(chunk), e.c.kind == "image")
+            )
+            caption_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id)
+                .join(c, c.c.id == e.c.caption_id)
+                .join(f, f.c.id == c.c.file_id)
+                .where(e.c.id.in_(chunk), e.c.kind == "caption")
+            )
+            segment_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id)
+                .join(s, s.c.id == e.c.segment_id)
+                .join(first_file, first_file.c.media_id == s.c.media_id)
+                .join(f, f.c.id == first_file.c.file_id)
+                .where(e.c.id.in_(chunk), e.c.kind == "segment")
+            )
+            for q in (image_q, caption_q, segment_q):
+                for row in conn.execute(q):
+                    out[int(row[0])] = ItemRow(*row)
+    return out
+
+
+def add_embeddings(
+    conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int]
+) -> list[int]:
+    """Insert vectors of one kind; ``refs`` are media, caption or segment ids. Returns the new ids."""
+    ref_col = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}[kind]
+    ids = []
+    for vec, ref in zip(vectors, refs, strict=True):
+        res = conn.execute(
+            embeddings.insert().values(kind=kind, vector=np.ascontiguousarray(vec, np.float32).tobytes(), **{ref_col: ref})
+        )
+        ids.append(int(res.inserted_primary_key[0]))
+    if ids:
+        bump_generation(conn, kind)
+    return ids
+
+
+def bump_generation(conn: Connection, kind: str) -> None:
+    key = f"generation.{kind}"
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    _set_meta(conn, key, json.dumps(int(json.loads(row[0])) + 1 if row else 1))
+
+
+def delete_embeddings(conn: Connection, where: Any) -> dict[str, list[int]]:
+    """Delete the embeddings matching ``where``; returns their ids by kind (to remove from FAISS)."""
+    removed: dict[str, list[int]] = {}
+    for eid, kind in conn.execute(select(embeddings.c.id, embeddings.c.kind).where(where)):
+        removed.setdefault(kind, []).append(int(eid))
+    for kind, ids in removed.items():
+        for chunk in _chunks(ids, 900):
+            conn.execute(embeddings.delete().where(embeddings.c.id.in_(chunk)))
+        bump_generation(conn, kind)
+    return removed
+
+
+def _set_meta(conn: Connection, key: str, value: str) -> None:
+    from sqlalchemy.dialects.sqlite import insert
+
+    stmt = insert(meta).values(key=key, value=value)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[meta.c.key], set_={"value": value}))
+
+
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers see the last committed state while a run writes; synchronous=FULL so a commit
+    # that returned survives power loss, not only a process crash.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,79 @@
+"""Model identity without loading a model: names, the demo model's files, and identity comparison.
+
+Kept free of torch/open_clip so that opening an index, checking its model and printing stats stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEMO_MODEL = "demo"
+RANDOM = "random"  # seeded random weights: plumbing tests and speed benchmarks
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: an architecture (name or OpenCLIP config .json) and where its weights are."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = None  # an OpenCLIP tag, or "random"
+    checkpoint: str | None = None  # a local weights file
+
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any]) -> ModelSpec:
+        return cls(identity["name"], identity.get("pretrained"), identity.get("checkpoint"))
+
+    def resolved(self) -> tuple[str, str | None, str | None]:
+        """(architecture name or config path, tag, checkpoint path) with the demo model and defaults filled in."""
+        if self.name == DEMO_MODEL:
+            config, weights = demo_files()
+            return str(config), None, str(weights)
+        tag = self.pretrained
+        if self.checkpoint is None and tag is None and self.name == DEFAULT_MODEL:
+            tag = DEFAULT_PRETRAINED
+        return self.name, (None if self.checkpoint else tag), self.checkpoint
+
+    def expected_identity(self) -> dict[str, Any]:
+        """The identity an embedder loaded from this spec will report (weights hashed, not loaded)."""
+        arch_ref, tag, checkpoint = self.resolved()
+        arch = Path(arch_ref).stem if arch_ref.endswith(".json") else arch_ref
+        sha = None
+        if checkpoint is not None:
+            sha = sha256_file(Path(checkpoint)) if Path(checkpoint).is_file() else "missing"
+        return {"name": self.name, "arch": arch, "pretrained": tag, "checkpoint": self.checkpoint, "checkpoint_sha256": sha}
+
+
+def demo_files() -> tuple[Path, Path]:
+    """(config JSON, safetensors) of the demo model shipped in the package."""
+    base = resources.files("mmsearch.demo").joinpath("weights")
+    return Path(str(base.joinpath("mmsearch-demo.json"))), Path(str(base.joinpath("mmsearch-demo.safetensors")))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    if identity.get("checkpoint_sha256"):
+        where = "the bundled demo weights" if identity.get("name") == DEMO_MODEL else f"checkpoint {identity.get('checkpoint')}"
+        return f"{identity['name']} ({where}, sha256 {str(identity['checkpoint_sha256'])[:12]})"
+    return f"{identity['name']}/{identity.get('pretrained')}"
+
+
+def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two identities embed into the same space: same architecture and same weights."""
+    if a.get("arch") != b.get("arch"):
+        return False
+    if a.get("checkpoint_sha256") or b.get("checkpoint_sha256"):
+        return a.get("checkpoint_sha256") == b.get("checkpoint_sha256")
+    return a.get("pretrained") == b.get("pretrained")

@@ -1,0 +1,214 @@
+"""OpenCLIP image/text embedder: the only module that imports torch and open_clip.
+
+Weights come from one of three places:
+
+* an OpenCLIP pretrained tag (``--model ViT-B-32 --pretrained laion2b_s34b_b79k``), downloaded on first use
+  and cached by huggingface_hub;
+* a local checkpoint file (``--checkpoint PATH``, ``.safetensors`` or a ``weights_only`` torch file), with the
+  architecture given by name or by an OpenCLIP model-config JSON;
+* the demo model shipped in this package (``--model demo``), which is just a local checkpoint.
+
+``pretrained="random"`` gives seeded random weights: plumbing tests and speed benchmarks use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+
+from mmsearch.errors import MmsearchError, WeightsUnavailableError
+from mmsearch.identity import RANDOM, ModelSpec, describe_identity, sha256_file
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # huggingface_hub retries for ~45 s before giving up when there is no network; one quick probe
+    # lets us fail with a clear message instead.
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _register_config(name: str) -> str:
+    """Register an OpenCLIP model-config JSON given as a path; return the architecture name."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise MmsearchError(f"model config not found: {path}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise MmsearchError(f"model config {path} is not valid JSON: {e}") from e
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+            raise MmsearchError(f"{path} is not an OpenCLIP model config (needs embed_dim, vision_cfg, text_cfg)")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        raise MmsearchError(
+            f"unknown model architecture '{name}'; see `python -c 'import open_clip; print(open_clip.list_models())'`"
+            " or pass an OpenCLIP model-config .json"
+        )
+    return name
+
+
+def _cached_hub_file(hub_id: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_id.rstrip("/")
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+class ClipEmbedder:
+    """Embeds images and texts into one L2-normalised space."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> None:
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        name, pretrained, checkpoint = spec.resolved()
+        arch = _register_config(name)
+        kwargs: dict[str, Any] = {}
+        checkpoint_hash: str | None = None
+        if checkpoint is not None:
+            ckpt = Path(checkpoint)
+            if not ckpt.is_file():
+                raise WeightsUnavailableError(f"checkpoint not found: {ckpt}")
+            if ckpt.suffix not in _CHECKPOINT_SUFFIXES:
+                raise MmsearchError(f"unsupported checkpoint type '{ckpt.suffix}' (use .safetensors, .pt or .bin)")
+            load_from: str | None = str(ckpt)
+            checkpoint_hash = sha256_file(ckpt)
+        elif pretrained == RANDOM:
+            load_from = None
+            torch.manual_seed(0)  # seeded, so a reopened "random" index embeds queries consistently
+        else:
+            if pretrained is None:
+                raise MmsearchError(f"model '{arch}' needs --pretrained TAG or --checkpoint PATH")
+            load_from, kwargs = self._resolve_tag(arch, pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=load_from, device=self.device, **kwargs
+            )
+        except RuntimeError as e:
+            if "Failed to download" in str(e):
+                raise WeightsUnavailableError(
+                    f"could not download weights for {arch}/{pretrained}: {e}. Pass --checkpoint PATH"
+                ) from e
+            raise MmsearchError(f"could not load {arch} weights from {load_from}: {e}") from e
+        model.eval()
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.dim = int(self._encode_texts(["probe"]).shape[1])
+        self.identity: dict[str, Any] = {
+            "name": spec.name,
+            "arch": arch,
+            "pretrained": pretrained,
+            "checkpoint": spec.checkpoint,
+            "checkpoint_sha256": checkpoint_hash,
+            "dim": self.dim,
+        }
+        log.info("loaded %s on %s (dim %d)", describe_identity(self.identity), self.device, self.dim)
+
+    @staticmethod
+    def _resolve_tag(arch: str, tag: str) -> tuple[str | None, dict[str, Any]]:
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        if not cfg:
+            tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == arch) or "none"
+            raise MmsearchError(f"unknown pretrained tag '{tag}' for {arch} (known: {tags})")
+        hub_id = cfg.get("hf_hub")
+        if hub_id:
+            cached = _cached_hub_file(hub_id)
+            if cached is not None:
+                # A local path loses the tag's preprocessing settings; pass them explicitly.
+                return cached, {
+                    "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+                    "image_mean": cfg.get("mean"),
+                    "image_std": cfg.get("std"),
+                    "image_interpolation": cfg.get("interpolation"),
+                    "image_resize_mode": cfg.get("resize_mode"),
+                }
+        if not _hub_reachable():
+            raise WeightsUnavailableError(
+                f"weights for {arch}/{tag} are not cached and the model hub cannot be reached (no network). "
+                "Download them on a connected machine, or pass --checkpoint PATH to a local weights file "
+                "(or use --model demo)."
+            )
+        return tag, {}
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)  # fp32 on CPU: bf16 is slower on most CPUs
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess(image)
+
+    @torch.inference_mode()
+    def embed_image_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        with self._autocast():
+            feats = self.model.encode_image(batch)
+        return _normalise(feats)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]])
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
+            out.append(self.embed_image_tensors(batch))
+        return np.concatenate(out)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(texts), self.batch_size):
+            out.append(self._encode_texts(texts[i : i + self.batch_size]))
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self._autocast():
+            feats = self.model.encode_text(tokens)
+        return _normalise(feats)
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    arr = feats.float().cpu().numpy()
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return (arr / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def load_embedder(spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> ClipEmbedder:
+    return ClipEmbedder(spec, device=device, batch_size=batch_size)

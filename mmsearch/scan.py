@@ -1,0 +1,198 @@
+"""Walk a media folder: find images and audio, pair caption text with images, note what cannot be read.
+
+Captions come from two places:
+
+* a sidecar text file with the image's stem (``photo.txt`` beside ``photo.jpg``, or ``photo.jpg.txt``);
+  each non-empty line is one caption;
+* a manifest at the folder root, ``captions.jsonl`` (``{"path": ..., "caption": ...}`` per line) or
+  ``captions.csv`` (columns ``path,caption``; a header row is optional), paths relative to the root.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmsearch.images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
+CAPTION_SUFFIX = ".txt"
+MANIFESTS = ("captions.jsonl", "captions.csv")
+MAX_CAPTION_FILE_BYTES = 1 << 20
+INDEX_MARKER = "mmsearch.json"  # a folder holding this file is an index: never scanned as media
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: Path  # absolute, symlinks in the folder part kept as the user sees them
+    kind: str  # "image" | "audio"
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    source: str  # the sidecar's or manifest's path, so an edited source re-embeds only its captions
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    files: list[FoundFile] = field(default_factory=list)
+    captions: dict[Path, list[Caption]] = field(default_factory=dict)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def kind_of(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in AUDIO_SUFFIXES:
+        return "audio"
+    return None
+
+
+def scan(root: str | Path) -> ScanResult:
+    """Scan ``root`` recursively. Never raises for a bad entry: it is listed in ``problems``."""
+    root = Path(os.path.abspath(root))
+    result = ScanResult(root=root)
+    texts: list[Path] = []
+    for path, st in _walk(root, result.problems):
+        kind = kind_of(path)
+        if kind is not None:
+            result.files.append(FoundFile(path, kind, st.st_size, st.st_mtime_ns))
+        elif path.suffix.lower() == CAPTION_SUFFIX:
+            texts.append(path)
+    images = {f.path for f in result.files if f.kind == "image"}
+    _pair_sidecars(texts, images, result)
+    for name in MANIFESTS:
+        manifest = root / name
+        if manifest.is_file():
+            _read_manifest(manifest, images, result)
+    result.files.sort(key=lambda f: os.fsencode(f.path))
+    return result
+
+
+def _walk(root: Path, problems: list[tuple[Path, str]]) -> Iterator[tuple[Path, os.stat_result]]:
+    """Yield (path, stat) of regular files; follow directory symlinks once, never around a loop."""
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError as e:
+            problems.append((folder, f"unreadable folder: {e.strerror or e}"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            continue  # symlink loop or a second link to a folder already walked
+        seen_dirs.add(key)
+        if folder != root and (folder / INDEX_MARKER).exists():
+            continue
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
+        except OSError as e:
+            problems.append((folder, f"unreadable folder: {e.strerror or e}"))
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    subdirs.append(path)
+                    continue
+                est = entry.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                if entry.is_symlink():
+                    problems.append((path, "broken symlink"))
+                continue
+            except OSError as e:
+                problems.append((path, f"cannot stat: {e.strerror or e}"))
+                continue
+            if entry.is_file(follow_symlinks=True):
+                yield path, est
+        stack.extend(reversed(subdirs))
+
+
+def _read_text(path: Path) -> str:
+    if path.stat().st_size > MAX_CAPTION_FILE_BYTES:
+        raise ValueError(f"caption file larger than {MAX_CAPTION_FILE_BYTES} bytes")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # old caption files are often Windows-1252/latin-1; never fail on them
+
+
+def _pair_sidecars(texts: list[Path], images: set[Path], result: ScanResult) -> None:
+    by_stem: dict[Path, list[Path]] = {}
+    for image in images:
+        by_stem.setdefault(image.with_suffix(""), []).append(image)
+    for text_path in texts:
+        owners = by_stem.get(text_path.with_suffix(""), [])  # photo.txt -> photo.jpg / photo.png
+        full = text_path.with_suffix("")  # photo.jpg.txt -> photo.jpg
+        if full in images and full not in owners:
+            owners = [*owners, full]
+        if not owners:
+            continue  # a text file that belongs to no image: not ours to index
+        try:
+            lines = [line.strip() for line in _read_text(text_path).splitlines()]
+        except (OSError, ValueError) as e:
+            result.problems.append((text_path, f"unreadable caption file: {e}"))
+            continue
+        for owner in owners:
+            result.captions.setdefault(owner, []).extend(
+                Caption(line, str(text_path)) for line in lines if line
+            )
+
+
+def _read_manifest(manifest: Path, images: set[Path], result: ScanResult) -> None:
+    try:
+        content = _read_text(manifest)
+    except (OSError, ValueError) as e:
+        result.problems.append((manifest, f"unreadable caption manifest: {e}"))
+        return
+    rows = _jsonl_rows(content, manifest, result) if manifest.suffix == ".jsonl" else _csv_rows(content)
+    for line_no, rel, text in rows:
+        image = Path(os.path.normpath(result.root / rel))
+        if image not in images:
+            result.problems.append((manifest, f"line {line_no}: no indexed image at '{rel}'"))
+        elif text.strip():
+            result.captions.setdefault(image, []).append(Caption(text.strip(), str(manifest)))
+
+
+def _jsonl_rows(content: str, manifest: Path, result: ScanResult) -> Iterator[tuple[int, str, str]]:
+    for line_no, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rel = row.get("path") or row.get("file") or row.get("image")
+            text = row.get("caption") if "caption" in row else row.get("text")
+            if not isinstance(rel, str) or not isinstance(text, str):
+                raise ValueError("needs string fields 'path' and 'caption'")
+        except (ValueError, AttributeError) as e:
+            result.problems.append((manifest, f"line {line_no}: {e}"))
+            continue
+        yield line_no, rel, text
+
+
+def _csv_rows(content: str) -> Iterator[tuple[int, str, str]]:
+    for line_no, row in enumerate(csv.reader(io.StringIO(content)), 1):
+        if len(row) < 2:
+            continue
+        if line_no == 1 and row[0].strip().lower() in ("path", "file", "image", "filename"):
+            continue
+        yield line_no, row[0].strip(), row[1]

@@ -1,0 +1,90 @@
+"""Search: a query vector against one or more item kinds, hits resolved to files through the catalog."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from mmsearch import db
+from mmsearch.errors import BadQueryError
+from mmsearch.store import Store
+
+# What a user asks for → which vector indexes answer. "texts" are captions and transcript segments.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "images": ("image",),
+    "texts": ("caption", "segment"),
+    "captions": ("caption",),
+    "audio": ("segment",),
+    "all": ("image", "caption", "segment"),
+}
+MAX_K = 10_000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result. ``kind`` is image, caption or segment; ``start``/``end`` (seconds) only for segments."""
+
+    rank: int
+    score: float
+    kind: str
+    path: str
+    text: str | None
+    start: float | None
+    end: float | None
+    item_id: int
+    file_id: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def kinds_for(target: str) -> tuple[str, ...]:
+    try:
+        return TARGETS[target]
+    except KeyError:
+        raise BadQueryError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})") from None
+
+
+def search_vector(store: Store, query: np.ndarray, target: str, k: int) -> list[Hit]:
+    """Top ``k`` items of ``target`` by cosine similarity to the L2-normalised ``query``."""
+    if not 1 <= k <= MAX_K:
+        raise BadQueryError(f"k must be between 1 and {MAX_K}")
+    kinds = kinds_for(target)
+    q = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+    if q.shape[1] != store.dim:
+        raise BadQueryError(f"query vector has dimension {q.shape[1]}, the index {store.dim}")
+    store.refresh()
+    candidates: list[tuple[float, int]] = []
+    for kind in kinds:
+        index = store.vectors(kind)
+        if index.ntotal == 0:
+            continue
+        # Over-fetch: several image vectors can share a file, and an item may vanish between the
+        # FAISS lookup and the catalog read while a writer runs.
+        scores, ids = index.search(q, min(index.ntotal, 2 * k + 8))
+        candidates.extend((float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0)
+    candidates.sort(key=lambda c: -c[0])
+    rows = db.resolve_items(store.catalog, [i for _, i in candidates])
+    hits: list[Hit] = []
+    for score, item_id in candidates:
+        row = rows.get(item_id)
+        if row is None:
+            continue
+        hits.append(
+            Hit(
+                rank=len(hits) + 1,
+                score=round(score, 6),
+                kind=row.kind,
+                path=os.fsdecode(row.path_key),
+                text=row.text,
+                start=row.start,
+                end=row.end,
+                item_id=item_id,
+                file_id=row.file_id,
+            )
+        )
+        if len(hits) == k:
+            break
+    return hits
