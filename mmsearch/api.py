@@ -129,7 +129,9 @@ class Index:
         return self._transcriber
 
     # --- indexing -----------------------------------------------------------------------------
-    def add_folder(self, folder: str | Path, *, progress: Progress | None = None, workers: int = 2) -> IngestReport:
+    def add_folder(
+        self, folder: str | Path, *, progress: Progress | None = None, workers: int = 2
+    ) -> IngestReport:
         """Index ``folder`` incrementally (only new or changed content does model work)."""
         self.store.lock_for_writing()
         try:
@@ -154,7 +156,9 @@ class Index:
             raise BadQueryError("the query text is empty")
         return self.search_vector(self.embedder.embed_texts([text])[0], target=target, k=k)
 
-    def search_image(self, image: str | Path | Image.Image, *, target: str = "texts", k: int = 10) -> list[Hit]:
+    def search_image(
+        self, image: str | Path | Image.Image, *, target: str = "texts", k: int = 10
+    ) -> list[Hit]:
         if not isinstance(image, Image.Image):
             path = Path(image)
             if not path.is_file():
@@ -188,12 +192,16 @@ class Index:
         counts: dict[str, Any] = {}
         with self.store.catalog.read() as conn:
             by = conn.execute(
-                select(db.files.c.kind, db.files.c.status, func.count()).group_by(db.files.c.kind, db.files.c.status)
+                select(db.files.c.kind, db.files.c.status, func.count()).group_by(
+                    db.files.c.kind, db.files.c.status
+                )
             ).all()
             counts["files"] = {f"{kind}_{status}": n for kind, status, n in by}
             for name, table in (("media", db.media), ("captions", db.captions), ("segments", db.segments)):
                 counts[name] = conn.execute(select(func.count()).select_from(table)).scalar_one()
-            vec = conn.execute(select(db.embeddings.c.kind, func.count()).group_by(db.embeddings.c.kind)).all()
+            vec = conn.execute(
+                select(db.embeddings.c.kind, func.count()).group_by(db.embeddings.c.kind)
+            ).all()
             counts["vectors"] = {kind: n for kind, n in vec}
         return {
             "index": str(self.path),
@@ -208,7 +216,9 @@ class Index:
 
         with self.store.catalog.read() as conn:
             rows = conn.execute(
-                select(db.files.c.path, db.files.c.reason).where(db.files.c.status == "skipped").order_by(db.files.c.path)
+                select(db.files.c.path, db.files.c.reason)
+                .where(db.files.c.status == "skipped")
+                .order_by(db.files.c.path)
             ).all()
         return [{"path": p, "reason": r} for p, r in rows]
 

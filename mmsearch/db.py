@@ -197,8 +197,15 @@ class Catalog:
         with self.read() as conn:
             rows = conn.execute(
                 select(
-                    files.c.id, files.c.path_key, files.c.kind, files.c.size, files.c.mtime_ns,
-                    files.c.sha256, files.c.media_id, files.c.status, files.c.reason,
+                    files.c.id,
+                    files.c.path_key,
+                    files.c.kind,
+                    files.c.size,
+                    files.c.mtime_ns,
+                    files.c.sha256,
+                    files.c.media_id,
+                    files.c.status,
+                    files.c.reason,
                 )
             ).all()
         return {r.path_key: FileRow(*r) for r in rows}
@@ -296,15 +303,15 @@ def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
     return out
 
 
-def add_embeddings(
-    conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int]
-) -> list[int]:
+def add_embeddings(conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int]) -> list[int]:
     """Insert vectors of one kind; ``refs`` are media, caption or segment ids. Returns the new ids."""
     ref_col = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}[kind]
     ids = []
     for vec, ref in zip(vectors, refs, strict=True):
         res = conn.execute(
-            embeddings.insert().values(kind=kind, vector=np.ascontiguousarray(vec, np.float32).tobytes(), **{ref_col: ref})
+            embeddings.insert().values(
+                kind=kind, vector=np.ascontiguousarray(vec, np.float32).tobytes(), **{ref_col: ref}
+            )
         )
         ids.append(int(res.inserted_primary_key[0]))
     if ids:

@@ -46,13 +46,21 @@ class ModelSpec:
         sha = None
         if checkpoint is not None:
             sha = sha256_file(Path(checkpoint)) if Path(checkpoint).is_file() else "missing"
-        return {"name": self.name, "arch": arch, "pretrained": tag, "checkpoint": self.checkpoint, "checkpoint_sha256": sha}
+        return {
+            "name": self.name,
+            "arch": arch,
+            "pretrained": tag,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": sha,
+        }
 
 
 def demo_files() -> tuple[Path, Path]:
     """(config JSON, safetensors) of the demo model shipped in the package."""
     base = resources.files("mmsearch.demo").joinpath("weights")
-    return Path(str(base.joinpath("mmsearch-demo.json"))), Path(str(base.joinpath("mmsearch-demo.safetensors")))
+    return Path(str(base.joinpath("mmsearch-demo.json"))), Path(
+        str(base.joinpath("mmsearch-demo.safetensors"))
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -65,7 +73,11 @@ def sha256_file(path: Path) -> str:
 
 def describe_identity(identity: dict[str, Any]) -> str:
     if identity.get("checkpoint_sha256"):
-        where = "the bundled demo weights" if identity.get("name") == DEMO_MODEL else f"checkpoint {identity.get('checkpoint')}"
+        where = (
+            "the bundled demo weights"
+            if identity.get("name") == DEMO_MODEL
+            else f"checkpoint {identity.get('checkpoint')}"
+        )
         return f"{identity['name']} ({where}, sha256 {str(identity['checkpoint_sha256'])[:12]})"
     return f"{identity['name']}/{identity.get('pretrained')}"
 

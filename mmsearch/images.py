@@ -24,7 +24,9 @@ DEFAULT_MAX_SIDE = 1024
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def load_image(path: str | Path, *, max_side: int = DEFAULT_MAX_SIDE, draft_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | Path, *, max_side: int = DEFAULT_MAX_SIDE, draft_size: int | None = None
+) -> Image.Image:
     """Decode ``path`` to RGB with EXIF orientation applied and its longest side at most ``max_side``.
 
     JPEGs are decoded at reduced scale (Pillow draft mode) when far larger than ``draft_size``

@@ -105,7 +105,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int) -> Iterator[R]:
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int
+) -> Iterator[R]:
     """Like ``pool.map`` but with at most ``ahead`` results in flight, so memory stays bounded."""
     queue: list[Future[R]] = []
     for item in items:
@@ -361,7 +363,9 @@ class _Run:
                 conn.execute(db.captions.delete().where(db.captions.c.file_id.in_(ids)))
                 conn.execute(db.files.delete().where(db.files.c.id.in_(ids)))
             used = select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))
-            orphans = [int(m) for (m,) in conn.execute(select(db.media.c.id).where(db.media.c.id.not_in(used)))]
+            orphans = [
+                int(m) for (m,) in conn.execute(select(db.media.c.id).where(db.media.c.id.not_in(used)))
+            ]
             if orphans:
                 seg_ids = select(db.segments.c.id).where(db.segments.c.media_id.in_(orphans))
                 _merge(removed, db.delete_embeddings(conn, db.embeddings.c.media_id.in_(orphans)))

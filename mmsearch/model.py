@@ -67,7 +67,9 @@ def _register_config(name: str) -> str:
         except (OSError, ValueError) as e:
             raise MmsearchError(f"model config {path} is not valid JSON: {e}") from e
         if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-            raise MmsearchError(f"{path} is not an OpenCLIP model config (needs embed_dim, vision_cfg, text_cfg)")
+            raise MmsearchError(
+                f"{path} is not an OpenCLIP model config (needs embed_dim, vision_cfg, text_cfg)"
+            )
         open_clip.add_model_config(path)
         return path.stem
     if name not in open_clip.list_models():
@@ -104,7 +106,9 @@ class ClipEmbedder:
             if not ckpt.is_file():
                 raise WeightsUnavailableError(f"checkpoint not found: {ckpt}")
             if ckpt.suffix not in _CHECKPOINT_SUFFIXES:
-                raise MmsearchError(f"unsupported checkpoint type '{ckpt.suffix}' (use .safetensors, .pt or .bin)")
+                raise MmsearchError(
+                    f"unsupported checkpoint type '{ckpt.suffix}' (use .safetensors, .pt or .bin)"
+                )
             load_from: str | None = str(ckpt)
             checkpoint_hash = sha256_file(ckpt)
         elif pretrained == RANDOM:

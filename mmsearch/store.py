@@ -68,7 +68,9 @@ class Store:
     def open(cls, folder: Path) -> Store:
         marker = folder / INDEX_MARKER
         if not marker.is_file():
-            raise IndexNotFoundError(f"no mmsearch index at {folder} (create one with `mmsearch index FOLDER`)")
+            raise IndexNotFoundError(
+                f"no mmsearch index at {folder} (create one with `mmsearch index FOLDER`)"
+            )
         try:
             config = json.loads(marker.read_text())
         except (OSError, ValueError) as e:
@@ -83,7 +85,9 @@ class Store:
 
     def update_config(self, **changes: Any) -> None:
         self.config.update(changes)
-        _atomic_write_text(self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        _atomic_write_text(
+            self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+        )
 
     # --- single writer ------------------------------------------------------------------------
     def lock_for_writing(self) -> None:
@@ -142,7 +146,9 @@ class Store:
             self._save(kind, index, gen)
         return index
 
-    def apply(self, kind: str, added: tuple[np.ndarray, np.ndarray] | None, removed: np.ndarray | None) -> None:
+    def apply(
+        self, kind: str, added: tuple[np.ndarray, np.ndarray] | None, removed: np.ndarray | None
+    ) -> None:
         """Mirror a committed catalog change in the in-memory index (saved later by :meth:`save_vectors`)."""
         if kind not in self._vectors:
             self.vectors(kind)  # loaded after the commit, so it already holds the change
