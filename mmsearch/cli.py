@@ -223,14 +223,22 @@ def _print_hits(hits: list[Hit]) -> None:
     if not hits:
         out.print("no results")
         return
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("#", "score", "kind", "path", "text"):
-        table.add_column(col, overflow="fold")
+    rows = []
     for h in hits:
         snippet = h.text or ""
         if h.start is not None and h.end is not None:
             snippet = f"[{_clock(h.start)}–{_clock(h.end)}] {snippet}"
-        table.add_row(str(h.rank), f"{h.score:.3f}", h.kind, _escape(h.path), _escape(_shorten(snippet, 120)))
+        rows.append((str(h.rank), f"{h.score:.3f}", h.kind, h.path, _shorten(snippet, 120)))
+    if not out.is_terminal:
+        # Piped: one tab-separated line per hit, never wrapped, so paths survive grep/cut.
+        for row in rows:
+            sys.stdout.write("\t".join(row) + "\n")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("#", "score", "kind", "path", "text"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(_escape(c) for c in row))
     out.print(table)
 
 

@@ -128,6 +128,14 @@ class ClipEmbedder:
                     f"could not download weights for {arch}/{pretrained}: {e}. Pass --checkpoint PATH"
                 ) from e
             raise MmsearchError(f"could not load {arch} weights from {load_from}: {e}") from e
+        except (
+            Exception
+        ) as e:  # a user's file: unpickling refused (weights_only), wrong keys, not a checkpoint
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MmsearchError(
+                f"could not load {arch} weights from {load_from}: {first_line} "
+                "(only plain tensors are loaded: .safetensors, or a torch file loadable with weights_only=True)"
+            ) from e
         model.eval()
         self.model = model
         self.preprocess = preprocess

@@ -1,0 +1,176 @@
+"""Ingestion end to end on the tiny model: pairing, incremental re-indexing, dedup, deletions, consistency."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import func, select
+
+import mmsearch
+from mmsearch import db
+from tests.conftest import TINY_MODEL, solid
+
+
+def assert_consistent(idx: mmsearch.Index) -> None:
+    """FAISS ids == live SQLite embedding rows, per kind, and every embedding maps to a live file."""
+    store = idx.store
+    store.refresh()
+    with store.catalog.read() as conn:
+        for kind in db.VECTOR_KINDS:
+            rows = {
+                int(i)
+                for (i,) in conn.execute(select(db.embeddings.c.id).where(db.embeddings.c.kind == kind))
+            }
+            assert set(store.vectors(kind).ids().tolist()) == rows, kind
+        all_ids = [int(i) for (i,) in conn.execute(select(db.embeddings.c.id))]
+        orphans = conn.execute(
+            select(func.count())
+            .select_from(db.media)
+            .where(db.media.c.id.not_in(select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))))
+        ).scalar_one()
+    assert orphans == 0
+    resolved = db.resolve_items(store.catalog, all_ids)
+    assert set(resolved) == set(all_ids)
+    for item in resolved.values():
+        assert os.path.exists(os.fsdecode(item.path_key))
+
+
+def top_caption(idx: mmsearch.Index, text: str) -> mmsearch.Hit:
+    hits = idx.search_text(text, target="captions", k=1)
+    assert hits and hits[0].text == text
+    return hits[0]
+
+
+def test_captions_stay_paired_with_their_images(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    pairs = {
+        "a/photo.jpg": "alpha caption one",
+        "b/photo.jpg": "bravo caption two",
+        "my.holiday.v2.png": "charlie caption with dots",
+        "my holiday.png": "delta caption with spaces",
+        "über/café 東京.webp": "echo caption unicode",
+    }
+    for i, (rel, caption) in enumerate(pairs.items()):
+        solid(media / rel, (40 * i, 200 - 30 * i, 90))
+        Path(media / rel).with_suffix(".txt").write_text(caption)
+    report = tiny_index.add_folder(media)
+    assert report.images_embedded == 5 and report.captions_added == 5 and not report.skipped
+    for rel, caption in pairs.items():
+        hit = top_caption(tiny_index, caption)
+        assert hit.path == str(media / rel)
+        assert hit.score > 0.999  # the caption's own vector
+    assert_consistent(tiny_index)
+
+
+def test_identical_images_are_embedded_once(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    solid(tmp_path / "m" / "one.png", "red")
+    shutil.copy(tmp_path / "m" / "one.png", tmp_path / "m" / "two.png")
+    report = tiny_index.add_folder(tmp_path / "m")
+    assert report.images_embedded == 1
+    assert tiny_index.stats()["files"] == {"image_ok": 2}
+    assert_consistent(tiny_index)
+
+
+def test_unchanged_folder_does_no_model_work(tmp_path: Path) -> None:
+    media = tmp_path / "m"
+    for i in range(5):
+        solid(media / f"{i}.png", (i * 40, 0, 0))
+        (media / f"{i}.txt").write_text(f"caption {i}")
+    with mmsearch.Index.create(tmp_path / "idx", model=TINY_MODEL, pretrained="random") as idx:
+        idx.add_folder(media)
+    with mmsearch.Index.open(tmp_path / "idx") as idx:
+        report = idx.add_folder(media)
+        assert idx._embedder is None  # the model was never loaded
+        assert report.unchanged == 5 and report.images_embedded == 0 and report.captions_added == 0
+
+
+def test_rename_move_edit_delete(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    media = tmp_path / "m"
+    for name, color in (("a", "red"), ("b", "green"), ("c", "blue")):
+        solid(media / f"{name}.png", color)
+        (media / f"{name}.txt").write_text(f"first {name}\nsecond {name}")
+    tiny_index.add_folder(media)
+    before = tiny_index.stats()["vectors"]
+    assert before == {"image": 3, "caption": 6}
+
+    # Rename a (with its caption) and move b into a subfolder: no image is embedded again.
+    os.rename(media / "a.png", media / "renamed a.png")
+    os.rename(media / "a.txt", media / "renamed a.txt")
+    (media / "sub").mkdir()
+    os.rename(media / "b.png", media / "sub" / "b.png")
+    os.rename(media / "b.txt", media / "sub" / "b.txt")
+    r = tiny_index.add_folder(media)
+    assert (r.images_embedded, r.linked, r.files_removed) == (0, 2, 2)
+    assert top_caption(tiny_index, "first a").path == str(media / "renamed a.png")
+    assert top_caption(tiny_index, "second b").path == str(media / "sub" / "b.png")
+    assert_consistent(tiny_index)
+
+    # Edit one caption line: exactly that caption is re-embedded.
+    (media / "c.txt").write_text("first c\nsecond c, edited")
+    time.sleep(0.01)
+    r = tiny_index.add_folder(media)
+    assert (r.captions_added, r.captions_removed, r.images_embedded) == (1, 1, 0)
+    assert top_caption(tiny_index, "second c, edited").path == str(media / "c.png")
+
+    # Change an image's pixels: it is embedded again, the old content is dropped.
+    solid(media / "c.png", "yellow")
+    os.utime(media / "c.png", ns=(1, 1))
+    r = tiny_index.add_folder(media)
+    assert r.images_embedded == 1
+
+    # Delete: the file, its captions and its vectors leave SQLite and FAISS.
+    (media / "c.png").unlink()
+    r = tiny_index.add_folder(media)
+    assert r.files_removed == 1
+    assert tiny_index.stats()["vectors"] == {"image": 2, "caption": 4}
+    assert all(h.path != str(media / "c.png") for h in tiny_index.search_text("first c", target="all", k=50))
+    assert_consistent(tiny_index)
+
+
+def test_two_roots_do_not_delete_each_other(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    solid(tmp_path / "one" / "x.png", "red")
+    solid(tmp_path / "two" / "y.png", "blue")
+    tiny_index.add_folder(tmp_path / "one")
+    tiny_index.add_folder(tmp_path / "two")
+    tiny_index.add_folder(tmp_path / "one")
+    assert tiny_index.stats()["files"] == {"image_ok": 2}
+
+
+def test_bad_files_are_recorded_and_the_run_goes_on(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    media = tmp_path / "m"
+    solid(media / "good.png")
+    (media / "empty.jpg").write_bytes(b"")
+    (media / "text.jpg").write_text("I am text")
+    raw = os.path.join(os.fsencode(media), b"odd-\xfe.png")
+    solid(Path(os.fsdecode(raw)), "blue")
+    os.symlink(media / "gone.png", media / "dangling.png")
+    r = tiny_index.add_folder(media)
+    reasons = dict(r.skipped)
+    assert reasons[str(media / "empty.jpg")] == "empty file"
+    assert "not a supported image" in reasons[str(media / "text.jpg")]
+    assert reasons[str(media / "dangling.png")] == "broken symlink"
+    assert r.images_embedded == 2  # good.png and the non-UTF-8 name
+    skipped = {s["path"] for s in tiny_index.skipped()}
+    assert {str(media / "empty.jpg"), str(media / "text.jpg")} <= skipped
+    hits = tiny_index.search_image(Image.new("RGB", (64, 48), "blue"), target="images", k=1)
+    assert os.fsencode(hits[0].path) == raw  # the non-UTF-8 name round-trips exactly
+
+
+def test_search_targets_and_k(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    for i in range(4):
+        solid(tmp_path / "m" / f"{i}.png", (60 * i, 10, 10))
+        (tmp_path / "m" / f"{i}.txt").write_text(f"caption number {i}")
+    tiny_index.add_folder(tmp_path / "m")
+    assert {h.kind for h in tiny_index.search_text("x", target="images", k=10)} == {"image"}
+    assert {h.kind for h in tiny_index.search_text("x", target="captions", k=10)} == {"caption"}
+    both = tiny_index.search_text("x", target="all", k=8)
+    assert len(both) == 8 and [h.rank for h in both] == list(range(1, 9))
+    assert all(a.score >= b.score for a, b in zip(both, both[1:]))
+    assert tiny_index.search_text("x", target="audio", k=3) == []
+    vec = np.asarray(tiny_index.embedder.embed_texts(["caption number 2"])[0])
+    assert tiny_index.search_vector(vec, target="texts", k=1)[0].text == "caption number 2"

@@ -1,0 +1,112 @@
+"""The index folder: self-description, FAISS files checked and rebuilt, one writer, model identity."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+import mmsearch
+from mmsearch.errors import IndexLockedError, ModelMismatchError
+from tests.conftest import TINY_MODEL, solid
+from tests.test_ingest import assert_consistent
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Path:
+    for i in range(6):
+        solid(tmp_path / "m" / f"{i}.png", (40 * i, 30, 200 - 30 * i))
+        (tmp_path / "m" / f"{i}.txt").write_text(f"caption {i}")
+    with mmsearch.Index.create(tmp_path / "idx", model=TINY_MODEL, pretrained="random") as idx:
+        idx.add_folder(tmp_path / "m")
+    return tmp_path / "idx"
+
+
+def test_index_folder_describes_itself(built: Path) -> None:
+    config = json.loads((built / "mmsearch.json").read_text())
+    assert config["format"] == "mmsearch-index" and config["schema_version"] == 1
+    assert config["model"]["arch"] == "tiny-clip" and config["model"]["dim"] == 32
+    assert sorted(p.name for p in (built / "vectors").iterdir()) == [
+        "caption.faiss",
+        "image.faiss",
+        "segment.faiss",
+    ]
+    assert (built / "catalog.sqlite").is_file()
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip", "truncate", "garbage"])
+def test_damaged_faiss_file_is_rebuilt_from_sqlite(built: Path, damage: str) -> None:
+    path = built / "vectors" / "image.faiss"
+    with mmsearch.Index.open(built) as idx:
+        expected = [(h.path, h.score) for h in idx.search_text("caption 3", k=6)]
+    data = path.read_bytes()
+    if damage == "delete":
+        path.unlink()
+    elif damage == "flip":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(os.urandom(len(data)))
+    with mmsearch.Index.open(built) as idx:
+        assert [(h.path, h.score) for h in idx.search_text("caption 3", k=6)] == expected
+        assert_consistent(idx)
+
+
+def test_stale_faiss_file_is_not_trusted(built: Path, tmp_path: Path) -> None:
+    old = (built / "vectors" / "image.faiss").read_bytes()
+    solid(tmp_path / "m" / "new.png", "black")
+    with mmsearch.Index.open(built) as idx:
+        idx.add_folder(tmp_path / "m")
+    (built / "vectors" / "image.faiss").write_bytes(old)  # an older, internally valid file
+    with mmsearch.Index.open(built) as idx:
+        assert idx.store.vectors("image").ntotal == 7
+        assert_consistent(idx)
+
+
+def _hold_lock(
+    path: str, ready: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event
+) -> None:
+    idx = mmsearch.Index.open(path)
+    idx.store.lock_for_writing()
+    ready.set()
+    done.wait(30)
+    idx.close()
+
+
+def test_second_writer_fails_at_once_naming_the_first(built: Path, tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(built), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with mmsearch.Index.open(built) as idx:
+            with pytest.raises(IndexLockedError, match=f"pid {holder.pid}"):
+                idx.add_folder(tmp_path / "m")
+            assert len(idx.search_text("caption 1", k=3)) == 3  # readers are not blocked
+    finally:
+        done.set()
+        holder.join(30)
+    with mmsearch.Index.open(built) as idx:  # the lock died with its holder
+        idx.add_folder(tmp_path / "m")
+
+
+def test_opening_with_another_model_names_both(built: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelMismatchError) as err:
+        mmsearch.Index.open(built, model="ViT-B-32")
+    message = str(err.value)
+    assert "tiny-clip" in message and "ViT-B-32/laion2b_s34b_b79k" in message
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not the same weights")
+    with pytest.raises(ModelMismatchError, match="other.safetensors"):
+        mmsearch.Index.open(built, model=TINY_MODEL, checkpoint=str(other))
+    mmsearch.Index.open(built, model=TINY_MODEL, pretrained="random").close()
+
+
+def test_creating_over_an_existing_index_is_refused(built: Path) -> None:
+    with pytest.raises(mmsearch.MmsearchError, match="already exists"):
+        mmsearch.Index.create(built, model=TINY_MODEL, pretrained="random")
