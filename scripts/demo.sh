@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Fresh machine → working demo: install everything, then generate a demo folder (images, captions, spoken
+# audio), index it with the bundled demo model and query it text→image, image→text and audio→image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+python3 -m mmsearch demo "${1:-demo-media}"
