@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mmsearch import db
-from mmsearch.errors import BadMediaError, BadQueryError, ModelMismatchError
+from mmsearch.errors import BadMediaError, BadQueryError, MmsearchError, ModelMismatchError
 from mmsearch.identity import ModelSpec, describe_identity, same_model
 from mmsearch.images import load_image
 from mmsearch.ingest import IngestReport, Progress, ingest
@@ -27,6 +27,7 @@ from mmsearch.store import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_INDEX = Path("indexes") / "default"
+IMAGE_TOWERS = ("onnx-int8", "onnx-fp32", "torch")
 DEFAULT_SPEECH = {"backend": "faster-whisper", "model": None, "language": None}
 
 
@@ -37,9 +38,13 @@ def default_index_path() -> Path:
 class Index:
     """An index folder plus the models it needs, loaded lazily: opening and stats load no model."""
 
-    def __init__(self, store: Store, *, device: str = "auto") -> None:
+    def __init__(self, store: Store, *, device: str = "auto", image_tower: str | None = None) -> None:
         self.store = store
         self.device = device
+        # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
+        self.image_tower = image_tower or os.environ.get("MMSEARCH_IMAGE_TOWER", "onnx-int8")
+        if self.image_tower not in IMAGE_TOWERS:
+            raise MmsearchError(f"unknown image tower '{self.image_tower}' (choose from {', '.join(IMAGE_TOWERS)})")
         self._embedder: Any = None
         self._transcriber: Any = None
 
@@ -56,6 +61,7 @@ class Index:
         speech_model: str | None = None,
         language: str | None = None,
         device: str = "auto",
+        image_tower: str | None = None,
     ) -> Index:
         """Create an empty index; loads the model once to record its identity and dimension."""
         from mmsearch.model import load_embedder
@@ -63,7 +69,7 @@ class Index:
         embedder = load_embedder(ModelSpec(model, pretrained, checkpoint), device=device)
         speech = {"backend": speech_backend, "model": speech_model, "language": language}
         store = Store.create(Path(path), {"model": embedder.identity, "speech": speech})
-        index = cls(store, device=device)
+        index = cls(store, device=device, image_tower=image_tower)
         index._embedder = embedder
         return index
 
@@ -76,13 +82,14 @@ class Index:
         pretrained: str | None = None,
         checkpoint: str | None = None,
         device: str = "auto",
+        image_tower: str | None = None,
     ) -> Index:
         """Open an index. If a model is named, it must be the one the index was built with."""
         store = Store.open(Path(path))
         if model is not None or checkpoint is not None:
             spec = ModelSpec(model or store.config["model"]["name"], pretrained, checkpoint)
             _check_same_model(store.config["model"], spec)
-        return cls(store, device=device)
+        return cls(store, device=device, image_tower=image_tower)
 
     def close(self) -> None:
         self.store.close()
@@ -138,13 +145,21 @@ class Index:
             return ingest(
                 self.store,
                 Path(folder).expanduser(),
-                embedder=lambda: self.embedder,
+                embedder=self._indexing_embedder,
                 transcriber=lambda: self.transcriber,
                 progress=progress,
                 workers=workers,
             )
         finally:
             self.store.unlock()
+
+    def _indexing_embedder(self) -> Any:
+        """The embedder, with the faster ONNX image tower when indexing on the CPU (queries keep torch:
+        a one-off export costs far more than the few images a query embeds)."""
+        embedder = self.embedder
+        if self.image_tower != "torch" and embedder._onnx_tower is None:
+            embedder.use_onnx_image_tower(quantize=self.image_tower == "onnx-int8")
+        return embedder
 
     # --- search -------------------------------------------------------------------------------
     def search_vector(self, vector: np.ndarray, *, target: str = "images", k: int = 10) -> list[Hit]:
@@ -227,7 +242,7 @@ def open_or_create(path: str | Path, **kwargs: Any) -> Index:
     """Open the index at ``path`` (checking the model if one is named), or create it."""
     path = Path(path)
     if Store.exists(path):
-        open_kwargs = {k: kwargs[k] for k in ("model", "pretrained", "checkpoint", "device") if k in kwargs}
+        open_kwargs = {k: kwargs[k] for k in ("model", "pretrained", "checkpoint", "device", "image_tower") if k in kwargs}
         return Index.open(path, **open_kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return Index.create(path, **kwargs)

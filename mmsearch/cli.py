@@ -72,6 +72,10 @@ def index(
     language: Annotated[str | None, typer.Option(help="Spoken language code, e.g. en")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads")] = 2,
+    image_tower: Annotated[
+        str | None,
+        typer.Option(help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index FOLDERS (incrementally: only new or changed files do model work)."""
@@ -88,6 +92,7 @@ def index(
         speech_model=speech_model,
         language=language,
         device=device,
+        image_tower=image_tower,
     )
     reports = []
     with idx:

@@ -7,6 +7,7 @@ The tiny OpenCLIP config in tests/data has seeded random weights: it proves plum
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ TINY_MODEL = str(Path(__file__).parent / "data" / "tiny-clip.json")
 
 # trio (pulled in by selenium) registers a Hypothesis plugin that breaks with this Hypothesis release.
 os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
+# Exported ONNX image towers go to a per-run cache, never to the user's ~/.cache.
+os.environ.setdefault("MMSEARCH_CACHE_DIR", tempfile.mkdtemp(prefix="mmsearch-test-cache-"))
 # Never let a test reach for the network: model hubs fail fast and clearly instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
