@@ -9,6 +9,7 @@ Schema changes are numbered migrations (``MIGRATIONS``); ``meta.schema_version``
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -39,6 +41,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import OperationalError
 
 from mmsearch.errors import MmsearchError
 
@@ -129,6 +132,12 @@ def display_path(key: bytes) -> str:
     return key.decode("utf-8", "replace")
 
 
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for a TEXT column: a non-UTF-8 file name inside it (decoded by Python with
+    surrogate escapes) would make SQLite's driver raise UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -145,15 +154,48 @@ class FileRow:
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        #: True when the disk was too full to open the catalog normally: it can be searched, not written.
+        self.read_only = False
         self.engine: Engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _on_connect)
-        with self.engine.begin() as conn:
-            self._migrate(conn)
+        try:
+            with storage_errors(path), self.engine.begin() as conn:
+                self._migrate(conn)
+        except MmsearchError:
+            if not self._can_read_while_full():
+                raise
+            self._open_read_only()
+
+    def _can_read_while_full(self) -> bool:
+        """On a full disk SQLite cannot create the WAL index (-shm) a normal open needs. Without a WAL
+        holding commits (none, or empty) the database file alone is the whole committed state."""
+        wal = Path(f"{self.path}-wal")
+        return (
+            self.path.is_file()
+            and _free_bytes(self.path) < _NEARLY_FULL
+            and (not wal.exists() or wal.stat().st_size == 0)
+        )
+
+    def _open_read_only(self) -> None:
+        log.info("the disk holding %s is full: the index is opened read-only", self.path)
+        self.engine.dispose()
+        # immutable=1: no locks and no -shm file (nothing can be created on a full disk). A writer that
+        # still runs could not commit anything on this disk either.
+        uri = f"file:{quote(str(self.path))}?mode=ro&immutable=1"
+        self.engine = create_engine(f"sqlite:///{uri}&uri=true", future=True)
+        self.read_only = True
+        with storage_errors(self.path), self.engine.connect() as conn:
+            if self._schema_version(conn) != SCHEMA_VERSION:
+                raise MmsearchError(disk_full_message(self.path))  # it would need a migration
+
+    @staticmethod
+    def _schema_version(conn: Connection) -> int:
+        row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        return int(row[0]) if row else 0
 
     def _migrate(self, conn: Connection) -> None:
         conn.execute(text("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value TEXT NOT NULL)"))
-        row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-        version = int(row[0]) if row else 0
+        version = self._schema_version(conn)
         if version > SCHEMA_VERSION:
             raise MmsearchError(
                 f"{self.path} has schema version {version}, newer than this mmsearch ({SCHEMA_VERSION}): upgrade"
@@ -169,12 +211,12 @@ class Catalog:
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """One transaction: everything in it is visible to others at once, or not at all."""
-        with self.engine.begin() as conn:
+        with storage_errors(self.path), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        with storage_errors(self.path), self.engine.connect() as conn:
             yield conn
 
     # --- meta ---------------------------------------------------------------------------------
@@ -269,19 +311,24 @@ class ItemRow:
 
 def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
     e, f, c, s = embeddings, files, captions, segments
-    first_file = (
-        select(f.c.media_id, func.min(f.c.id).label("file_id"))
-        .where(f.c.status == "ok", f.c.media_id.is_not(None))
-        .group_by(f.c.media_id)
-        .subquery()
-    )
+    f2 = files.alias("f2")
+
+    def first_file(media_id_col: Any) -> Any:
+        # The lowest live file id of this media, looked up through the files.media_id index per row,
+        # instead of grouping the whole files table on every query (seconds at 100k files).
+        return (
+            select(func.min(f2.c.id))
+            .where(f2.c.media_id == media_id_col, f2.c.status == "ok")
+            .scalar_subquery()
+        )
+
     out: dict[int, ItemRow] = {}
     with catalog.read() as conn:
         for chunk in _chunks([int(i) for i in ids], 900):
             image_q = (
                 select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id)
-                .join(first_file, first_file.c.media_id == e.c.media_id)
-                .join(f, f.c.id == first_file.c.file_id)
+                .select_from(e)
+                .join(f, f.c.id == first_file(e.c.media_id))
                 .where(e.c.id.in_(chunk), e.c.kind == "image")
             )
             caption_q = (
@@ -292,9 +339,9 @@ def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
             )
             segment_q = (
                 select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id)
+                .select_from(e)
                 .join(s, s.c.id == e.c.segment_id)
-                .join(first_file, first_file.c.media_id == s.c.media_id)
-                .join(f, f.c.id == first_file.c.file_id)
+                .join(f, f.c.id == first_file(s.c.media_id))
                 .where(e.c.id.in_(chunk), e.c.kind == "segment")
             )
             for q in (image_q, caption_q, segment_q):
@@ -335,6 +382,62 @@ def delete_embeddings(conn: Connection, where: Any) -> dict[str, list[int]]:
             conn.execute(embeddings.delete().where(embeddings.c.id.in_(chunk)))
         bump_generation(conn, kind)
     return removed
+
+
+# SQLite primary result codes (the low byte of an extended code).
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL = 8, 10, 13
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+_NEARLY_FULL = 1 << 16
+
+
+def _free_bytes(path: Path | str) -> int:
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return _NEARLY_FULL  # unknown: do not claim the disk is full
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full_message(path: Path | str) -> str:
+    return (
+        f"disk full while writing the index at {path}: free some space and run the same command again "
+        "(everything committed before this point is kept and the index still answers queries)"
+    )
+
+
+@contextmanager
+def storage_errors(path: Path | str) -> Iterator[None]:
+    """Turn a full disk or a failing device under the index into one clear :class:`MmsearchError`.
+
+    SQLite reports ENOSPC as SQLITE_FULL ("database or disk is full") and the transaction is rolled
+    back, so the catalog keeps its last committed state; the raw driver error would tell a user nothing
+    about what to do.
+    """
+    try:
+        yield
+    except OperationalError as e:
+        code = getattr(e.orig, "sqlite_errorcode", None)  # Python >= 3.11
+        primary = code & 0xFF if isinstance(code, int) else None
+        message = str(e.orig)
+        if primary == _SQLITE_FULL or "database or disk is full" in message:
+            raise MmsearchError(disk_full_message(path)) from e
+        if primary == _SQLITE_READONLY or "readonly database" in message:
+            if _free_bytes(path) < _NEARLY_FULL:  # opened read-only because the disk is full
+                raise MmsearchError(disk_full_message(path)) from e
+            raise MmsearchError(f"the index catalog {path} is read-only: {message}") from e
+        if primary == _SQLITE_IOERR or "disk I/O error" in message:
+            # Growing the WAL index (-shm) on a full disk fails as an I/O error, not SQLITE_FULL.
+            if _free_bytes(path) < _NEARLY_FULL:
+                raise MmsearchError(disk_full_message(path)) from e
+            raise MmsearchError(f"I/O error on the index catalog {path}: {message}") from e
+        raise
+    except OSError as e:
+        if e.errno in _DISK_FULL_ERRNOS:
+            raise MmsearchError(disk_full_message(path)) from e
+        raise
 
 
 def _set_meta(conn: Connection, key: str, value: str) -> None:

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +25,7 @@ from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import sha256_file
 from mmsearch.images import load_image
-from mmsearch.scan import Caption, FoundFile, scan
+from mmsearch.scan import Caption, FoundFile, kind_of, scan
 from mmsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,20 @@ def ingest(
     report.files_seen = len(found.files)
     report.skipped.extend((str(p), reason) for p, reason in found.problems)
     run = _Run(store, report, tick, embedder, transcriber, workers)
+    seen = {db.path_key(f.path) for f in found.files}
+    seen |= run.record_problems(found.problems, seen)
     pending = run.hash_new_files(found.files)
     run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
     run.sync_captions(root, found.captions)
-    run.remove_missing(root, {db.path_key(f.path) for f in found.files})
+    # A folder that could not be listed this time (permissions, a flaky mount) keeps what it held:
+    # forgetting its files would throw away their embeddings over a transient error.
+    kept = tuple(
+        db.path_key(p).rstrip(b"/") + b"/"
+        for p, reason in found.problems
+        if reason.startswith("unreadable folder")
+    )
+    run.remove_missing(root, seen, kept)
     tick("save", 0, 1)
     store.save_vectors()
     tick("save", 1, 1)
@@ -137,6 +146,17 @@ class _Run:
         self._transcriber: Any = None
         self.workers = workers
         self.existing = store.catalog.files_by_key()
+        self._files_written = 0  # rows of `existing` are current until this run writes a file row
+
+    def _load_vectors(self, *kinds: str) -> None:
+        """Load these kinds' FAISS indexes before a transaction changes their vectors.
+
+        The file matches the catalog before the change, so the change is then applied in memory. Loaded
+        only after the commit, the file would be one generation behind: the store would rebuild the whole
+        index from SQLite (retraining an IVF index) and rewrite it, on every run that adds anything.
+        """
+        for kind in kinds:
+            self.store.vectors(kind)
 
     @property
     def embedder(self) -> Embedder:
@@ -151,6 +171,26 @@ class _Run:
         return self._transcriber
 
     # --- files --------------------------------------------------------------------------------
+    def record_problems(self, problems: list[tuple[Path, str]], found: set[bytes]) -> set[bytes]:
+        """Record what the scan could not read (broken symlinks, special files, unreadable caption files
+        or folders) as skipped rows, so ``mmsearch status`` lists them; returns their keys."""
+        reasons: dict[bytes, tuple[Path, list[str]]] = {}
+        for path, reason in problems:
+            key = db.path_key(path)
+            if key not in found:  # a media file's own row says more than a problem about it
+                reasons.setdefault(key, (path, []))[1].append(reason)
+        if not reasons:
+            return set()
+        with self.store.catalog.begin() as conn:
+            for key, (path, why) in reasons.items():
+                row = self.existing.get(key)
+                if row is not None and row.status == "skipped" and row.reason == "; ".join(why):
+                    continue  # recorded by an earlier run: no write, so a no-op re-index stays cheap
+                # size/mtime -1: never matches a real file, so a fixed file is hashed on the next run.
+                f = FoundFile(path, kind_of(path) or "other", -1, -1)
+                self._write_file(conn, f, None, None, "; ".join(why))
+        return set(reasons)
+
     def hash_new_files(self, found: list[FoundFile]) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
         todo = []
@@ -170,7 +210,9 @@ class _Run:
                 try:
                     sha = sha256_file(f.path)
                 except OSError as e:
-                    self._skip(conn, f, None, f"unreadable: {e.strerror or e}")
+                    # size -1: a permission or I/O problem may be fixed without touching the file's
+                    # mtime, so this file is tried again on every run.
+                    self._skip(conn, replace(f, size=-1), None, f"unreadable: {e.strerror or e}")
                     continue
                 media_id = _media_of_kind(conn, sha, f.kind)
                 if media_id is not None:
@@ -196,11 +238,12 @@ class _Run:
             "sha256": sha,
             "media_id": media_id,
             "status": "skipped" if reason else "ok",
-            "reason": reason,
+            "reason": None if reason is None else db.storable(reason),  # may quote a non-UTF-8 name
             "updated_at": time.time(),
         }
         stmt = insert(db.files).values(**values)
         conn.execute(stmt.on_conflict_do_update(index_elements=[db.files.c.path_key], set_=values))
+        self._files_written += 1
 
     def _skip(self, conn: Connection, f: FoundFile, sha: str | None, reason: str) -> None:
         log.info("skipping %s: %s", f.path, reason)
@@ -235,6 +278,8 @@ class _Run:
 
         good = [(sha, g, t) for sha, g, t, err in batch if err is None]
         vectors = self.embedder.embed_image_tensors(torch.stack([t for _, _, t in good])) if good else None
+        if vectors is not None:
+            self._load_vectors("image")
         with self.store.catalog.begin() as conn:
             media_ids = []
             for sha, group, _ in good:
@@ -282,6 +327,7 @@ class _Run:
             texts.append(transcript.text)
             spans.append((-1, transcript.segments[0].start, transcript.segments[-1].end))
         vectors = self.embedder.embed_texts(texts)
+        self._load_vectors("segment")
         with self.store.catalog.begin() as conn:
             res = conn.execute(
                 db.media.insert().values(
@@ -312,11 +358,17 @@ class _Run:
         rows = self._rows_under(root)
         ok_images = {key: r for key, r in rows.items() if r.kind == "image" and r.status == "ok"}
         have = self.store.catalog.captions_of([r.id for r in rows.values() if r.kind == "image"])
+        # Sources are stored as valid UTF-8 (a sidecar's name may not be): compare in that form.
+        wanted_by_key = {
+            db.path_key(p): [Caption(c.text, db.storable(c.source)) for c in cs] for p, cs in wanted.items()
+        }
         to_remove: list[int] = []
         to_add: list[tuple[int, Caption]] = []
         for key, row in rows.items():
             current = have.get(row.id, [])
-            desired = Counter(wanted.get(Path(os.fsdecode(key)), [])) if key in ok_images else Counter()
+            if not current and key not in wanted_by_key:
+                continue  # the common case in a large folder: nothing to compare
+            desired = Counter(wanted_by_key.get(key, [])) if key in ok_images else Counter()
             for cid, source, text in current:
                 c = Caption(text, source)
                 if desired[c] > 0:
@@ -324,6 +376,8 @@ class _Run:
                 else:
                     to_remove.append(cid)
             to_add.extend((row.id, c) for c, n in desired.items() for _ in range(n))
+        if to_remove or to_add:
+            self._load_vectors("caption")
         if to_remove:
             with self.store.catalog.begin() as conn:
                 removed = db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(to_remove))
@@ -346,14 +400,25 @@ class _Run:
         if to_add:
             self.tick("captions", len(to_add), len(to_add))
 
+    def _any(self, query: Any) -> bool:
+        with self.store.catalog.read() as conn:
+            return conn.execute(query).first() is not None
+
     def _rows_under(self, root: Path) -> dict[bytes, db.FileRow]:
         prefix = db.path_key(root).rstrip(b"/") + b"/"
-        return {k: r for k, r in self.store.catalog.files_by_key().items() if k.startswith(prefix)}
+        if self._files_written:  # re-read only when this run changed the files table
+            self.existing = self.store.catalog.files_by_key()
+            self._files_written = 0
+        return {k: r for k, r in self.existing.items() if k.startswith(prefix)}
 
     # --- deletions ----------------------------------------------------------------------------
-    def remove_missing(self, root: Path, seen: set[bytes]) -> None:
-        """Forget files under ``root`` that are gone, then content no file refers to any more."""
-        gone = [r for k, r in self._rows_under(root).items() if k not in seen]
+    def remove_missing(self, root: Path, seen: set[bytes], kept: tuple[bytes, ...] = ()) -> None:
+        """Forget files under ``root`` that are gone (except under ``kept`` folder prefixes), then content
+        no file refers to any more."""
+        gone = [r for k, r in self._rows_under(root).items() if k not in seen and not k.startswith(kept)]
+        used = select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))
+        if gone or self._any(select(db.media.c.id).where(db.media.c.id.not_in(used)).limit(1)):
+            self._load_vectors(*db.VECTOR_KINDS)
         removed: dict[str, list[int]] = {}
         with self.store.catalog.begin() as conn:
             if gone:
@@ -362,7 +427,6 @@ class _Run:
                 _merge(removed, db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(cap_ids)))
                 conn.execute(db.captions.delete().where(db.captions.c.file_id.in_(ids)))
                 conn.execute(db.files.delete().where(db.files.c.id.in_(ids)))
-            used = select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))
             orphans = [
                 int(m) for (m,) in conn.execute(select(db.media.c.id).where(db.media.c.id.not_in(used)))
             ]

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,11 @@ class ScanResult:
 
 
 def kind_of(path: Path) -> str | None:
-    suffix = path.suffix.lower()
+    return kind_of_name(path.name)
+
+
+def kind_of_name(name: str) -> str | None:
+    suffix = os.path.splitext(name)[1].lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
     if suffix in AUDIO_SUFFIXES:
@@ -65,14 +70,16 @@ def scan(root: str | Path) -> ScanResult:
     """Scan ``root`` recursively. Never raises for a bad entry: it is listed in ``problems``."""
     root = Path(os.path.abspath(root))
     result = ScanResult(root=root)
-    texts: list[Path] = []
+    texts: list[str] = []
     for path, st in _walk(root, result.problems):
-        kind = kind_of(path)
+        kind = kind_of_name(path)
         if kind is not None:
-            result.files.append(FoundFile(path, kind, st.st_size, st.st_mtime_ns))
-        elif path.suffix.lower() == CAPTION_SUFFIX:
+            result.files.append(FoundFile(Path(path), kind, st.st_size, st.st_mtime_ns))
+        elif os.path.splitext(path)[1].lower() == CAPTION_SUFFIX:
             texts.append(path)
-    images = {f.path for f in result.files if f.kind == "image"}
+    # Pairing works on path strings: a no-op re-index of a large folder spends most of its time here,
+    # and pathlib's hashing and with_suffix() cost several times more than str operations.
+    images = {str(f.path): f.path for f in result.files if f.kind == "image"}
     _pair_sidecars(texts, images, result)
     for name in MANIFESTS:
         manifest = root / name
@@ -82,7 +89,7 @@ def scan(root: str | Path) -> ScanResult:
     return result
 
 
-def _walk(root: Path, problems: list[tuple[Path, str]]) -> Iterator[tuple[Path, os.stat_result]]:
+def _walk(root: Path, problems: list[tuple[Path, str]]) -> Iterator[tuple[str, os.stat_result]]:
     """Yield (path, stat) of regular files; follow directory symlinks once, never around a loop."""
     seen_dirs: set[tuple[int, int]] = set()
     stack = [root]
@@ -97,68 +104,72 @@ def _walk(root: Path, problems: list[tuple[Path, str]]) -> Iterator[tuple[Path, 
         if key in seen_dirs:
             continue  # symlink loop or a second link to a folder already walked
         seen_dirs.add(key)
-        if folder != root and (folder / INDEX_MARKER).exists():
-            continue
         try:
             entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
         except OSError as e:
             problems.append((folder, f"unreadable folder: {e.strerror or e}"))
             continue
+        # Looked up in the listing, not with a stat: in a folder we may not search, stat raises EACCES.
+        if folder != root and any(e.name == INDEX_MARKER for e in entries):
+            continue
         subdirs = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            path = Path(entry.path)
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    subdirs.append(path)
+                    subdirs.append(Path(entry.path))
                     continue
                 est = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
                 if entry.is_symlink():
-                    problems.append((path, "broken symlink"))
+                    problems.append((Path(entry.path), "broken symlink"))
                 continue
             except OSError as e:
-                problems.append((path, f"cannot stat: {e.strerror or e}"))
+                problems.append((Path(entry.path), f"cannot stat: {e.strerror or e}"))
                 continue
-            if entry.is_file(follow_symlinks=True):
-                yield path, est
+            if stat.S_ISREG(est.st_mode):
+                yield entry.path, est
+            elif kind_of_name(entry.name) is not None:
+                # A FIFO, socket or device named like media: reading it could block forever.
+                problems.append((Path(entry.path), "not a regular file"))
         stack.extend(reversed(subdirs))
 
 
-def _read_text(path: Path) -> str:
-    if path.stat().st_size > MAX_CAPTION_FILE_BYTES:
-        raise ValueError(f"caption file larger than {MAX_CAPTION_FILE_BYTES} bytes")
-    raw = path.read_bytes()
+def _read_text(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > MAX_CAPTION_FILE_BYTES:
+            raise ValueError(f"caption file larger than {MAX_CAPTION_FILE_BYTES} bytes")
+        raw = f.read(MAX_CAPTION_FILE_BYTES + 1)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return raw.decode("latin-1")  # old caption files are often Windows-1252/latin-1; never fail on them
 
 
-def _pair_sidecars(texts: list[Path], images: set[Path], result: ScanResult) -> None:
-    by_stem: dict[Path, list[Path]] = {}
+def _pair_sidecars(texts: list[str], images: dict[str, Path], result: ScanResult) -> None:
+    by_stem: dict[str, list[str]] = {}
     for image in images:
-        by_stem.setdefault(image.with_suffix(""), []).append(image)
+        by_stem.setdefault(os.path.splitext(image)[0], []).append(image)
     for text_path in texts:
-        owners = by_stem.get(text_path.with_suffix(""), [])  # photo.txt -> photo.jpg / photo.png
-        full = text_path.with_suffix("")  # photo.jpg.txt -> photo.jpg
-        if full in images and full not in owners:
-            owners = [*owners, full]
+        stem = os.path.splitext(text_path)[0]
+        owners = by_stem.get(stem, [])  # photo.txt -> photo.jpg / photo.png
+        if stem in images and stem not in owners:  # photo.jpg.txt -> photo.jpg
+            owners = [*owners, stem]
         if not owners:
             continue  # a text file that belongs to no image: not ours to index
         try:
             lines = [line.strip() for line in _read_text(text_path).splitlines()]
         except (OSError, ValueError) as e:
-            result.problems.append((text_path, f"unreadable caption file: {e}"))
+            result.problems.append((Path(text_path), f"unreadable caption file: {e}"))
             continue
         for owner in owners:
-            result.captions.setdefault(owner, []).extend(
-                Caption(line, str(text_path)) for line in lines if line
+            result.captions.setdefault(images[owner], []).extend(
+                Caption(line, text_path) for line in lines if line
             )
 
 
-def _read_manifest(manifest: Path, images: set[Path], result: ScanResult) -> None:
+def _read_manifest(manifest: Path, images: dict[str, Path], result: ScanResult) -> None:
     try:
         content = _read_text(manifest)
     except (OSError, ValueError) as e:
@@ -166,8 +177,8 @@ def _read_manifest(manifest: Path, images: set[Path], result: ScanResult) -> Non
         return
     rows = _jsonl_rows(content, manifest, result) if manifest.suffix == ".jsonl" else _csv_rows(content)
     for line_no, rel, text in rows:
-        image = Path(os.path.normpath(result.root / rel))
-        if image not in images:
+        image = images.get(os.path.normpath(os.path.join(result.root, rel)))
+        if image is None:
             result.problems.append((manifest, f"line {line_no}: no indexed image at '{rel}'"))
         elif text.strip():
             result.captions.setdefault(image, []).append(Caption(text.strip(), str(manifest)))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsearch.db import SCHEMA_VERSION, VECTOR_KINDS, Catalog
+from mmsearch.db import SCHEMA_VERSION, VECTOR_KINDS, Catalog, storage_errors
 from mmsearch.errors import IndexLockedError, IndexNotFoundError, MmsearchError
 from mmsearch.scan import INDEX_MARKER
 from mmsearch.vectors import VectorIndex, needs_rebuild
@@ -55,9 +55,10 @@ class Store:
             raise MmsearchError(f"an index already exists at {folder}")
         if folder.exists() and any(p.name != ".gitkeep" for p in folder.iterdir()):
             raise MmsearchError(f"{folder} exists and is not an empty folder; choose another --index")
-        (folder / "vectors").mkdir(parents=True, exist_ok=True)
         full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **config}
-        _atomic_write_text(folder / INDEX_MARKER, json.dumps(full, indent=2, sort_keys=True) + "\n")
+        with storage_errors(folder):
+            (folder / "vectors").mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(folder / INDEX_MARKER, json.dumps(full, indent=2, sort_keys=True) + "\n")
         return cls(folder, full)
 
     @staticmethod
@@ -85,9 +86,10 @@ class Store:
 
     def update_config(self, **changes: Any) -> None:
         self.config.update(changes)
-        _atomic_write_text(
-            self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        )
+        with storage_errors(self.folder):
+            _atomic_write_text(
+                self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+            )
 
     # --- single writer ------------------------------------------------------------------------
     def lock_for_writing(self) -> None:
@@ -104,8 +106,13 @@ class Store:
                     "wait for it to finish or stop it"
                 ) from e
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            with storage_errors(self.folder):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)  # releases the lock: a writer that cannot start must not block the next one
+            raise
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -175,7 +182,10 @@ class Store:
             self._save(kind, index, gen)
 
     def _save(self, kind: str, index: VectorIndex, gen: int) -> None:
-        sha, ntotal = index.save(self._faiss_path(kind))
+        # On a full disk the save leaves the previous file and its record in place; both are older than
+        # the catalog's generation, so the next open rebuilds this kind from the catalog.
+        with storage_errors(self.folder):
+            sha, ntotal = index.save(self._faiss_path(kind))
         self.catalog.set_meta(f"faiss.{kind}", {"sha256": sha, "ntotal": ntotal, "generation": gen})
 
     def _faiss_path(self, kind: str) -> Path:
@@ -184,8 +194,12 @@ class Store:
 
 def _atomic_write_text(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written temp file behind (e.g. disk full)
+        raise
