@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mmsearch import TARGETS, Hit, Index, IngestReport, MmsearchError, default_index_path, open_or_create
+# Only light imports at module level: `mmsearch query` with a warm server never loads numpy or torch.
+from mmsearch.client import TARGET_NAMES as TARGETS
+from mmsearch.errors import MmsearchError
+
+if TYPE_CHECKING:
+    from mmsearch import IngestReport
 
 app = typer.Typer(
     add_completion=False,
@@ -74,11 +80,15 @@ def index(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads")] = 2,
     image_tower: Annotated[
         str | None,
-        typer.Option(help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"),
+        typer.Option(
+            help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index FOLDERS (incrementally: only new or changed files do model work)."""
+    from mmsearch import default_index_path, open_or_create
+
     for folder in folders:
         if not folder.is_dir():
             raise MmsearchError(f"not a folder: {folder}")
@@ -96,9 +106,17 @@ def index(
     )
     reports = []
     with idx:
-        for folder in folders:
-            with _progress(enabled=not as_json) as tick:
-                reports.append(idx.add_folder(folder, progress=tick, workers=workers))
+        try:
+            for folder in folders:
+                with _progress(enabled=not as_json) as tick:
+                    reports.append(idx.add_folder(folder, progress=tick, workers=workers))
+        except KeyboardInterrupt:
+            # typer turns KeyboardInterrupt into a silent exit 130; say what happened to the work.
+            err.print(
+                "interrupted: work committed so far is kept; run the same command again to resume",
+                markup=False,
+            )
+            raise typer.Exit(130) from None
         if as_json:
             _print_json({"index": str(idx.path), "runs": [r.as_dict() for r in reports]})
         else:
@@ -121,22 +139,45 @@ def query(
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
+    serve: Annotated[
+        bool,
+        typer.Option(
+            "--serve",
+            help="Start a background server for this index if none is running (it exits after 15 idle "
+            "minutes), so that the next queries answer in well under a second.",
+        ),
+    ] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Search in this process even if a server is up.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search by TEXT, --image or --audio."""
+    """Search by TEXT, --image or --audio (through a running `mmsearch serve` for the index when there is one)."""
     given = [name for name, v in (("TEXT", text), ("--image", image), ("--audio", audio)) if v is not None]
     if len(given) != 1:
         _usage("give exactly one of TEXT, --image PATH or --audio PATH")
     target = target or ("texts" if image is not None else "images")
     if target not in TARGETS:
         _usage(f"unknown --target '{target}' (choose from {', '.join(TARGETS)})")
-    with Index.open(
-        index_dir or default_index_path(),
-        model=model,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        device=device,
-    ) as idx:
+    path = index_dir or _default_index_path()
+    # A server searches with the index's own model on its own device: options that choose either mean "here".
+    use_server = (
+        not local and model is None and pretrained is None and checkpoint is None and device == "auto"
+    )
+    if use_server:
+        from mmsearch import client
+
+        url = client.find_server(path)
+        if url is None and serve:
+            err.print("starting a background server for this index …", markup=False)
+            url = client.start_server(path)
+        if url is not None:
+            payload = client.query_server(url, text=text, image=image, audio=audio, target=target, k=k)
+            _print_query(payload["target"], payload["hits"], payload.get("transcript"), as_json)
+            return
+    from mmsearch import Index
+
+    with Index.open(path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device) as idx:
         heard = None
         if text is not None:
             hits = idx.search_text(text, target=target, k=k)
@@ -146,8 +187,16 @@ def query(
             assert audio is not None
             heard = idx.transcribe_query(audio)
             hits = idx.search_text(heard, target=target, k=k)
+    _print_query(target, [h.as_dict() for h in hits], heard, as_json)
+
+
+HIT_FIELDS = ("rank", "score", "kind", "path", "text", "start", "end", "item_id", "file_id")
+
+
+def _print_query(target: str, hits: list[dict[str, Any]], heard: str | None, as_json: bool) -> None:
+    """The same output whether a server or this process answered."""
     if as_json:
-        payload: dict[str, Any] = {"target": target, "hits": [h.as_dict() for h in hits]}
+        payload: dict[str, Any] = {"target": target, "hits": [{f: h[f] for f in HIT_FIELDS} for h in hits]}
         if heard is not None:
             payload["transcript"] = heard
         _print_json(payload)
@@ -158,8 +207,55 @@ def query(
 
 
 @app.command()
+def serve(
+    index_dir: IndexOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on. Anything but loopback lets others read your files.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8765,
+    allow_host: Annotated[
+        list[str] | None, typer.Option("--allow-host", help="Also accept this Host header (e.g. a LAN name).")
+    ] = None,
+    idle_minutes: Annotated[
+        float | None, typer.Option(min=0.1, help="Exit after this many minutes without a request.")
+    ] = None,
+) -> None:
+    """Serve the web page and the HTTP API of an index (http://127.0.0.1:8765 by default)."""
+    from mmsearch.server import serve as run_server
+
+    path = index_dir or _default_index_path()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(
+            f"warning: listening on {host}: anyone who can reach it can search this index and read its files",
+            markup=False,
+        )
+
+    def ready(url: str) -> None:
+        err.print(f"serving {path} at {url}/ — open it in a browser; Ctrl-C stops", markup=False)
+
+    try:
+        run_server(
+            path,
+            host,
+            port,
+            allowed_hosts=allow_host or [],
+            idle_timeout=idle_minutes * 60 if idle_minutes else None,
+            on_ready=ready,
+        )
+    except KeyboardInterrupt:
+        err.print("stopped", markup=False)
+
+
+def _default_index_path() -> Path:
+    # Same as mmsearch.api.default_index_path, without importing the engine.
+    return Path(os.environ.get("MMSEARCH_INDEX", Path("indexes") / "default"))
+
+
+@app.command()
 def status(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Show what an index holds, and the files it skipped with their reasons."""
+    from mmsearch import Index, default_index_path
+
     with Index.open(index_dir or default_index_path()) as idx:
         stats, skipped = idx.stats(), idx.skipped()
     if as_json:
@@ -193,6 +289,7 @@ def demo(
     k: Annotated[int, typer.Option("-k", min=1, max=50)] = 5,
 ) -> None:
     """Generate a demo folder, index it with the bundled demo model, and query it in every direction."""
+    from mmsearch import open_or_create
     from mmsearch.demo.world import write_demo_folder
 
     err.print(f"writing demo media to {folder} …")
@@ -203,19 +300,19 @@ def demo(
             report = idx.add_folder(folder / "media", progress=tick)
         _print_report(report)
         out.rule(f"text → image: “{made.text_query}”")
-        _print_hits(idx.search_text(made.text_query, target="images", k=k))
+        _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
         out.rule(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
-        _print_hits(idx.search_image(made.image_query, target="texts", k=k))
+        _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
         if speech and made.audio_query is not None:
             heard = idx.transcribe_query(made.audio_query)
             out.rule(f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)")
-            _print_hits(idx.search_text(heard, target="images", k=k))
+            _print_hits([h.as_dict() for h in idx.search_text(heard, target="images", k=k)])
     out.print(f'\nTry: mmsearch query --index {index_dir} "a small blue square"')
 
 
 # --- output helpers ---------------------------------------------------------------------------------
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
 
 def _escape(s: str) -> str:
@@ -224,16 +321,16 @@ def _escape(s: str) -> str:
     return escape(s)
 
 
-def _print_hits(hits: list[Hit]) -> None:
+def _print_hits(hits: list[dict[str, Any]]) -> None:
     if not hits:
         out.print("no results")
         return
     rows = []
     for h in hits:
-        snippet = h.text or ""
-        if h.start is not None and h.end is not None:
-            snippet = f"[{_clock(h.start)}–{_clock(h.end)}] {snippet}"
-        rows.append((str(h.rank), f"{h.score:.3f}", h.kind, h.path, _shorten(snippet, 120)))
+        snippet = h["text"] or ""
+        if h["start"] is not None and h["end"] is not None:
+            snippet = f"[{_clock(h['start'])}–{_clock(h['end'])}] {snippet}"
+        rows.append((str(h["rank"]), f"{h['score']:.3f}", h["kind"], h["path"], _shorten(snippet, 120)))
     if not out.is_terminal:
         # Piped: one tab-separated line per hit, never wrapped, so paths survive grep/cut.
         for row in rows:

@@ -9,7 +9,10 @@ PY=${PYTHON:-python3}
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   need=()
   command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
-  if [ "${MMSEARCH_BROWSER:-1}" = 1 ]; then command -v chromium >/dev/null 2>&1 || need+=(chromium); fi
+  if [ "${MMSEARCH_BROWSER:-1}" = 1 ]; then
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi

@@ -1,0 +1,793 @@
+"""`mmsearch serve`: an HTTP API and a web page over one index, on uvicorn.
+
+Safe by default: it binds 127.0.0.1, answers only requests whose Host header names this machine (so a web
+page elsewhere cannot reach it through DNS rebinding), serves files only by catalog id (never by a path a
+client sent), caps upload sizes, and the page builds its DOM with ``textContent``, under a CSP that allows
+no inline script.
+
+Model calls go through one lock: the embedder, the transcriber and the in-memory vector indexes are used by
+one request at a time. Metadata, thumbnails and media need no model and are served concurrently.
+
+While it runs, ``INDEX/server.json`` (``{"url", "pid", "index"}``) tells ``mmsearch query`` where a warm
+server for the same index answers (see :mod:`mmsearch.client`); ``INDEX/server.lock`` keeps a second
+server for the same index from starting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import logging
+import mimetypes
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mmsearch.errors import (
+    BadQueryError,
+    IndexNotFoundError,
+    MissingDependencyError,
+    MmsearchError,
+    WeightsUnavailableError,
+)
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi import Path as PathParam
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from pydantic import BaseModel
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise MissingDependencyError(e.name or "fastapi", "mmsearch serve", extra="server") from e
+
+from mmsearch.api import Index
+from mmsearch.search import TARGETS
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+SERVER_FILE = "server.json"
+SERVER_LOCK = "server.lock"
+THUMBS = "thumbs"
+THUMB_SIDE = 256
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_AUDIO_BYTES = 50 * 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file itself
+MAX_K = 200
+MAX_QUERY_CHARS = 1000
+MAX_SEGMENTS = 5000
+TEXT_BATCH = 32  # most text queries embedded in one forward pass
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+# Suffixes kept on uploaded temp files (decoders sniff content; the suffix only helps them guess).
+UPLOAD_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+    | {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".webm", ".aac"}
+)
+# The page loads nothing from elsewhere and runs no inline script: an injected caption cannot execute.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+# A user's file is shown as what its suffix says, never sniffed into HTML, and runs nothing if opened.
+MEDIA_CSP = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; sandbox"
+IntId = PathParam(ge=1, le=2**63 - 1, description="A file id from a search hit")
+
+
+# --- response models (for the OpenAPI schema) ---------------------------------------------------------
+class HitOut(BaseModel):
+    rank: int
+    score: float
+    kind: str
+    path: str
+    name: str
+    text: str | None
+    start: float | None
+    end: float | None
+    item_id: int
+    file_id: int
+    file_kind: str
+    captions: list[str]
+    thumb: str | None
+    media: str
+    item: str
+
+
+class SearchOut(BaseModel):
+    query: str
+    mode: str
+    target: str
+    k: int
+    took_ms: float
+    transcript: str | None = None
+    hits: list[HitOut]
+
+
+class CaptionOut(BaseModel):
+    id: int
+    text: str
+    source: str
+
+
+class SegmentOut(BaseModel):
+    start: float
+    end: float
+    text: str
+
+
+class ItemOut(BaseModel):
+    id: int
+    kind: str
+    path: str
+    name: str
+    size: int
+    width: int | None
+    height: int | None
+    duration: float | None
+    language: str | None
+    transcript: str | None
+    captions: list[CaptionOut]
+    segments: list[SegmentOut]
+    thumb: str | None
+    media: str
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    index: str
+    pid: int
+    model: str
+
+
+# --- the app -----------------------------------------------------------------------------------------
+@dataclass
+class Activity:
+    """Requests in flight and when the last one ended: what an idle timeout looks at."""
+
+    in_flight: int = 0
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last = time.monotonic()
+
+
+class _Guard:
+    """Pure ASGI middleware: security headers on every response, and request activity for idle exit."""
+
+    def __init__(self, app: ASGIApp, activity: Activity) -> None:
+        self.app = app
+        self.activity = activity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_media = scope["path"].startswith("/api/media/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                headers.append((b"referrer-policy", b"no-referrer"))
+                headers.append((b"content-security-policy", (MEDIA_CSP if is_media else PAGE_CSP).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.activity.in_flight += 1
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self.activity.in_flight -= 1
+            self.activity.last = time.monotonic()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Service:
+    """What the endpoints share: the index, the model lock, and catalog look-ups."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
+        self.thumbs = index.path / THUMBS
+        self._pending: list[tuple[str, Future[Any]]] = []
+        self._pending_lock = threading.Lock()
+
+    def locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return fn(*args, **kwargs)
+
+    def search_text(self, text: str, target: str, k: int) -> list[Any]:
+        """:meth:`Index.search_text`, except that concurrent queries share text-tower forward passes:
+        whoever holds the model lock embeds every query waiting by then (one batch costs far less than
+        one pass per query), so queued requests do not each pay a full model call."""
+        text = text.strip()
+        if not text:
+            raise BadQueryError("the query text is empty")
+        mine: Future[Any] = Future()
+        with self._pending_lock:
+            self._pending.append((text, mine))
+        while not mine.done():
+            with self.lock:
+                if mine.done():
+                    break
+                with self._pending_lock:
+                    batch, self._pending = self._pending[:TEXT_BATCH], self._pending[TEXT_BATCH:]
+                try:
+                    vectors = self.index.embedder.embed_texts([t for t, _ in batch])
+                except Exception as e:  # every waiter gets the same error
+                    for _, future in batch:
+                        future.set_exception(e)
+                    continue
+                for (_, future), vector in zip(batch, vectors, strict=True):
+                    future.set_result(vector)
+        vector = mine.result()
+        with self.lock:
+            return self.index.search_vector(vector, target=target, k=k)
+
+    def file_row(self, file_id: int) -> Any:
+        from sqlalchemy import select
+
+        from mmsearch import db
+
+        f, m = db.files, db.media
+        q = (
+            select(f.c.id, f.c.path_key, f.c.path, f.c.kind, f.c.size, f.c.media_id, m.c.sha256, m.c.width)
+            .add_columns(m.c.height, m.c.duration, m.c.language, m.c.transcript)
+            .join(m, m.c.id == f.c.media_id)
+            .where(f.c.id == file_id, f.c.status == "ok")
+        )
+        with self.index.store.catalog.read() as conn:
+            row = conn.execute(q).first()
+        if row is None:
+            raise HTTPException(404, f"no item {file_id}")
+        return row
+
+    def item(self, file_id: int) -> dict[str, Any]:
+        from sqlalchemy import select
+
+        from mmsearch import db
+
+        row = self.file_row(file_id)
+        caps = self.index.store.catalog.captions_of([file_id]).get(file_id, [])
+        segments: list[dict[str, Any]] = []
+        if row.kind == "audio":
+            s = db.segments
+            q = (
+                select(s.c.start, s.c.end, s.c.text)
+                .where(s.c.media_id == row.media_id)
+                .order_by(s.c.start, s.c.idx)
+                .limit(MAX_SEGMENTS)
+            )
+            with self.index.store.catalog.read() as conn:
+                segments = [{"start": a, "end": b, "text": t} for a, b, t in conn.execute(q)]
+        return {
+            "id": row.id,
+            "kind": row.kind,
+            "path": row.path,
+            "name": _name(row.path),
+            "size": row.size,
+            "width": row.width,
+            "height": row.height,
+            "duration": row.duration,
+            "language": row.language,
+            "transcript": row.transcript,
+            "captions": [{"id": cid, "source": src, "text": txt} for cid, src, txt in caps],
+            "segments": segments,
+            "thumb": f"/api/thumbs/{row.id}" if row.kind == "image" else None,
+            "media": f"/api/media/{row.id}",
+        }
+
+    def hits_out(self, hits: list[Any]) -> list[dict[str, Any]]:
+        image_files = sorted({h.file_id for h in hits if h.kind != "segment"})
+        caps = self.index.store.catalog.captions_of(image_files) if image_files else {}
+        out = []
+        for h in hits:
+            d = h.as_dict()
+            file_kind = "audio" if h.kind == "segment" else "image"
+            d.update(
+                name=_name(h.path),
+                file_kind=file_kind,
+                captions=[txt for _, _, txt in caps.get(h.file_id, [])][:5],
+                thumb=f"/api/thumbs/{h.file_id}" if file_kind == "image" else None,
+                media=f"/api/media/{h.file_id}",
+                item=f"/api/items/{h.file_id}",
+            )
+            out.append(d)
+        return out
+
+    def thumbnail(self, file_id: int) -> Path | bytes:
+        """The cached JPEG thumbnail (made on first request, named by content hash), or its bytes if the
+        index folder is read-only."""
+        from PIL import Image
+
+        from mmsearch.errors import BadMediaError
+        from mmsearch.images import load_image
+
+        row = self.file_row(file_id)
+        if row.kind != "image":
+            raise HTTPException(404, f"item {file_id} is {row.kind}: no thumbnail")
+        cached = self.thumbs / f"{row.sha256}-{THUMB_SIDE}.jpg"
+        if cached.is_file():
+            return cached
+        try:
+            image = load_image(os.fsdecode(row.path_key), max_side=THUMB_SIDE * 2, draft_size=THUMB_SIDE)
+        except BadMediaError as e:
+            raise HTTPException(404, f"item {file_id} cannot be read now: {e}") from e
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+        try:
+            self.thumbs.mkdir(exist_ok=True)
+            # Written whole then renamed: a concurrent request sees the old state or the full file.
+            fd, tmp = tempfile.mkstemp(dir=self.thumbs, prefix=".thumb-", suffix=".jpg")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    image.save(f, "JPEG", quality=85)
+                os.replace(tmp, cached)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            log.debug("made thumbnail %s", cached)
+            return cached
+        except OSError as e:
+            log.warning("cannot cache thumbnails in %s (%s): serving them uncached", self.thumbs, e)
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=85)
+            return buf.getvalue()
+
+    def media_path(self, file_id: int) -> tuple[Path, str]:
+        row = self.file_row(file_id)
+        path = Path(os.fsdecode(row.path_key))
+        if not path.is_file():
+            raise HTTPException(404, f"item {file_id} is no longer on disk")
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return path, mime
+
+
+def create_app(
+    index: Index,
+    *,
+    allowed_hosts: Sequence[str] = (),
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_audio_bytes: int = MAX_AUDIO_BYTES,
+    activity: Activity | None = None,
+) -> FastAPI:
+    """The FastAPI app over ``index``. ``allowed_hosts`` adds Host header names to localhost's."""
+    service = _Service(index)
+    app = FastAPI(
+        title="mmsearch",
+        summary="Cross-modal semantic search over images, captions and audio",
+        docs_url=None,  # Swagger UI would load scripts from a CDN: the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.service = service
+    hosts = sorted({*LOCAL_HOSTS, *(_host_pattern(h) for h in allowed_hosts)})
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.add_middleware(_Guard, activity=activity or Activity())
+
+    @app.exception_handler(MmsearchError)
+    async def _mmsearch_error(_request: Request, exc: MmsearchError) -> JSONResponse:
+        if isinstance(exc, BadQueryError):
+            status = 400
+        elif isinstance(exc, IndexNotFoundError):
+            status = 404
+        elif isinstance(exc, WeightsUnavailableError | MissingDependencyError):
+            status = 503
+        else:
+            log.error("request failed: %s", exc)
+            status = 500
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    def search_response(mode: str, query: str, target: str, k: int, hits: list[Any], t0: float) -> dict:
+        return {
+            "query": query,
+            "mode": mode,
+            "target": target,
+            "k": k,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2),
+            "hits": service.hits_out(hits),
+        }
+
+    @app.get("/api/health", response_model=HealthOut, tags=["meta"])
+    def health() -> dict[str, Any]:
+        """Cheap liveness check: which index this server answers for."""
+        return {
+            "ok": True,
+            "index": str(index.path.resolve()),
+            "pid": os.getpid(),
+            "model": index.model_identity.get("name", "?"),
+        }
+
+    @app.get("/api/stats", tags=["meta"])
+    def stats() -> dict[str, Any]:
+        """What the index holds (files, vectors, captions, segments) and its model."""
+        return index.stats()
+
+    @app.get("/api/search", response_model=SearchOut, tags=["search"])
+    def search_text(
+        q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="Text to search for"),
+        target: str = Query("images", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search by text."""
+        _check_target(target)
+        t0 = time.perf_counter()
+        hits = service.search_text(q, target, k)
+        return search_response("text", q, target, k, hits, t0)
+
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    }
+
+    @app.post("/api/search/image", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
+    async def search_image(
+        request: Request,
+        target: str = Query("texts", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search with an uploaded image (multipart field ``file``, at most 20 MB)."""
+        _check_target(target)
+        with _upload_dir() as folder:
+            path, name = await _receive_upload(request, folder, max_image_bytes)
+            t0 = time.perf_counter()
+            hits = await run_in_threadpool(service.locked, index.search_image, path, target=target, k=k)
+        return search_response("image", name, target, k, hits, t0)
+
+    @app.post("/api/search/audio", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
+    async def search_audio(
+        request: Request,
+        target: str = Query("images", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search with an uploaded or recorded voice query (multipart field ``file``, at most 50 MB);
+        the response's ``transcript`` is what was heard."""
+        _check_target(target)
+        with _upload_dir() as folder:
+            path, name = await _receive_upload(request, folder, max_audio_bytes)
+            t0 = time.perf_counter()
+            heard = await run_in_threadpool(service.locked, index.transcribe_query, path)
+        hits = await run_in_threadpool(service.search_text, heard, target, k)
+        return {**search_response("audio", name, target, k, hits, t0), "transcript": heard}
+
+    @app.get("/api/items/{file_id}", response_model=ItemOut, tags=["items"])
+    def item(file_id: int = IntId) -> dict[str, Any]:
+        """A file's metadata: kind, display path, size, captions, transcript segments."""
+        return service.item(file_id)
+
+    @app.get(
+        "/api/thumbs/{file_id}",
+        tags=["items"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    def thumb(file_id: int = IntId) -> Response:
+        """A JPEG thumbnail of an image item (made once, cached in the index folder)."""
+        made = service.thumbnail(file_id)
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if isinstance(made, bytes):
+            return Response(made, media_type="image/jpeg", headers=headers)
+        return FileResponse(made, media_type="image/jpeg", headers=headers)
+
+    @app.get("/api/media/{file_id}", tags=["items"], response_class=FileResponse)
+    def media(file_id: int = IntId) -> FileResponse:
+        """The file itself, by id; supports HTTP range requests (audio seeking)."""
+        path, mime = service.media_path(file_id)
+        return FileResponse(path, media_type=mime, content_disposition_type="inline")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        return _web_file("index.html")
+
+    @app.get("/app.js", include_in_schema=False)
+    def app_js() -> Response:
+        return _web_file("app.js")
+
+    @app.get("/style.css", include_in_schema=False)
+    def style_css() -> Response:
+        return _web_file("style.css")
+
+    return app
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise HTTPException(400, f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+
+
+def _name(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _host_pattern(host: str) -> str:
+    host = host.strip().lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _web_file(name: str) -> Response:
+    data = resources.files("mmsearch.web").joinpath(name).read_bytes()
+    return Response(data, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+@contextlib.contextmanager
+def _upload_dir() -> Iterator[Path]:
+    """A private temporary folder for one upload, removed with whatever it holds however the request ends."""
+    with tempfile.TemporaryDirectory(prefix="mmsearch-upload-") as d:
+        yield Path(d)
+
+
+async def _receive_upload(request: Request, folder: Path, limit: int) -> tuple[Path, str]:
+    """Stream the multipart field ``file`` into ``folder``; 413 as soon as the body exceeds ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise HTTPException(413, f"upload larger than {limit // (1024 * 1024)} MB")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(400, "send the file as multipart/form-data, field 'file'")
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit + MULTIPART_SLACK:
+                raise _TooLarge
+        return message
+
+    limited = Request(request.scope, counting_receive)
+    try:
+        async with limited.form(max_files=1, max_fields=4) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "no file in the multipart field 'file'")
+            name = upload.filename or "upload"
+            suffix = Path(name).suffix.lower()
+            path = folder / ("query" + (suffix if suffix in UPLOAD_SUFFIXES else ""))
+            size = 0
+            with open(path, "wb") as out:
+                while chunk := await upload.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise _TooLarge
+                    out.write(chunk)
+    except _TooLarge:
+        raise HTTPException(413, f"upload larger than {limit // (1024 * 1024)} MB") from None
+    if size == 0:
+        raise HTTPException(400, "the uploaded file is empty")
+    return path, _name(name)[:200]
+
+
+# --- running it --------------------------------------------------------------------------------------
+def warm_up(index: Index, *, speech: bool = False) -> None:
+    """Load the text tower and every vector index now, so the first query is as fast as the rest."""
+    from mmsearch.db import VECTOR_KINDS
+
+    t0 = time.perf_counter()
+    index.embedder.embed_texts(["warm up"])
+    for kind in VECTOR_KINDS:
+        index.store.vectors(kind)
+    if speech:
+        index.transcriber  # noqa: B018 - loading is the point
+    log.info("models and vectors loaded in %.1f s", time.perf_counter() - t0)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus: announce the URL once listening, and exit after ``idle_timeout`` s without requests."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_started: Callable[[], None],
+        on_stopping: Callable[[], None],
+        activity: Activity,
+        idle_timeout: float | None,
+        stop: threading.Event | None,
+    ) -> None:
+        super().__init__(config)
+        self._stop = stop
+        self._on_started = on_started
+        self._on_stopping = on_stopping
+        self._activity = activity
+        self._idle_timeout = idle_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Here rather than after run(): on SIGTERM/SIGINT uvicorn re-raises the signal when serve() ends.
+        self._on_stopping()
+        await super().shutdown(sockets=sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        a = self._activity
+        if self._idle_timeout and a.in_flight == 0 and time.monotonic() - a.last > self._idle_timeout:
+            log.info("no request for %.0f s: exiting", self._idle_timeout)
+            self.should_exit = True
+        if self._stop is not None and self._stop.is_set():
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), or a clear error if the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise MmsearchError(
+                f"port {port} on {host} is in use: choose another with --port (0: any)"
+            ) from e
+        raise MmsearchError(f"cannot listen on {host}:{port}: {e}") from e
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_for(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextlib.contextmanager
+def _server_lock(folder: Path) -> Iterator[None]:
+    fd = os.open(folder / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            running = _read_server_file(folder)
+            where = f" at {running['url']}" if running else ""
+            raise MmsearchError(f"a server for {folder} is already running{where}") from e
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_server_file(folder: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((folder / SERVER_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_server_file(folder: Path, url: str) -> None:
+    info = {"url": url, "pid": os.getpid(), "index": str(folder.resolve()), "started": time.time()}
+    tmp = folder / f".{SERVER_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, folder / SERVER_FILE)
+
+
+def _remove_server_file(folder: Path) -> None:
+    info = _read_server_file(folder)
+    if info is not None and info.get("pid") == os.getpid():
+        with contextlib.suppress(FileNotFoundError):
+            (folder / SERVER_FILE).unlink()
+
+
+def serve(
+    index_path: str | Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    allowed_hosts: Sequence[str] = (),
+    idle_timeout: float | None = None,
+    warm: bool = True,
+    warm_speech: bool = False,
+    log_level: str = "warning",
+    on_ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve the index at ``index_path`` until interrupted, idle for ``idle_timeout`` seconds, or ``stop``
+    is set. ``on_ready(url)`` is called once it accepts requests (``port=0``: any free port).
+
+    Binding anything but loopback exposes the index's files to the network: the caller should say so.
+    """
+    if "torch" not in sys.modules and "faiss" not in sys.modules:
+        # torch and faiss each run an OpenMP pool; spin-waiting idle threads of one steal the cores the
+        # other needs. Measured on this 2-core machine under load: one text embedding 3.6 s -> 0.17 s,
+        # one flat search 87 ms -> 8 ms. Read by libgomp when it loads, so only before those imports.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with Index.open(index_path) as index:
+        folder = index.path
+        with _server_lock(folder):
+            if warm:
+                warm_up(index, speech=warm_speech)
+            sock = bind(host, port)
+            url = url_for(sock)
+            activity = Activity()
+            app = create_app(index, allowed_hosts=[host, *allowed_hosts], activity=activity)
+            config = uvicorn.Config(
+                app,
+                log_level=log_level,
+                access_log=False,
+                server_header=False,
+                lifespan="off",
+                timeout_graceful_shutdown=5,  # then drop connections still waiting on a queued search
+            )
+
+            def started() -> None:
+                _write_server_file(folder, url)
+                log.info("serving %s at %s", folder, url)
+                if on_ready is not None:
+                    on_ready(url)
+
+            server = _Server(
+                config,
+                on_started=started,
+                on_stopping=lambda: _remove_server_file(folder),
+                activity=activity,
+                idle_timeout=idle_timeout,
+                stop=stop,
+            )
+            try:
+                server.run(sockets=[sock])
+            finally:
+                sock.close()
+                _remove_server_file(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mmsearch.server INDEX``: what ``mmsearch query`` spawns as a background warm server."""
+    p = argparse.ArgumentParser(prog="python -m mmsearch.server", description=main.__doc__)
+    p.add_argument("index")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--idle-timeout", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        serve(args.index, args.host, args.port, idle_timeout=args.idle_timeout, log_level=args.log_level)
+    except MmsearchError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, so loggers are named mmsearch.server rather than __main__.
+    from mmsearch.server import main as _main
+
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(_main())

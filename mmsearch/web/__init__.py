@@ -1,0 +1,1 @@
+"""The web page `mmsearch serve` serves (plain HTML, JS and CSS, loaded with importlib.resources)."""

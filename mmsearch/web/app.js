@@ -1,0 +1,225 @@
+// mmsearch web page: plain DOM, no framework. Every piece of indexed text (file names, captions,
+// transcripts) is put on the page with textContent, never parsed as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const statusLine = $("status");
+const results = $("results");
+const player = $("player");
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+function clock(seconds) {
+  const s = Math.floor(seconds);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = String(s % 60).padStart(2, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${r}` : `${m}:${r}`;
+}
+
+function setStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function chosenTarget(mode) {
+  const t = $("target").value;
+  if (t !== "auto") return t;
+  return mode === "image" ? "texts" : "images";
+}
+
+function chosenK() {
+  const k = parseInt($("k").value, 10);
+  return Number.isFinite(k) ? Math.min(Math.max(k, 1), 200) : 12;
+}
+
+async function call(url, options) {
+  let response;
+  try {
+    response = await fetch(url, options);
+  } catch (e) {
+    throw new Error(`the server did not answer (${e.message})`);
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    let detail = body && body.detail;
+    if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
+    throw new Error(detail || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+async function run(label, request) {
+  setStatus(`${label}…`);
+  document.body.classList.add("busy");
+  try {
+    const data = await request();
+    render(data);
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    document.body.classList.remove("busy");
+    // A counter scripts (and the browser tests) can wait on: each finished search bumps it.
+    document.body.dataset.searches = String(Number(document.body.dataset.searches || 0) + 1);
+  }
+}
+
+function searchText(query) {
+  const params = new URLSearchParams({ q: query, target: chosenTarget("text"), k: chosenK() });
+  $("query-preview").hidden = true;
+  return run(`searching for “${query}”`, () => call(`/api/search?${params}`));
+}
+
+function searchFile(kind, file, name) {
+  const form = new FormData();
+  form.append("file", file, name || file.name || kind);
+  const params = new URLSearchParams({ target: chosenTarget(kind), k: chosenK() });
+  const label = kind === "image" ? "searching with the image" : "listening and searching";
+  return run(label, () => call(`/api/search/${kind}?${params}`, { method: "POST", body: form }));
+}
+
+function showQueryImage(file) {
+  const img = $("query-image");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(file);
+  $("query-preview").hidden = false;
+}
+
+function playFrom(src, start) {
+  player.hidden = false;
+  const seekAndPlay = () => {
+    player.currentTime = start || 0;
+    player.play().catch((e) => setStatus(`cannot play: ${e.message}`, true));
+  };
+  if (player.dataset.src !== src) {
+    player.dataset.src = src;
+    player.src = src;
+    player.addEventListener("loadedmetadata", seekAndPlay, { once: true });
+    player.load();
+  } else {
+    seekAndPlay();
+  }
+}
+
+function card(hit) {
+  const node = el("article", { class: `card ${hit.file_kind}`, "data-file-id": String(hit.file_id) });
+  if (hit.file_kind === "image") {
+    const link = el("a", { href: hit.media, target: "_blank", rel: "noopener", title: hit.path });
+    link.append(el("img", { src: hit.thumb, alt: hit.name, loading: "lazy" }));
+    node.append(link);
+  } else {
+    const when = hit.start !== null ? `${clock(hit.start)}–${clock(hit.end)}` : "";
+    const button = el("button", { type: "button", class: "play", text: `▶ ${when}` });
+    button.addEventListener("click", () => playFrom(hit.media, hit.start));
+    node.append(button);
+  }
+  node.append(
+    el("div", { class: "meta" },
+      el("span", { class: "rank", text: `#${hit.rank}` }),
+      el("span", { class: "score", text: hit.score.toFixed(3) }),
+      el("span", { class: "kind", text: hit.kind })),
+    el("div", { class: "name", title: hit.path, text: hit.name }),
+  );
+  if (hit.kind === "segment") {
+    node.append(el("p", { class: "transcript", text: hit.text || "" }));
+  } else if (hit.kind === "caption") {
+    node.append(el("p", { class: "caption matched", text: hit.text || "" }));
+  } else {
+    for (const caption of hit.captions.slice(0, 2)) node.append(el("p", { class: "caption", text: caption }));
+  }
+  return node;
+}
+
+function render(data) {
+  results.replaceChildren(...data.hits.map(card));
+  const parts = [`${data.hits.length} result${data.hits.length === 1 ? "" : "s"} (${data.target}) in ${Math.round(data.took_ms)} ms`];
+  if (data.transcript !== undefined && data.transcript !== null) parts.unshift(`heard “${data.transcript}”`);
+  setStatus(parts.join(" — "));
+}
+
+// --- recording ---------------------------------------------------------------------------------------
+let recorder = null;
+
+async function toggleRecording() {
+  const button = $("record");
+  if (recorder) {
+    recorder.stop();
+    return;
+  }
+  if (!navigator.mediaDevices || !window.MediaRecorder) {
+    setStatus("this browser cannot record audio here (it needs http://localhost or https)", true);
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (e) {
+    setStatus(`no microphone: ${e.message}`, true);
+    return;
+  }
+  const chunks = [];
+  recorder = new MediaRecorder(stream);
+  recorder.addEventListener("dataavailable", (event) => { if (event.data.size) chunks.push(event.data); });
+  recorder.addEventListener("stop", () => {
+    stream.getTracks().forEach((t) => t.stop());
+    recorder = null;
+    button.textContent = "● record";
+    button.classList.remove("recording");
+    const type = chunks.length ? chunks[0].type : "audio/webm";
+    const ext = type.includes("ogg") ? "ogg" : type.includes("mp4") ? "m4a" : "webm";
+    searchFile("audio", new Blob(chunks, { type }), `recording.${ext}`);
+  });
+  recorder.start();
+  button.textContent = "■ stop";
+  button.classList.add("recording");
+  setStatus("recording… press stop when done");
+}
+
+// --- wiring ------------------------------------------------------------------------------------------
+function pickImage(file) {
+  if (!file) return;
+  if (!file.type.startsWith("image/")) {
+    setStatus(`${file.name} is not an image`, true);
+    return;
+  }
+  showQueryImage(file);
+  searchFile("image", file);
+}
+
+$("text-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = $("q").value.trim();
+  if (query) searchText(query);
+});
+$("image-file").addEventListener("change", (event) => { pickImage(event.target.files[0]); event.target.value = ""; });
+$("audio-file").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) searchFile("audio", file);
+  event.target.value = "";
+});
+$("record").addEventListener("click", toggleRecording);
+
+const drop = $("drop");
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+}
+for (const name of ["dragleave", "drop"]) {
+  drop.addEventListener(name, () => drop.classList.remove("over"));
+}
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pickImage(event.dataTransfer.files[0]);
+});
+
+call("/api/stats").then((s) => {
+  const files = Object.entries(s.files).map(([k, n]) => `${n} ${k.replace("_", " ")}`).join(", ");
+  $("stats").textContent = `${s.model.name} · ${files || "empty index"}`;
+}).catch((e) => setStatus(e.message, true));
