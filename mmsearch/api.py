@@ -44,7 +44,9 @@ class Index:
         # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
         self.image_tower = image_tower or os.environ.get("MMSEARCH_IMAGE_TOWER", "onnx-int8")
         if self.image_tower not in IMAGE_TOWERS:
-            raise MmsearchError(f"unknown image tower '{self.image_tower}' (choose from {', '.join(IMAGE_TOWERS)})")
+            raise MmsearchError(
+                f"unknown image tower '{self.image_tower}' (choose from {', '.join(IMAGE_TOWERS)})"
+            )
         self._embedder: Any = None
         self._transcriber: Any = None
 
@@ -242,7 +244,11 @@ def open_or_create(path: str | Path, **kwargs: Any) -> Index:
     """Open the index at ``path`` (checking the model if one is named), or create it."""
     path = Path(path)
     if Store.exists(path):
-        open_kwargs = {k: kwargs[k] for k in ("model", "pretrained", "checkpoint", "device", "image_tower") if k in kwargs}
+        open_kwargs = {
+            k: kwargs[k]
+            for k in ("model", "pretrained", "checkpoint", "device", "image_tower")
+            if k in kwargs
+        }
         return Index.open(path, **open_kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return Index.create(path, **kwargs)

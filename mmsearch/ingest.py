@@ -260,7 +260,8 @@ class _Run:
         def decode(item: tuple[str, list[FoundFile]]) -> _Decoded:
             sha, group = item
             try:
-                image = load_image(group[0].path)
+                # Decode JPEGs at reduced scale: a 1600x1200 photo for a 256-px model decodes at 400x300.
+                image = load_image(group[0].path, draft_size=getattr(emb, "input_size", None))
                 return sha, group, emb.preprocess_image(image), None
             except BadMediaError as e:
                 return sha, group, None, str(e)

@@ -150,6 +150,9 @@ class ClipEmbedder:
             "dim": self.dim,
         }
         self._onnx_tower: Any = None
+        size = getattr(model.visual, "image_size", 224)
+        # The model's input side: JPEGs are decoded at the smallest DCT scale still at least this large.
+        self.input_size = int(max(size) if isinstance(size, (tuple, list)) else size)
         log.info("loaded %s on %s (dim %d)", describe_identity(self.identity), self.device, self.dim)
 
     def use_onnx_image_tower(self, *, quantize: bool = True, cache_dir: Path | None = None) -> bool:
