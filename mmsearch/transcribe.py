@@ -1,10 +1,12 @@
 """Speech to time-coded text with Whisper: one interface, two backends.
 
 * ``faster-whisper`` (default): CTranslate2, int8 on CPU, float16 on CUDA. Speech is found with the Silero
-  VAD that faster-whisper bundles and the voiced chunks are decoded in batches
-  (``BatchedInferencePipeline``), greedy: several times faster than the sequential beam-5 decoder at the
-  same word accuracy (``benchmarks/bench_speech.py``).
-* ``openai-whisper`` (the ``whisper`` package): PyTorch, fp16 on CUDA, fp32 on CPU.
+  VAD that faster-whisper bundles, packed into 30 s chunks, and the chunks are decoded greedily in
+  batches (``BatchedInferencePipeline``): about 2x faster than faster-whisper's default (sequential,
+  beam 5, temperature fallback) and 1.3x faster than its sequential greedy decoding, at the same word
+  accuracy (``benchmarks/bench_speech.py``). Each chunk's text is split into sentence segments.
+* ``openai-whisper`` (the ``whisper`` package): PyTorch, fp16 on CUDA, fp32 on CPU, the library's own
+  decoding defaults (greedy, previous text as prompt, temperature fallback).
 
 Files are transcribed in windows of a few minutes streamed from :mod:`mmsearch.audio`, so a recording of
 any length is never decoded whole; each window ends at the quietest moment near its nominal end, so words
@@ -118,14 +120,16 @@ def _is_silent(pcm: np.ndarray) -> bool:
 
 
 def _leading_silence(pcm: np.ndarray) -> int:
-    """Samples of near-digital silence (< -60 dBFS) before the first sound, in whole 20 ms frames.
+    """Samples of near-digital silence (< -60 dBFS) before the first sound, if a second or more.
 
     openai-whisper has no voice-activity detection and tends to stamp the first words of a window at 0.0
-    whatever silence precedes them; skipping that silence keeps the start times honest.
+    whatever silence precedes them; skipping a long silence keeps the start times honest. Shorter ones
+    are left alone: moving tiny's 30 s windows by a few frames changes its words as often as not.
     """
     frame = SAMPLE_RATE // 50
     loud = np.flatnonzero(np.abs(pcm) >= _SILENCE_PEAK)
-    return 0 if loud.size == 0 else int(loud[0]) // frame * frame
+    lead = 0 if loud.size == 0 else int(loud[0]) // frame * frame
+    return lead if lead >= SAMPLE_RATE else 0
 
 
 def _shift(raw: list[tuple[float, float, str]], offset: float, limit: float) -> list[Segment]:
@@ -295,7 +299,7 @@ def _interpolate(text: str, start: float, end: float) -> list[tuple[float, float
     Batched decoding without timestamp tokens returns one text per voiced chunk (up to 30 s of speech with
     the pauses cut out); speech runs at a fairly even rate in letters per second, so sentence times are
     estimated to within about a second. Asking the model for timestamp tokens instead drops sentences near
-    chunk ends, and word-level alignment costs 15 % more time (benchmarks/bench_speech.py).
+    chunk ends (WER 0.096 vs 0.041), and word-level alignment costs 10-15 % more (benchmarks/bench_speech.py).
     """
     parts = _sentences(text)
     weights = np.array([len(p.replace(" ", "")) or 1 for p in parts], dtype=np.float64)
@@ -329,9 +333,9 @@ def _pipeline_class(fw: Any) -> type:
 def _encode_one_by_one(model: Any, ctranslate2: Any, features: np.ndarray) -> Any:
     """WhisperModel.encode, one 30 s chunk at a time; the batch is reassembled for batched decoding.
 
-    On CPU a batch of 8 chunks through the encoder costs about 20 % more than 8 single chunks: its
-    attention maps (8 x 6 heads x 1500 x 1500 floats per layer) do not stay in cache. Decoding, where
-    batching does pay (2.5x less CPU time than one chunk at a time), stays batched.
+    On CPU a batch of 8 chunks through the encoder took 5-10 % more CPU time than 8 single chunks here
+    (likely its attention maps, 8 x 6 heads x 1500 x 1500 floats per layer, falling out of cache).
+    Decoding, where batching does pay (2.5x less CPU time than one chunk at a time), stays batched.
     """
     encode = type(model).encode
     if features.ndim == 2 or features.shape[0] == 1:
@@ -348,6 +352,10 @@ class _FasterWhisper:
         import ctranslate2
 
         path, name = _resolve_ct2(model, language)
+        device, _, index = device.partition(":")  # "cuda:1" -> CTranslate2's device and device_index
+        if device not in ("auto", "cpu", "cuda"):
+            logger.info("faster-whisper runs on CPU or CUDA only; using the CPU instead of %s", device)
+            device = "cpu"
         if device == "auto":
             try:
                 device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -357,7 +365,13 @@ class _FasterWhisper:
         # CTranslate2 defaults to 4 threads, which oversubscribes a 2-core machine.
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         try:
-            self._model = fw.WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads)
+            self._model = fw.WhisperModel(
+                path,
+                device=device,
+                device_index=int(index or 0),
+                compute_type=compute_type,
+                cpu_threads=threads,
+            )
         except (RuntimeError, ValueError, OSError) as exc:
             raise WeightsUnavailableError(f"cannot load faster-whisper model from '{path}': {exc}") from exc
         if device == "cpu":
@@ -493,14 +507,9 @@ class _OpenAIWhisper:
             if _is_silent(pcm):
                 continue
             lead = _leading_silence(pcm)
-            result = self._model.transcribe(
-                pcm[lead:],
-                language=self._language,
-                fp16=fp16,
-                temperature=0.0,  # greedy; with the sliding prompt off it needs no sampling fallback
-                condition_on_previous_text=False,  # a repeated sentence cannot loop into the next window
-                verbose=None,
-            )
+            # openai-whisper's own defaults: greedy, the previous text as prompt (more accurate here than
+            # without: benchmarks/bench_speech.py), temperature fallback only when decoding degenerates.
+            result = self._model.transcribe(pcm[lead:], language=self._language, fp16=fp16, verbose=None)
             raw = [(s["start"], s["end"], s["text"]) for s in result["segments"]]
             language = language or result.get("language")
             segments += _shift(raw, offset + lead / SAMPLE_RATE, (pcm.size - lead) / SAMPLE_RATE)

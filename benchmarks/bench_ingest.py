@@ -1,0 +1,168 @@
+"""End-to-end image ingestion speed against the model's own ceiling (issue 5, "Ingestion pipeline").
+
+A generated folder of camera-size JPEGs (default 500 at 1600x1200) is indexed with ViT-B-32-256 (random
+weights: speed does not depend on them). In the same run we time the image tower alone on ready tensors with
+the same batch size and the same tower (ONNX int8 by default). The figure of merit is
+
+    end-to-end images/s  /  model-alone images/s      (target >= 0.90)
+
+and end-to-end images/s against rclip 3.3's ~11.5 img/s on the same architecture and folder shape (measured on
+this machine kind by the issue's author; rclip cannot run here, its weights download at first use).
+
+    python benchmarks/bench_ingest.py [--n 500] [--model ViT-B-32-256] [--tower onnx-int8|onnx-fp32|torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mmsearch  # noqa: E402
+from mmsearch.images import load_image  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RCLIP_REFERENCE_IMG_S = 11.5  # rclip 3.3, ONNX Runtime fp32, ViT-B-32-256, 300 JPEGs of 1600x1200 (issue 5)
+
+
+def make_folder(folder: Path, n: int, size: tuple[int, int]) -> None:
+    """Photo-like JPEGs: smooth gradients, shapes and noise, so decode cost is realistic (not a flat colour)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n):
+        path = folder / f"img_{i:05d}.jpg"
+        if path.exists():
+            continue
+        c = rng.uniform(0, 255, (2, 3))
+        t = (xx / w * rng.uniform(0.3, 1) + yy / h * rng.uniform(0.3, 1))[..., None] / 2
+        base = c[0] * (1 - t) + c[1] * t + rng.normal(0, 12, (h, w, 3))
+        im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(im)
+        for _ in range(6):
+            x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+            r = rng.uniform(40, 300)
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+        im.save(path, quality=90)
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "loadavg": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--model", default="ViT-B-32-256")
+    ap.add_argument("--tower", default="onnx-int8", choices=["onnx-int8", "onnx-fp32", "torch"])
+    ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=1200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "mmsearch-bench-jpegs")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ingest.json")
+    args = ap.parse_args()
+
+    folder = args.data / f"{args.width}x{args.height}"
+    t0 = time.perf_counter()
+    make_folder(folder, args.n, (args.width, args.height))
+    files = sorted(folder.glob("*.jpg"))[: args.n]
+    if len(list(folder.glob("*.jpg"))) > args.n:  # keep the folder exactly n images
+        for extra in sorted(folder.glob("*.jpg"))[args.n :]:
+            extra.unlink()
+    print(
+        f"folder: {len(files)} JPEGs of {args.width}x{args.height} ({time.perf_counter() - t0:.0f} s to prepare)"
+    )
+
+    work = Path(tempfile.mkdtemp(prefix="mmsearch-bench-ingest-"))
+    try:
+        idx = mmsearch.Index.create(
+            work / "index", model=args.model, pretrained="random", image_tower=args.tower
+        )
+        embedder = idx._indexing_embedder()  # one-time ONNX export happens here, outside the timings
+        bs = embedder.batch_size
+
+        # Model alone, on ready tensors: decode + preprocess everything first.
+        import torch
+
+        tensors = [embedder.preprocess_image(load_image(p)) for p in files]
+        batches = [torch.stack(tensors[i : i + bs]) for i in range(0, len(tensors), bs)]
+        embedder.embed_image_tensors(batches[0])  # warm-up
+        t = time.perf_counter()
+        for b in batches:
+            embedder.embed_image_tensors(b)
+        model_s = time.perf_counter() - t
+        del tensors, batches
+
+        # End to end: scan, hash, decode (threads), preprocess, embed, commit, save FAISS.
+        t = time.perf_counter()
+        report = idx.add_folder(folder, workers=args.workers)
+        e2e_s = time.perf_counter() - t
+        assert report.images_embedded == len(files), report
+        idx.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    n = len(files)
+    model_ips, e2e_ips = n / model_s, n / e2e_s
+    ceiling = 21.8 * (224 / 256) ** 2 if args.model.endswith("-256") else 21.8
+    result = {
+        "benchmark": "ingest",
+        "machine": machine(),
+        "setup": {
+            "images": n,
+            "size": [args.width, args.height],
+            "model": f"{args.model} (random weights)",
+            "image_tower": args.tower,
+            "batch": bs,
+            "decode_workers": args.workers,
+        },
+        "model_alone_img_s": round(model_ips, 2),
+        "end_to_end_img_s": round(e2e_ips, 2),
+        "e2e_over_model": round(e2e_ips / model_ips, 3),
+        "target_e2e_over_model": 0.90,
+        "rclip_reference_img_s": RCLIP_REFERENCE_IMG_S,
+        "e2e_over_rclip_reference": round(e2e_ips / RCLIP_REFERENCE_IMG_S, 2),
+        "fp32_ceiling_img_s": round(ceiling, 1),
+        "e2e_over_fp32_ceiling": round(e2e_ips / ceiling, 2),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"model alone : {model_ips:6.2f} img/s  ({args.tower}, batch {bs})")
+    print(f"end to end  : {e2e_ips:6.2f} img/s  → {e2e_ips / model_ips:.2f} of the model alone (target 0.90)")
+    print(
+        f"vs rclip ref: {e2e_ips / RCLIP_REFERENCE_IMG_S:.2f}x of {RCLIP_REFERENCE_IMG_S} img/s; "
+        f"vs fp32 ceiling {ceiling:.1f} img/s: {e2e_ips / ceiling:.2f}"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
