@@ -39,13 +39,13 @@ RCLIP_REFERENCE_IMG_S = 11.5  # rclip 3.3, ONNX Runtime fp32, ViT-B-32-256, 300 
 def make_folder(folder: Path, n: int, size: tuple[int, int]) -> None:
     """Photo-like JPEGs: smooth gradients, shapes and noise, so decode cost is realistic (not a flat colour)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(n):
         path = folder / f"img_{i:05d}.jpg"
         if path.exists():
             continue
+        rng = np.random.default_rng(i)  # per image, so a folder grown across runs has no duplicates
         c = rng.uniform(0, 255, (2, 3))
         t = (xx / w * rng.uniform(0.3, 1) + yy / h * rng.uniform(0.3, 1))[..., None] / 2
         base = c[0] * (1 - t) + c[1] * t + rng.normal(0, 12, (h, w, 3))

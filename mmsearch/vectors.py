@@ -52,6 +52,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from mmsearch.errors import MissingDependencyError
+from mmsearch.identity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -568,7 +569,7 @@ class VectorIndex:
         if not path.is_file():
             log.info("vector index %s is missing; it will be rebuilt", path)
             return None
-        digest = _sha256_file(path)
+        digest = sha256_file(path)
         if digest != sha256:
             log.warning("vector index %s does not match its recorded checksum; it will be rebuilt", path)
             return None
@@ -686,14 +687,6 @@ def _bounded_reader(f: BinaryIO, limit: int) -> Callable[[int], bytes]:
         return data
 
     return read
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

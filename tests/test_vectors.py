@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmsearch import vectors
+from mmsearch.identity import sha256_file
 from mmsearch.vectors import FLAT_MAX, VectorIndex, choose_spec, needs_rebuild
 
 DIM = 128
@@ -284,7 +285,7 @@ def test_load_never_raises_for_a_bad_file_with_a_matching_checksum(tmp_path: Pat
     bad = data[:cut] if cut > 0 else (data[:cut] + data[cut + 1 :] if cut else b"")
     path = tmp_path / "bad.faiss"
     path.write_bytes(bad)
-    assert VectorIndex.load(path, sha256=vectors._sha256_file(path), ntotal=50, dim=DIM) is None
+    assert VectorIndex.load(path, sha256=sha256_file(path), ntotal=50, dim=DIM) is None
 
 
 @pytest.mark.parametrize("where", ["replace", "write"])
