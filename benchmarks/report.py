@@ -1,0 +1,137 @@
+"""Turn benchmarks/results/*.json into one markdown table (benchmarks/results/SUMMARY.md) for the README.
+
+python benchmarks/report.py            # after any of the bench_*.py scripts ran
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _demo(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("demo text→image P@1", f"{d['text_to_image_p1']:.3f}", "≥ 0.95"),
+        ("demo image→text R@1", f"{d['image_to_text_r1']:.3f}", "≥ 0.90"),
+        ("demo spoken query→image P@5", f"{d['speech_to_image_p5']:.3f}", "≥ 0.85"),
+    ]
+
+
+def _ingest(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("ingestion end-to-end / model alone", f"{d['e2e_over_model']:.2f}", "≥ 0.90"),
+        (
+            "ingestion images/s (× rclip reference)",
+            f"{d['end_to_end_img_s']} ({d['e2e_over_rclip_reference']}×)",
+            "≥ 1.5×",
+        ),
+    ]
+
+
+def _model_speed(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for arch, a in d.get("archs", {}).items():
+        v = a["variants"].get("ort_int8")
+        if v:
+            rows.append(
+                (
+                    f"{arch} ONNX int8 vs torch eager (wall)",
+                    f"{v['vs_torch_eager_wall']}× (cos {v['cosine_mean']})",
+                    "faster, quality kept",
+                )
+            )
+    return rows
+
+
+def _ann(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for r in d.get("results", []):
+        per_vec = r.get("ram_bytes_per_vector_serialized")
+        rows.append(
+            (
+                f"ANN {r['config']} ({d['setup']['n']:,} vectors)",
+                f"p50 {r['p50_ms']} ms, recall@10 {r['recall_at_10']}, {per_vec} B/vector",
+                "p50 ≤ 1 ms @ 0.95; compact ≤ 300 B",
+            )
+        )
+    return rows
+
+
+def _reindex(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(f"no-op re-index of {d['n_images']:,} images", f"{d['noop_reindex_s']} s", "seconds")]
+
+
+def _speech(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        (
+            f"speech {r['backend']}, {r['settings']}",
+            f"RTF {r['rtf']}, WER {r['wer']}",
+            "≤ 0.03" if r["settings"] == "mmsearch default" and r["backend"].startswith("faster") else "",
+        )
+        for r in d.get("rows", [])
+    ]
+
+
+def _server(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        (
+            f"server load test, {d['requests']} requests / {d['threads']} threads",
+            f"{d['server_errors_5xx']} 5xx, p50 {d['p50_ms']} ms, p95 {d['p95_ms']} ms",
+            "no 5xx",
+        )
+    ]
+
+
+def _terminal(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        (
+            "terminal query warm / cold (median)",
+            f"{d['warm_median_s']} s / {d['cold_median_s']} s",
+            "≤ 1.0 s warm",
+        )
+    ]
+
+
+SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[tuple[str, str, str]]]]] = [
+    ("demo_quality", _demo),
+    ("ingest", _ingest),
+    ("model_speed", _model_speed),
+    ("ann", _ann),
+    ("reindex", _reindex),
+    ("speech", _speech),
+    ("server", _server),
+    ("terminal_query", _terminal),
+]
+
+
+def build() -> str:
+    lines = ["| benchmark | figure | target | source |", "|---|---|---|---|"]
+    for name, rows in SECTIONS:
+        data = _load(name)
+        if data is None:
+            lines.append(f"| {name} | not run | | |")
+            continue
+        for what, figure, target in rows(data):
+            lines.append(f"| {what} | {figure} | {target} | results/{name}.json |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    table = build()
+    out = RESULTS / "SUMMARY.md"
+    out.write_text(table)
+    print(table)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
