@@ -350,6 +350,14 @@ def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
     return out
 
 
+def inserted_id(result: Any) -> int:
+    """The row id of a single-row INSERT."""
+    key = result.inserted_primary_key
+    if key is None:  # only for executemany/INSERT..SELECT, which we never use for this
+        raise RuntimeError("INSERT returned no primary key")
+    return int(key[0])
+
+
 def add_embeddings(conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int]) -> list[int]:
     """Insert vectors of one kind; ``refs`` are media, caption or segment ids. Returns the new ids."""
     ref_col = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}[kind]
@@ -360,7 +368,7 @@ def add_embeddings(conn: Connection, kind: str, vectors: np.ndarray, refs: Seque
                 kind=kind, vector=np.ascontiguousarray(vec, np.float32).tobytes(), **{ref_col: ref}
             )
         )
-        ids.append(int(res.inserted_primary_key[0]))
+        ids.append(inserted_id(res))
     if ids:
         bump_generation(conn, kind)
     return ids

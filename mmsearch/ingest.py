@@ -285,7 +285,7 @@ class _Run:
             media_ids = []
             for sha, group, _ in good:
                 res = conn.execute(db.media.insert().values(sha256=sha, kind="image"))
-                mid = int(res.inserted_primary_key[0])
+                mid = db.inserted_id(res)
                 media_ids.append(mid)
                 for f in group:
                     self._write_file(conn, f, sha, mid)
@@ -339,13 +339,13 @@ class _Run:
                     transcript=transcript.text,
                 )
             )
-            mid = int(res.inserted_primary_key[0])
+            mid = db.inserted_id(res)
             seg_ids = []
             for text, (idx, start, end) in zip(texts, spans, strict=True):
                 r = conn.execute(
                     db.segments.insert().values(media_id=mid, idx=idx, start=start, end=end, text=text)
                 )
-                seg_ids.append(int(r.inserted_primary_key[0]))
+                seg_ids.append(db.inserted_id(r))
             ids = db.add_embeddings(conn, "segment", vectors, seg_ids)
             for f in group:
                 self._write_file(conn, f, sha, mid)
@@ -394,7 +394,7 @@ class _Run:
                 cids = []
                 for fid, c in chunk:
                     r = conn.execute(db.captions.insert().values(file_id=fid, source=c.source, text=c.text))
-                    cids.append(int(r.inserted_primary_key[0]))
+                    cids.append(db.inserted_id(r))
                 ids = db.add_embeddings(conn, "caption", vectors, cids)
             self.store.apply("caption", (np.asarray(ids, np.int64), vectors), None)
             self.report.captions_added += len(chunk)
