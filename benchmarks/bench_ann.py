@@ -25,11 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import faiss
 import numpy as np
+from _machine import cpu_model, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsearch.vectors import FLAT_MAX, TUNE_RECALL, VectorIndex  # noqa: E402
@@ -39,18 +39,8 @@ K = 10
 
 
 def machine_facts() -> dict[str, object]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for pkg in ("faiss-cpu", "numpy", "torch"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = package_versions(("faiss-cpu", "numpy", "torch"))
     return {
         "cpu": cpu,
         "nproc": os.cpu_count(),

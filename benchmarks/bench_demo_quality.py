@@ -24,8 +24,9 @@ import platform
 import random
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from _machine import package_versions
 
 import mmsearch
 from mmsearch.demo import world
@@ -43,12 +44,9 @@ def machine() -> dict[str, object]:
         ),
         platform.processor(),
     )
-    versions = {}
-    for pkg in ("torch", "open_clip_torch", "faiss-cpu", "faster-whisper", "ctranslate2", "piper-tts"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(
+        ("torch", "open_clip_torch", "faiss-cpu", "faster-whisper", "ctranslate2", "piper-tts")
+    )
     import os
 
     return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(), **versions}

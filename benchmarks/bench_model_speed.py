@@ -45,12 +45,12 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _machine import package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsearch.accel import OnnxImageTower, default_cache_dir, tower_key  # noqa: E402
@@ -76,12 +76,7 @@ def machine_facts() -> dict[str, Any]:
                 flags = [
                     x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx")) or "vnni" in x
                 ]
-    versions = {}
-    for pkg in ("torch", "open_clip_torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(("torch", "open_clip_torch", "onnxruntime", "onnx", "numpy"))
     return {
         "cpu": cpu,
         "cpu_flags": flags,

@@ -21,9 +21,9 @@ import pstats
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
+from _machine import cpu_model, package_versions
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +34,8 @@ TINY_MODEL = str(ROOT / "tests" / "data" / "tiny-clip.json")
 
 
 def machine_facts() -> dict[str, object]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for pkg in ("torch", "open_clip_torch", "faiss-cpu", "sqlalchemy", "pillow", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = package_versions(("torch", "open_clip_torch", "faiss-cpu", "sqlalchemy", "pillow", "numpy"))
     return {
         "cpu": cpu,
         "nproc": os.cpu_count(),

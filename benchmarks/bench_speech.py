@@ -34,10 +34,10 @@ import re
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_model, package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -135,20 +135,10 @@ def word_errors(ref: list[str], hyp: list[str]) -> tuple[int, int]:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in ("torch", "faster-whisper", "ctranslate2", "openai-whisper", "av", "piper-tts", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    cpu = cpu_model()
+    versions = package_versions(
+        ("torch", "faster-whisper", "ctranslate2", "openai-whisper", "av", "piper-tts", "numpy")
+    )
     return {
         "cpu": cpu,
         "nproc": len(os.sched_getaffinity(0)),
