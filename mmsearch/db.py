@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -264,10 +263,6 @@ class Catalog:
                     out.setdefault(fid, []).append((cid, source, txt))
         return out
 
-    def media_id_for(self, conn: Connection, sha256: str) -> int | None:
-        row = conn.execute(select(media.c.id).where(media.c.sha256 == sha256)).first()
-        return int(row[0]) if row else None
-
     # --- vectors ------------------------------------------------------------------------------
     def load_vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """All (ids, vectors) of one kind, ordered by id: what a FAISS index is rebuilt from."""
@@ -469,7 +464,3 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def now() -> float:
-    return time.time()
