@@ -1,249 +1,152 @@
 """The `mmsearch` command. The only module that prints, exits, or imports typer/rich.
 
 Library errors (:class:`MmsearchError`) become one line on stderr and exit code 1; usage errors exit 2.
+
+`mmsearch query` has a fast path for a running server: :func:`main` reads the command line with argparse,
+sends the query to the server and prints its answer without importing typer, whose import and parsing
+cost more than the query itself. Everything else (other commands, --help, --local, no server, a command
+line the fast path does not fully understand) goes to the typer application, built on first use by
+:func:`_typer_app`. Both paths format their output with :mod:`mmsearch.render`.
 """
 
-from __future__ import annotations
-
-import json
+import argparse
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-# Only light imports at module level: `mmsearch query` with a warm server never loads numpy or torch.
+# Only light imports at module level: `mmsearch query` with a warm server never loads typer, rich, numpy or
+# torch.
+from mmsearch import render
 from mmsearch.client import TARGET_NAMES as TARGETS
 from mmsearch.errors import MmsearchError
 
 if TYPE_CHECKING:
+    import typer
+    from rich.console import Console
+
     from mmsearch import IngestReport
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Cross-modal semantic search over folders of images, captions and audio.",
-)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-IndexOpt = Annotated[
-    Path | None,
-    typer.Option("--index", "-i", help="Index folder [default: $MMSEARCH_INDEX or indexes/default]"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", "-m", help="OpenCLIP architecture, a model-config .json, or 'demo' [default: ViT-B-32]"
-    ),
-]
-PretrainedOpt = Annotated[
-    str | None, typer.Option("--pretrained", help="OpenCLIP pretrained tag [default: laion2b_s34b_b79k]")
-]
-CheckpointOpt = Annotated[
-    str | None, typer.Option("--checkpoint", help="Local weights file (.safetensors/.pt)")
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps")]
+MAX_K = 10_000  # mmsearch.search.MAX_K, without importing numpy
 
 
-@app.callback()
-def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
-) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not verbose:
-        # open_clip and faiss log routine INFO/WARNING lines on the root logger.
-        for name in ("root", "faiss", "faiss.loader"):
-            logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
-
-
-@app.command()
-def index(
-    folders: Annotated[list[Path], typer.Argument(help="Folders of images, caption files and audio.")],
-    index_dir: IndexOpt = None,
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    speech_backend: Annotated[str, typer.Option(help="faster-whisper or openai-whisper")] = "faster-whisper",
-    speech_model: Annotated[str | None, typer.Option(help="Whisper model name or local path")] = None,
-    language: Annotated[str | None, typer.Option(help="Spoken language code, e.g. en")] = None,
-    device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads")] = 2,
-    image_tower: Annotated[
-        str | None,
-        typer.Option(
-            help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"
-        ),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Index FOLDERS (incrementally: only new or changed files do model work)."""
-    from mmsearch import default_index_path, open_or_create
-
-    for folder in folders:
-        if not folder.is_dir():
-            raise MmsearchError(f"not a folder: {folder}")
-    path = index_dir or default_index_path()
-    idx = open_or_create(
-        path,
-        model=model,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        speech_backend=speech_backend,
-        speech_model=speech_model,
-        language=language,
-        device=device,
-        image_tower=image_tower,
-    )
-    reports = []
-    with idx:
-        try:
-            for folder in folders:
-                with _progress(enabled=not as_json) as tick:
-                    reports.append(idx.add_folder(folder, progress=tick, workers=workers))
-        except KeyboardInterrupt:
-            # typer turns KeyboardInterrupt into a silent exit 130; say what happened to the work.
-            err.print(
-                "interrupted: work committed so far is kept; run the same command again to resume",
-                markup=False,
-            )
-            raise typer.Exit(130) from None
-        if as_json:
-            _print_json({"index": str(idx.path), "runs": [r.as_dict() for r in reports]})
-        else:
-            for r in reports:
-                _print_report(r)
-
-
-@app.command()
-def query(
-    text: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
-    image: Annotated[Path | None, typer.Option("--image", help="Search with an image.")] = None,
-    audio: Annotated[Path | None, typer.Option("--audio", help="Search with a spoken recording.")] = None,
-    target: Annotated[
-        str | None,
-        typer.Option("--target", "-t", help=f"{'|'.join(TARGETS)} [default: images; texts for --image]"),
-    ] = None,
-    k: Annotated[int, typer.Option("-k", min=1, max=10_000, help="Number of results.")] = 10,
-    index_dir: IndexOpt = None,
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
-    serve: Annotated[
-        bool,
-        typer.Option(
-            "--serve",
-            help="Start a background server for this index if none is running (it exits after 15 idle "
-            "minutes), so that the next queries answer in well under a second.",
-        ),
-    ] = False,
-    local: Annotated[
-        bool, typer.Option("--local", help="Search in this process even if a server is up.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Search by TEXT, --image or --audio (through a running `mmsearch serve` for the index when there is one)."""
-    given = [name for name, v in (("TEXT", text), ("--image", image), ("--audio", audio)) if v is not None]
-    if len(given) != 1:
-        _usage("give exactly one of TEXT, --image PATH or --audio PATH")
-    target = target or ("texts" if image is not None else "images")
-    if target not in TARGETS:
-        _usage(f"unknown --target '{target}' (choose from {', '.join(TARGETS)})")
-    path = index_dir or _default_index_path()
-    # A server searches with the index's own model on its own device: options that choose either mean "here".
-    use_server = (
-        not local and model is None and pretrained is None and checkpoint is None and device == "auto"
-    )
-    if use_server:
-        from mmsearch import client
-
-        url = client.find_server(path)
-        if url is None and serve:
-            err.print("starting a background server for this index …", markup=False)
-            url = client.start_server(path)
-        if url is not None:
-            payload = client.query_server(url, text=text, image=image, audio=audio, target=target, k=k)
-            _print_query(payload["target"], payload["hits"], payload.get("transcript"), as_json)
-            return
-    from mmsearch import Index
-
-    with Index.open(path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device) as idx:
-        heard = None
-        if text is not None:
-            hits = idx.search_text(text, target=target, k=k)
-        elif image is not None:
-            hits = idx.search_image(image, target=target, k=k)
-        else:
-            assert audio is not None
-            heard = idx.transcribe_query(audio)
-            hits = idx.search_text(heard, target=target, k=k)
-    _print_query(target, [h.as_dict() for h in hits], heard, as_json)
-
-
-HIT_FIELDS = ("rank", "score", "kind", "path", "text", "start", "end", "item_id", "file_id")
-
-
-def _print_query(target: str, hits: list[dict[str, Any]], heard: str | None, as_json: bool) -> None:
-    """The same output whether a server or this process answered."""
-    if as_json:
-        payload: dict[str, Any] = {"target": target, "hits": [{f: h[f] for f in HIT_FIELDS} for h in hits]}
-        if heard is not None:
-            payload["transcript"] = heard
-        _print_json(payload)
-        return
-    if heard is not None:
-        out.print(f"heard: [bold]{_escape(heard)}[/bold]")
-    _print_hits(hits)
-
-
-@app.command()
-def serve(
-    index_dir: IndexOpt = None,
-    host: Annotated[
-        str, typer.Option(help="Address to listen on. Anything but loopback lets others read your files.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8765,
-    allow_host: Annotated[
-        list[str] | None, typer.Option("--allow-host", help="Also accept this Host header (e.g. a LAN name).")
-    ] = None,
-    idle_minutes: Annotated[
-        float | None, typer.Option(min=0.1, help="Exit after this many minutes without a request.")
-    ] = None,
-) -> None:
-    """Serve the web page and the HTTP API of an index (http://127.0.0.1:8765 by default)."""
-    from mmsearch.server import serve as run_server
-
-    path = index_dir or _default_index_path()
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(
-            f"warning: listening on {host}: anyone who can reach it can search this index and read its files",
-            markup=False,
+def main() -> None:
+    try:
+        if not _fast_query(sys.argv[1:]):
+            _typer_app()()
+    except MmsearchError as e:
+        _err().print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _err().print(
+            "interrupted: work committed so far is kept; run the same command again to resume", markup=False
         )
+        sys.exit(130)
 
-    def ready(url: str) -> None:
-        err.print(f"serving {path} at {url}/ — open it in a browser; Ctrl-C stops", markup=False)
+
+# --- `mmsearch query` through a running server, without typer -----------------------------------------
+class _ArgvError(Exception):
+    """A command line the fast path leaves to typer (which explains what is wrong with it)."""
+
+
+class _UsageError(Exception):
+    """A query command line that parses but asks for something impossible."""
+
+
+class _QueryArgs(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _ArgvError(message)
+
+
+def _query_argparser() -> argparse.ArgumentParser:
+    """The options of the typer `query` command, same names, destinations and defaults (a test compares)."""
+    p = _QueryArgs(prog="mmsearch query", add_help=False, allow_abbrev=False)
+    p.add_argument("text", nargs="?")
+    p.add_argument("--image", type=Path)
+    p.add_argument("--audio", type=Path)
+    p.add_argument("--target", "-t")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--index", "-i", dest="index_dir", type=Path)
+    p.add_argument("--model", "-m")
+    p.add_argument("--pretrained")
+    p.add_argument("--checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--serve", action="store_true")
+    p.add_argument("--local", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true")
+    return p
+
+
+def _fast_query(argv: list[str]) -> bool:
+    """Answer `mmsearch query ...` through a running server for its index, without importing typer.
+
+    False, having printed nothing, whenever the typer command should handle the command line instead.
+    """
+    if not argv or argv[0] != "query":
+        return False
+    try:
+        a = _query_argparser().parse_args(argv[1:])
+        target = _query_target(a.text, a.image, a.audio, a.target)
+    except (_ArgvError, _UsageError):
+        return False
+    if (
+        # click reads every word starting with "-" as an option; argparse takes "-5" or "-a b" as the TEXT.
+        (a.text or "").startswith("-")
+        or not 1 <= a.k <= MAX_K
+        or not _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device)
+    ):
+        return False
+    from mmsearch import client
 
     try:
-        run_server(
-            path,
-            host,
-            port,
-            allowed_hosts=allow_host or [],
-            idle_timeout=idle_minutes * 60 if idle_minutes else None,
-            on_ready=ready,
-        )
+        url = client.find_server(a.index_dir or _default_index_path())
+        if url is None:
+            return False  # typer starts one (--serve) or searches in this process
+        _answer_from_server(url, a.text, a.image, a.audio, target, a.k, a.as_json)
+        sys.stdout.flush()
     except KeyboardInterrupt:
-        err.print("stopped", markup=False)
+        sys.exit(130)  # silently, as typer does
+    except BrokenPipeError:
+        # `mmsearch query ... | head -1`: as typer does, exit 1 without a traceback on the next flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    return True
+
+
+# --- what both paths share -----------------------------------------------------------------------------
+def _query_target(text: str | None, image: Path | None, audio: Path | None, target: str | None) -> str:
+    """The target to search (its default depends on the query), or :class:`_UsageError`."""
+    given = [name for name, v in (("TEXT", text), ("--image", image), ("--audio", audio)) if v is not None]
+    if len(given) != 1:
+        raise _UsageError("give exactly one of TEXT, --image PATH or --audio PATH")
+    target = target or ("texts" if image is not None else "images")
+    if target not in TARGETS:
+        raise _UsageError(f"unknown --target '{target}' (choose from {', '.join(TARGETS)})")
+    return target
+
+
+def _server_may_answer(
+    local: bool, model: str | None, pretrained: str | None, checkpoint: str | None, device: str
+) -> bool:
+    # A server searches with the index's own model on its own device: options that choose either mean "here".
+    return not local and model is None and pretrained is None and checkpoint is None and device == "auto"
+
+
+def _answer_from_server(
+    url: str,
+    text: str | None,
+    image: Path | None,
+    audio: Path | None,
+    target: str,
+    k: int,
+    as_json: bool,
+) -> None:
+    from mmsearch import client
+
+    payload = client.query_server(url, text=text, image=image, audio=audio, target=target, k=k)
+    _print_query(payload["target"], payload["hits"], payload.get("transcript"), as_json)
 
 
 def _default_index_path() -> Path:
@@ -251,68 +154,319 @@ def _default_index_path() -> Path:
     return Path(os.environ.get("MMSEARCH_INDEX", Path("indexes") / "default"))
 
 
-@app.command()
-def status(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
-    """Show what an index holds, and the files it skipped with their reasons."""
-    from mmsearch import Index, default_index_path
+# --- the typer application -----------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # `from mmsearch.cli import app` (tests, typer tooling) builds it.
+    if name == "app":
+        return _typer_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    with Index.open(index_dir or default_index_path()) as idx:
-        stats, skipped = idx.stats(), idx.skipped()
-    if as_json:
-        _print_json({**stats, "skipped": skipped})
-        return
-    out.print(f"index   {stats['index']}")
-    out.print(
-        f"model   {stats['model']['name']} ({stats['model'].get('pretrained') or 'checkpoint'}, dim {stats['model']['dim']})"
+
+@functools.cache
+def _typer_app() -> "typer.Typer":
+    """Every command, with typer. Its annotations are evaluated here, so this module must not use
+    ``from __future__ import annotations`` (typer would look the names up among the module's globals)."""
+    import typer
+
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        help="Cross-modal semantic search over folders of images, captions and audio.",
     )
-    files = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(stats["files"].items())) or "none"
-    out.print(f"files   {files}")
-    vectors = ", ".join(f"{n} {k}" for k, n in sorted(stats["vectors"].items())) or "none"
-    out.print(f"vectors {vectors}")
-    out.print(
-        f"content {stats['media']} distinct, {stats['captions']} captions, {stats['segments']} transcript segments"
-    )
-    if skipped:
-        out.print(f"skipped {len(skipped)}:")
-        for s in skipped:
-            out.print(f"  {_escape(s['path'])}: {_escape(s['reason'])}")
+    IndexOpt = Annotated[
+        Path | None,
+        typer.Option("--index", "-i", help="Index folder [default: $MMSEARCH_INDEX or indexes/default]"),
+    ]
+    JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+    ModelOpt = Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="OpenCLIP architecture, a model-config .json, or 'demo' [default: ViT-B-32]"
+        ),
+    ]
+    PretrainedOpt = Annotated[
+        str | None, typer.Option("--pretrained", help="OpenCLIP pretrained tag [default: laion2b_s34b_b79k]")
+    ]
+    CheckpointOpt = Annotated[
+        str | None, typer.Option("--checkpoint", help="Local weights file (.safetensors/.pt)")
+    ]
+    DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps")]
 
+    @app.callback()
+    def _main(
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    ) -> None:
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
+        if not verbose:
+            # open_clip and faiss log routine INFO/WARNING lines on the root logger.
+            for name in ("root", "faiss", "faiss.loader"):
+                logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
 
-@app.command()
-def demo(
-    folder: Annotated[Path, typer.Argument(help="Where to write the demo media and its index.")] = Path(
-        "demo-media"
-    ),
-    n_images: Annotated[int, typer.Option(min=4, max=5000, help="Generated images.")] = 48,
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
-    speech: Annotated[bool, typer.Option(help="Also write and search spoken audio.")] = True,
-    k: Annotated[int, typer.Option("-k", min=1, max=50)] = 5,
-) -> None:
-    """Generate a demo folder, index it with the bundled demo model, and query it in every direction."""
-    from mmsearch import open_or_create
-    from mmsearch.demo.world import write_demo_folder
+    @app.command()
+    def index(
+        folders: Annotated[list[Path], typer.Argument(help="Folders of images, caption files and audio.")],
+        index_dir: IndexOpt = None,
+        model: ModelOpt = None,
+        pretrained: PretrainedOpt = None,
+        checkpoint: CheckpointOpt = None,
+        speech_backend: Annotated[
+            str, typer.Option(help="faster-whisper or openai-whisper")
+        ] = "faster-whisper",
+        speech_model: Annotated[str | None, typer.Option(help="Whisper model name or local path")] = None,
+        language: Annotated[str | None, typer.Option(help="Spoken language code, e.g. en")] = None,
+        device: DeviceOpt = "auto",
+        workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads")] = 2,
+        image_tower: Annotated[
+            str | None,
+            typer.Option(
+                help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"
+            ),
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Index FOLDERS (incrementally: only new or changed files do model work)."""
+        from mmsearch import default_index_path, open_or_create
 
-    err.print(f"writing demo media to {folder} …")
-    made = write_demo_folder(folder, n_images=n_images, seed=seed, speech=speech)
-    index_dir = folder / "index"
-    with open_or_create(index_dir, model="demo") as idx:
-        with _progress(enabled=True) as tick:
-            report = idx.add_folder(folder / "media", progress=tick)
-        _print_report(report)
-        out.rule(f"text → image: “{made.text_query}”")
-        _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
-        out.rule(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
-        _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
-        if speech and made.audio_query is not None:
-            heard = idx.transcribe_query(made.audio_query)
-            out.rule(f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)")
-            _print_hits([h.as_dict() for h in idx.search_text(heard, target="images", k=k)])
-    out.print(f'\nTry: mmsearch query --index {index_dir} "a small blue square"')
+        for folder in folders:
+            if not folder.is_dir():
+                raise MmsearchError(f"not a folder: {folder}")
+        path = index_dir or default_index_path()
+        idx = open_or_create(
+            path,
+            model=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            speech_backend=speech_backend,
+            speech_model=speech_model,
+            language=language,
+            device=device,
+            image_tower=image_tower,
+        )
+        reports = []
+        with idx:
+            try:
+                for folder in folders:
+                    with _progress(enabled=not as_json) as tick:
+                        reports.append(idx.add_folder(folder, progress=tick, workers=workers))
+            except KeyboardInterrupt:
+                # typer turns KeyboardInterrupt into a silent exit 130; say what happened to the work.
+                _err().print(
+                    "interrupted: work committed so far is kept; run the same command again to resume",
+                    markup=False,
+                )
+                raise typer.Exit(130) from None
+            if as_json:
+                _print_json({"index": str(idx.path), "runs": [r.as_dict() for r in reports]})
+            else:
+                for r in reports:
+                    _print_report(r)
+
+    @app.command()
+    def query(
+        text: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+        image: Annotated[Path | None, typer.Option("--image", help="Search with an image.")] = None,
+        audio: Annotated[Path | None, typer.Option("--audio", help="Search with a spoken recording.")] = None,
+        target: Annotated[
+            str | None,
+            typer.Option("--target", "-t", help=f"{'|'.join(TARGETS)} [default: images; texts for --image]"),
+        ] = None,
+        k: Annotated[int, typer.Option("-k", min=1, max=MAX_K, help="Number of results.")] = 10,
+        index_dir: IndexOpt = None,
+        model: ModelOpt = None,
+        pretrained: PretrainedOpt = None,
+        checkpoint: CheckpointOpt = None,
+        device: DeviceOpt = "auto",
+        serve: Annotated[
+            bool,
+            typer.Option(
+                "--serve",
+                help="Start a background server for this index if none is running (it exits after 15 idle "
+                "minutes), so that the next queries answer in well under a second.",
+            ),
+        ] = False,
+        local: Annotated[
+            bool, typer.Option("--local", help="Search in this process even if a server is up.")
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Search by TEXT, --image or --audio (through a running `mmsearch serve` for the index when there is one)."""
+        try:
+            target = _query_target(text, image, audio, target)
+        except _UsageError as e:
+            _usage(str(e))
+        path = index_dir or _default_index_path()
+        if _server_may_answer(local, model, pretrained, checkpoint, device):
+            from mmsearch import client
+
+            url = client.find_server(path)
+            if url is None and serve:
+                _err().print("starting a background server for this index …", markup=False)
+                url = client.start_server(path)
+            if url is not None:
+                _answer_from_server(url, text, image, audio, target, k, as_json)
+                return
+        from mmsearch import Index
+
+        with Index.open(
+            path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device
+        ) as idx:
+            heard = None
+            if text is not None:
+                hits = idx.search_text(text, target=target, k=k)
+            elif image is not None:
+                hits = idx.search_image(image, target=target, k=k)
+            else:
+                assert audio is not None
+                heard = idx.transcribe_query(audio)
+                hits = idx.search_text(heard, target=target, k=k)
+        _print_query(target, [h.as_dict() for h in hits], heard, as_json)
+
+    @app.command()
+    def serve(
+        index_dir: IndexOpt = None,
+        host: Annotated[
+            str, typer.Option(help="Address to listen on. Anything but loopback lets others read your files.")
+        ] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8765,
+        allow_host: Annotated[
+            list[str] | None,
+            typer.Option("--allow-host", help="Also accept this Host header (e.g. a LAN name)."),
+        ] = None,
+        idle_minutes: Annotated[
+            float | None, typer.Option(min=0.1, help="Exit after this many minutes without a request.")
+        ] = None,
+    ) -> None:
+        """Serve the web page and the HTTP API of an index (http://127.0.0.1:8765 by default)."""
+        from mmsearch.server import serve as run_server
+
+        path = index_dir or _default_index_path()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            _err().print(
+                f"warning: listening on {host}: anyone who can reach it can search this index and read its files",
+                markup=False,
+            )
+
+        def ready(url: str) -> None:
+            _err().print(f"serving {path} at {url}/ — open it in a browser; Ctrl-C stops", markup=False)
+
+        try:
+            run_server(
+                path,
+                host,
+                port,
+                allowed_hosts=allow_host or [],
+                idle_timeout=idle_minutes * 60 if idle_minutes else None,
+                on_ready=ready,
+            )
+        except KeyboardInterrupt:
+            _err().print("stopped", markup=False)
+
+    @app.command()
+    def status(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
+        """Show what an index holds, and the files it skipped with their reasons."""
+        from mmsearch import Index, default_index_path
+
+        with Index.open(index_dir or default_index_path()) as idx:
+            stats, skipped = idx.stats(), idx.skipped()
+        if as_json:
+            _print_json({**stats, "skipped": skipped})
+            return
+        _out().print(f"index   {stats['index']}")
+        _out().print(
+            f"model   {stats['model']['name']} ({stats['model'].get('pretrained') or 'checkpoint'}, dim {stats['model']['dim']})"
+        )
+        files = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(stats["files"].items())) or "none"
+        _out().print(f"files   {files}")
+        vectors = ", ".join(f"{n} {k}" for k, n in sorted(stats["vectors"].items())) or "none"
+        _out().print(f"vectors {vectors}")
+        _out().print(
+            f"content {stats['media']} distinct, {stats['captions']} captions, {stats['segments']} transcript segments"
+        )
+        if skipped:
+            _out().print(f"skipped {len(skipped)}:")
+            for s in skipped:
+                _out().print(f"  {_escape(s['path'])}: {_escape(s['reason'])}")
+
+    @app.command()
+    def demo(
+        folder: Annotated[Path, typer.Argument(help="Where to write the demo media and its index.")] = Path(
+            "demo-media"
+        ),
+        n_images: Annotated[int, typer.Option(min=4, max=5000, help="Generated images.")] = 48,
+        seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+        speech: Annotated[bool, typer.Option(help="Also write and search spoken audio.")] = True,
+        k: Annotated[int, typer.Option("-k", min=1, max=50)] = 5,
+    ) -> None:
+        """Generate a demo folder, index it with the bundled demo model, and query it in every direction."""
+        from mmsearch import open_or_create
+        from mmsearch.demo.world import write_demo_folder
+
+        _err().print(f"writing demo media to {folder} …")
+        made = write_demo_folder(folder, n_images=n_images, seed=seed, speech=speech)
+        index_dir = folder / "index"
+        with open_or_create(index_dir, model="demo") as idx:
+            with _progress(enabled=True) as tick:
+                report = idx.add_folder(folder / "media", progress=tick)
+            _print_report(report)
+            _out().rule(f"text → image: “{made.text_query}”")
+            _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
+            _out().rule(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
+            _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
+            if speech and made.audio_query is not None:
+                heard = idx.transcribe_query(made.audio_query)
+                _out().rule(
+                    f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)"
+                )
+                _print_hits([h.as_dict() for h in idx.search_text(heard, target="images", k=k)])
+        _out().print(f'\nTry: mmsearch query --index {index_dir} "a small blue square"')
+
+    return app
 
 
 # --- output helpers ---------------------------------------------------------------------------------
+@functools.cache
+def _out() -> "Console":
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+@functools.cache
+def _err() -> "Console":
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _stdout_is_terminal() -> bool:
+    """rich's answer (it also reads FORCE_COLOR and TTY_COMPATIBLE), without importing rich for a pipe."""
+    if "FORCE_COLOR" not in os.environ and "TTY_COMPATIBLE" not in os.environ:
+        isatty = getattr(sys.stdout, "isatty", None)
+        try:
+            if isatty is None or not isatty():
+                return False
+        except ValueError:  # closed
+            return False
+    return bool(_out().is_terminal)
+
+
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.write(render.to_json(payload))
+
+
+def _print_query(target: str, hits: list[dict[str, Any]], heard: str | None, as_json: bool) -> None:
+    """The same output whether a server or this process answered, and whether typer parsed the command."""
+    if as_json:
+        sys.stdout.write(render.query_json(target, hits, heard))
+    elif not _stdout_is_terminal():
+        sys.stdout.write(render.plain_query(hits, heard))
+    else:
+        if heard is not None:
+            _out().print(f"heard: [bold]{_escape(heard)}[/bold]")
+        _print_hits(hits)
 
 
 def _escape(s: str) -> str:
@@ -322,62 +476,48 @@ def _escape(s: str) -> str:
 
 
 def _print_hits(hits: list[dict[str, Any]]) -> None:
+    if not _stdout_is_terminal():
+        sys.stdout.write(render.plain_hits(hits))
+        return
     if not hits:
-        out.print("no results")
+        _out().print("no results")
         return
-    rows = []
-    for h in hits:
-        snippet = h["text"] or ""
-        if h["start"] is not None and h["end"] is not None:
-            snippet = f"[{_clock(h['start'])}–{_clock(h['end'])}] {snippet}"
-        rows.append((str(h["rank"]), f"{h['score']:.3f}", h["kind"], h["path"], _shorten(snippet, 120)))
-    if not out.is_terminal:
-        # Piped: one tab-separated line per hit, never wrapped, so paths survive grep/cut.
-        for row in rows:
-            sys.stdout.write("\t".join(row) + "\n")
-        return
+    from rich.table import Table
+
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("#", "score", "kind", "path", "text"):
+    for col in render.COLUMNS:
         table.add_column(col, overflow="fold")
-    for row in rows:
+    for row in render.hit_rows(hits):
         table.add_row(*(_escape(c) for c in row))
-    out.print(table)
+    _out().print(table)
 
 
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _shorten(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _print_report(r: IngestReport) -> None:
-    out.print(
+def _print_report(r: "IngestReport") -> None:
+    _out().print(
         f"indexed {r.root}: {r.files_seen} files seen, {r.unchanged} unchanged, {r.images_embedded} images embedded, "
         f"{r.audio_transcribed} recordings transcribed ({r.segments_embedded} segments), {r.linked} moved/duplicate "
         f"reused, {r.captions_added} captions added, {r.captions_removed} removed, {r.files_removed} files gone, "
         f"{len(r.skipped)} skipped — {r.seconds:.1f} s"
     )
     for path, reason in r.skipped[:20]:
-        out.print(f"  skipped {_escape(path)}: {_escape(reason)}")
+        _out().print(f"  skipped {_escape(path)}: {_escape(reason)}")
     if len(r.skipped) > 20:
-        out.print(f"  … and {len(r.skipped) - 20} more (see `mmsearch status`)")
+        _out().print(f"  … and {len(r.skipped) - 20} more (see `mmsearch status`)")
 
 
 class _progress:
     """A rich progress bar on stderr fed by the library's progress callback; silent when not a TTY."""
 
     def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.bar = Progress(
             TextColumn("{task.description:>9}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=err,
-            disable=not enabled or not err.is_terminal,
+            console=_err(),
+            disable=not enabled or not _err().is_terminal,
             transient=True,
         )
         self.tasks: dict[str, Any] = {}
@@ -396,19 +536,8 @@ class _progress:
         self.bar.stop()
 
 
-def _usage(message: str) -> None:
-    err.print(f"usage error: {message}", markup=False)
+def _usage(message: str) -> NoReturn:
+    import typer
+
+    _err().print(f"usage error: {message}", markup=False)
     raise typer.Exit(2)
-
-
-def main() -> None:
-    try:
-        app()
-    except MmsearchError as e:
-        err.print(f"error: {e}", markup=False, highlight=False)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print(
-            "interrupted: work committed so far is kept; run the same command again to resume", markup=False
-        )
-        sys.exit(130)

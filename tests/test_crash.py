@@ -144,9 +144,9 @@ def zygote() -> Iterator[Zygote]:
 
 def _zygote_main() -> None:
     """Runs in the zygote: import everything, then fork one child per job line read from stdin."""
-    import mmsearch.cli  # noqa: F401  (typer, rich)
     import mmsearch.model  # noqa: F401  (torch, open_clip): imported, never run, so forking is safe
     import mmsearch.vectors
+    from mmsearch.cli import app  # noqa: F401  (builds the typer app: typer and rich imported)
 
     mmsearch.vectors._faiss()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for pytest must not kill the helper
