@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from mmsearch import cli, render
 from mmsearch.cli import app
 from tests.conftest import TINY_MODEL, solid
+from tests.test_server import start
 
 runner = CliRunner()
 
@@ -124,3 +128,158 @@ def test_missing_index_and_missing_weights(tmp_path: Path, folder: Path) -> None
     # The default model's weights cannot be downloaded here: a clear message naming --checkpoint.
     result = mmsearch("index", str(folder / "media"), "--index", str(tmp_path / "new"))
     assert result.returncode == 1 and "--checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the fast path: `mmsearch query` answered by a running server without importing typer ----------------
+@pytest.fixture(scope="module")
+def served(folder: Path) -> Iterator[Path]:
+    """Another index of the same media, with a server for it running in this process."""
+    index = folder / "served"
+    result = runner.invoke(
+        app,
+        [
+            "index",
+            str(folder / "media"),
+            "--index",
+            str(index),
+            "--model",
+            TINY_MODEL,
+            "--pretrained",
+            "random",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    _, thread, stop = start(index)
+    yield index
+    stop.set()
+    thread.join(30)
+
+
+# The typer command alone, as it answers when the fast path hands over.
+TYPER_ONLY = "import sys; from mmsearch import cli; sys.argv[0] = 'mmsearch'; cli._typer_app()()"
+
+
+def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+
+
+QUERIES = [
+    ["a red thing", "--json"],
+    ["a red thing"],
+    ["a blue thing", "-t", "texts", "-k", "3"],
+    ["--target=all", "-k3", "--json", "a blue thing"],
+    ["--image", "{media}/red.png"],
+    ["--image", "{media}/blue.png", "--json", "-t", "images"],
+]
+
+
+@pytest.mark.parametrize("args", QUERIES)
+def test_fast_path_prints_what_the_typer_command_prints(served: Path, folder: Path, args: list[str]) -> None:
+    args = [a.format(media=folder / "media") for a in args] + ["--index", str(served)]
+    fast = run(["-m", "mmsearch", "query", *args])
+    typer_path = run(["-c", TYPER_ONLY, "query", *args])
+    assert fast.returncode == typer_path.returncode == 0, fast.stderr + typer_path.stderr
+    assert fast.stdout and fast.stdout == typer_path.stdout
+    assert fast.stderr == typer_path.stderr == ""
+    # The same query searched in this process (no server involved) prints the same again.
+    local = runner.invoke(app, ["query", *args, "--local"])
+    assert local.exit_code == 0, local.output
+    assert local.stdout == fast.stdout
+
+
+def test_fast_path_draws_the_same_table_on_a_terminal(served: Path) -> None:
+    args = ["query", "a red thing", "-t", "all", "-k", "4", "--index", str(served)]
+    tty = {"TTY_COMPATIBLE": "1", "COLUMNS": "120"}  # what rich takes for a terminal
+    fast = run(["-m", "mmsearch", *args], **tty)
+    typer_path = run(["-c", TYPER_ONLY, *args], **tty)
+    assert fast.returncode == typer_path.returncode == 0, fast.stderr + typer_path.stderr
+    assert "│" in fast.stdout and "red.png" in fast.stdout and fast.stdout == typer_path.stdout
+
+
+WHICH_MODULES = """
+import json, sys
+from mmsearch import cli
+sys.argv = ["mmsearch", *sys.argv[1:]]
+try:
+    cli.main()
+finally:
+    heavy = ("typer", "click", "rich", "numpy", "torch", "sqlalchemy", "PIL", "fastapi")
+    print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, loaded",
+    [
+        (["--json"], []),
+        ([], []),
+        (["--local", "--json"], ["typer"]),  # --local: searched here, by the typer command
+        (["--device", "cpu"], ["typer"]),  # a device chosen on the command line: here too
+        (["--help"], ["typer"]),
+    ],
+)
+def test_fast_path_imports_neither_typer_nor_the_engine(
+    served: Path, args: list[str], loaded: list[str]
+) -> None:
+    result = run(["-c", WHICH_MODULES, "query", "a red thing", "--index", str(served), *args])
+    assert result.returncode == 0, result.stderr
+    modules = json.loads(result.stderr.strip().splitlines()[-1])
+    assert set(loaded) <= set(modules)
+    if not loaded:
+        assert modules == [] and "red.png" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["x", "--bogus"], "No such option: --bogus", 2),
+        (["-5"], "No such option: -5", 2),
+        (["x", "-k", "0"], "-k", 2),
+        (["x", "-k", "many"], "-k", 2),
+        (["x", "--json=yes"], "--json", 2),
+        (["x", "y"], "unexpected extra argument", 2),
+        (["--jso", "x"], "No such option: --jso", 2),
+        ([], "exactly one of", 2),
+        (["x", "--audio", "y.wav"], "exactly one of", 2),
+        (["x", "--target", "videos"], "unknown --target", 2),
+        (["   "], "empty", 1),
+        (["--image", "/no/such.png"], "query image not readable", 1),
+    ],
+)
+def test_bad_query_lines_with_a_server_up_give_one_clear_line(
+    served: Path, args: list[str], message: str, code: int
+) -> None:
+    result = mmsearch("query", *args, "--index", str(served))
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert message in result.stderr and result.stdout == ""
+
+
+def test_fast_path_parser_has_the_options_of_the_typer_command() -> None:
+    import typer.main
+
+    from mmsearch.search import MAX_K
+
+    command = typer.main.get_command(app).commands["query"]  # type: ignore[attr-defined]
+    declared = {
+        p.name: (sorted(p.opts + p.secondary_opts), p.default, not getattr(p, "is_flag", False))
+        for p in command.params
+    }
+    fast = {
+        a.dest: (sorted(a.option_strings or [a.dest]), a.default, a.nargs != 0)
+        for a in cli._query_argparser()._actions
+    }
+    assert fast == declared
+    assert cli.MAX_K == MAX_K
+
+
+def test_plain_output_of_a_voice_query_and_a_segment() -> None:
+    hit = {"rank": 1, "score": 0.5, "kind": "segment", "path": "/a/talk.wav", "text": "hello"}
+    hits = [{**hit, "start": 61.5, "end": 3725.0, "item_id": 7, "file_id": 3}]
+    assert render.plain_query(hits, "hello there") == (
+        "heard: hello there\n1\t0.500\tsegment\t/a/talk.wav\t[1:01–1:02:05] hello\n"
+    )
+    assert render.plain_query([], None) == "no results\n"
+    assert json.loads(render.query_json("audio", hits, "hi"))["transcript"] == "hi"
