@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -255,7 +255,12 @@ class _Run:
         if not groups:
             return
         emb = self.embedder
-        bs = emb.batch_size
+        streams = getattr(emb, "image_streams", 1)
+        # With several model streams (ONNX sessions), that many batches are embedded at once, each whole
+        # on one stream, and committed one at a time, in order. Each stream takes a share of the batch
+        # size: int8 speed does not depend on batch size, and smaller batches leave less of the run's
+        # tail to a single stream while the others idle.
+        bs = max(1, emb.batch_size // streams)
 
         def decode(item: tuple[str, list[FoundFile]]) -> _Decoded:
             sha, group = item
@@ -266,19 +271,38 @@ class _Run:
             except BadMediaError as e:
                 return sha, group, None, str(e)
 
+        in_flight: deque[tuple[list[_Decoded], Future[np.ndarray] | None]] = deque()
         done = 0
         with ThreadPoolExecutor(self.workers) as pool:
             decoded = bounded_map(decode, groups, pool, ahead=2 * bs)
-            while batch := _take(decoded, bs):
-                self._commit_images(batch)
-                done += len(batch)
-                self.tick("images", done, len(groups))
+            while True:
+                batch = _take(decoded, bs)
+                if batch:
+                    in_flight.append((batch, self._start_embedding(batch)))
+                if in_flight and (len(in_flight) >= streams or not batch):
+                    first, future = in_flight.popleft()
+                    self._commit_images(first, future.result() if future is not None else None)
+                    done += len(first)
+                    self.tick("images", done, len(groups))
+                if not batch and not in_flight:
+                    break
 
-    def _commit_images(self, batch: list[_Decoded]) -> None:
+    def _start_embedding(self, batch: list[_Decoded]) -> Future[np.ndarray] | None:
         import torch  # already loaded with the embedder; tensors are stacked here, in the consumer
 
+        tensors = [t for _, _, t, err in batch if err is None]
+        if not tensors:
+            return None
+        stacked = torch.stack(tensors)
+        submit = getattr(self.embedder, "submit_image_tensors", None)
+        if submit is not None:
+            return submit(stacked)  # type: ignore[no-any-return]
+        done: Future[np.ndarray] = Future()
+        done.set_result(self.embedder.embed_image_tensors(stacked))
+        return done
+
+    def _commit_images(self, batch: list[_Decoded], vectors: np.ndarray | None) -> None:
         good = [(sha, g, t) for sha, g, t, err in batch if err is None]
-        vectors = self.embedder.embed_image_tensors(torch.stack([t for _, _, t in good])) if good else None
         if vectors is not None:
             self._load_vectors("image")
         with self.store.catalog.begin() as conn:

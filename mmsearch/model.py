@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,19 @@ class ClipEmbedder:
         with self._autocast():
             feats = self.model.encode_image(batch)
         return _normalise(feats)
+
+    @property
+    def image_streams(self) -> int:
+        """How many image batches :meth:`submit_image_tensors` runs at once (ONNX sessions; 1 on torch)."""
+        return self._onnx_tower.streams if self._onnx_tower is not None else 1
+
+    def submit_image_tensors(self, batch: torch.Tensor) -> Future[np.ndarray]:
+        """:meth:`embed_image_tensors` in the background when the ONNX tower has several sessions."""
+        if self._onnx_tower is not None:
+            return self._onnx_tower.submit(batch)
+        done: Future[np.ndarray] = Future()
+        done.set_result(self.embed_image_tensors(batch))  # torch uses every core for one batch already
+        return done
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = [np.zeros((0, self.dim), np.float32)]

@@ -174,3 +174,37 @@ def test_search_targets_and_k(tiny_index: mmsearch.Index, tmp_path: Path) -> Non
     assert tiny_index.search_text("x", target="audio", k=3) == []
     vec = np.asarray(tiny_index.embedder.embed_texts(["caption number 2"])[0])
     assert tiny_index.search_vector(vec, target="texts", k=1)[0].text == "caption number 2"
+
+
+def test_parallel_model_streams_keep_images_paired_with_their_vectors(tmp_path: Path) -> None:
+    """Batches embedded side by side on several ONNX sessions are committed to the right images."""
+    from mmsearch.accel import OnnxImageTower
+
+    media = tmp_path / "m"
+    rng = np.random.default_rng(0)
+    media.mkdir()
+    for i in range(23):  # 23 images in batches of 4: six batches, the last one short
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(media / f"{i:02d}.png")
+
+    def index_with(streams: int) -> dict[str, bytes]:
+        with mmsearch.Index.create(tmp_path / f"idx{streams}", model=TINY_MODEL, pretrained="random") as idx:
+            emb = idx._indexing_embedder()
+            emb.batch_size = 4 * streams  # each stream embeds batches of 4: the same batches in both runs
+            emb._onnx_tower = OnnxImageTower(emb._onnx_tower.path, streams=streams, threads=1)
+            assert emb.image_streams == streams
+            idx.add_folder(media)
+            assert_consistent(idx)
+            with idx.store.catalog.read() as conn:
+                rows = conn.execute(
+                    select(db.files.c.path, db.embeddings.c.vector)
+                    .join(db.embeddings, db.embeddings.c.media_id == db.files.c.media_id)
+                    .where(db.embeddings.c.kind == "image")
+                )
+                return {path: vec for path, vec in rows}
+
+    one, three = index_with(1), index_with(3)
+    assert len(one) == 23 and one.keys() == three.keys()
+    for path, vec in one.items():  # same batches, same sessions: the same bytes for the same file
+        np.testing.assert_allclose(np.frombuffer(three[path], np.float32), np.frombuffer(vec, np.float32))
+    # ... and not all the same vector (which would make the pairing check vacuous).
+    assert len({bytes(v) for v in one.values()}) == 23
