@@ -207,6 +207,35 @@ def test_segments_are_sentences_timed_near_the_truth(tmp_path: Path) -> None:
 
 
 @pytest.mark.speech
+def test_batch_split_across_workers_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Voiced chunks decoded by several CTranslate2 workers side by side give the sequential transcript."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lighthouse = "The old lighthouse guided fishing boats home for a century."
+    order = [FOX, CIRCLE, PLANTS, lighthouse] * 6  # ~80 s of speech: three or more 30 s chunks
+    gap = np.zeros(int(0.5 * 16000), dtype=np.float32)
+    pcm = np.concatenate([piece for s in order for piece in (load_pcm(speech_wav(s)), gap)])
+    path = write_wav(tmp_path / "long.wav", pcm)
+    t = transcriber("faster-whisper")
+    calls: list[int] = []
+    parent = type(t._pipeline).generate_segment_batched
+
+    def counting(self, features, tokenizer, options):  # noqa: ANN001, ANN202
+        calls.append(features.shape[0])
+        return parent(self, features, tokenizer, options)
+
+    monkeypatch.setattr(type(t._pipeline), "generate_segment_batched", counting)
+    monkeypatch.setattr(t._pipeline, "workers", None)
+    sequential = t.transcribe(path)
+    assert len(calls) == 1 and calls[0] >= 3, calls  # one batch of several chunks
+    with ThreadPoolExecutor(3) as pool:
+        monkeypatch.setattr(t._pipeline, "workers", pool)
+        split = t.transcribe(path)
+    assert split.segments == sequential.segments
+    assert word_errors(" ".join(order), split.text) <= len(order)  # and it is the speech, not noise
+
+
+@pytest.mark.speech
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_windows_give_absolute_times(backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Sentence, 7 s of silence, sentence: with 8 s windows the second one is heard in the second window."""
