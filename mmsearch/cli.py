@@ -95,7 +95,7 @@ def _fast_query(argv: list[str]) -> bool:
         # click reads every word starting with "-" as an option; argparse takes "-5" or "-a b" as the TEXT.
         (a.text or "").startswith("-")
         or not 1 <= a.k <= MAX_K
-        or not _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device)
+        or not _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device, a.k)
     ):
         return False
     from mmsearch import client
@@ -128,10 +128,14 @@ def _query_target(text: str | None, image: Path | None, audio: Path | None, targ
 
 
 def _server_may_answer(
-    local: bool, model: str | None, pretrained: str | None, checkpoint: str | None, device: str
+    local: bool, model: str | None, pretrained: str | None, checkpoint: str | None, device: str, k: int
 ) -> bool:
     # A server searches with the index's own model on its own device: options that choose either mean "here".
-    return not local and model is None and pretrained is None and checkpoint is None and device == "auto"
+    # It also caps k (client.SERVER_MAX_K) where a local search allows up to MAX_K.
+    from mmsearch.client import SERVER_MAX_K
+
+    chosen_here = model is not None or pretrained is not None or checkpoint is not None or device != "auto"
+    return not local and not chosen_here and k <= SERVER_MAX_K
 
 
 def _answer_from_server(
@@ -298,7 +302,7 @@ def _typer_app() -> "typer.Typer":
         except _UsageError as e:
             _usage(str(e))
         path = index_dir or _default_index_path()
-        if _server_may_answer(local, model, pretrained, checkpoint, device):
+        if _server_may_answer(local, model, pretrained, checkpoint, device, k):
             from mmsearch import client
 
             url = client.find_server(path)
@@ -414,6 +418,7 @@ def _typer_app() -> "typer.Typer":
             _out().rule(f"text → image: “{made.text_query}”")
             _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
             _out().rule(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
+            assert made.image_query is not None  # write_demo_folder always makes the query image
             _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
             if speech and made.audio_query is not None:
                 heard = idx.transcribe_query(made.audio_query)

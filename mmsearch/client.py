@@ -30,6 +30,8 @@ SERVER_LOG = "server.log"
 # (a test checks the two agree).
 TARGET_NAMES = ("images", "texts", "captions", "audio", "all")
 HEALTH_TIMEOUT = 0.5
+# Most results a server returns per query (mmsearch.server uses this); a larger -k is answered locally.
+SERVER_MAX_K = 200
 DEFAULT_IDLE_MINUTES = 15.0
 
 # Loopback needs no proxy, and an http_proxy in the environment must not see local queries.

@@ -36,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmsearch.client import SERVER_MAX_K
 from mmsearch.errors import (
     BadQueryError,
     IndexNotFoundError,
@@ -73,7 +74,7 @@ THUMB_SIDE = 256
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_AUDIO_BYTES = 50 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file itself
-MAX_K = 200
+MAX_K = SERVER_MAX_K  # a bigger -k makes `mmsearch query` search locally instead
 MAX_QUERY_CHARS = 1000
 MAX_SEGMENTS = 5000
 TEXT_BATCH = 32  # most text queries embedded in one forward pass
