@@ -135,7 +135,7 @@ def probe_duration(path: str | Path) -> float:
         # Decode a little: catches garbage that happens to probe as some format.
         frames = _iter_frames(container, SAMPLE_RATE)
         next(frames)
-        frames.close()
+        frames.close()  # type: ignore[attr-defined]  # a generator, typed as the Iterator it is used as
         if stream.duration is not None and stream.time_base is not None:
             seconds = float(stream.duration * stream.time_base)
         elif container.duration is not None:

@@ -296,7 +296,7 @@ class _Run:
         stacked = torch.stack(tensors)
         submit = getattr(self.embedder, "submit_image_tensors", None)
         if submit is not None:
-            return submit(stacked)  # type: ignore[no-any-return]
+            return submit(stacked)
         done: Future[np.ndarray] = Future()
         done.set_result(self.embedder.embed_image_tensors(stacked))
         return done

@@ -41,6 +41,7 @@ def applicable(model: Any) -> bool:
         and isinstance(getattr(visual, "positional_embedding", None), torch.nn.Parameter)
         and isinstance(getattr(visual, "patch_dropout", None), torch.nn.Module)
         and not visual.training
+        and transformer is not None
         and getattr(transformer, "batch_first", False)
         and hasattr(transformer, "resblocks")
     ):

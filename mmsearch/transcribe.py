@@ -314,7 +314,7 @@ def _interpolate(text: str, start: float, end: float) -> list[tuple[float, float
 def _pipeline_class(fw: Any) -> type:
     """faster-whisper's BatchedInferencePipeline, with each voiced chunk's text split into sentences."""
 
-    class Pipeline(fw.BatchedInferencePipeline):  # type: ignore[misc, name-defined]
+    class Pipeline(fw.BatchedInferencePipeline):
         workers: ThreadPoolExecutor | None = None  # set on CPU with several cores: see _FasterWhisper
 
         def generate_segment_batched(self, features, tokenizer, options):  # noqa: ANN001, ANN202
@@ -464,7 +464,7 @@ def _resolve_pt(whisper: Any, model: str | None, language: str | None) -> tuple[
     if cached.is_file():
         return name, name  # load_model checks its SHA-256 and uses it without the network
     if _env_offline():
-        reason = "HF_HUB_OFFLINE is set"
+        reason: str | None = "HF_HUB_OFFLINE is set"
     else:
         reason = _unreachable(url)
         if reason is None:

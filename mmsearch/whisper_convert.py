@@ -192,11 +192,11 @@ def check_vocabulary(vocabulary_file: str | Path, n_vocab: int) -> None:
         logger.warning("openai-whisper is not installed; vocabulary not checked")
         return
     asset = Path(next(iter(spec.submodule_search_locations))) / "assets" / f"{name}.tiktoken"
-    ranks = {}
+    ranks: dict[int, bytes] = {}
     for line in asset.read_text().splitlines():
         if line:
-            token_b64, rank = line.split()
-            ranks[int(rank)] = base64.b64decode(token_b64)
+            token_b64, rank_text = line.split()
+            ranks[int(rank_text)] = base64.b64decode(token_b64)
     byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
     for rank, token_bytes in ranks.items():
         ct2_bytes = bytes(byte_decoder[c] for c in tokens[rank])

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import open_clip
 import torch
@@ -128,7 +128,9 @@ def render_pool(
     """Pre-render ``per_combo`` images of every attribute combination through the eval transform."""
     rng = random.Random(f"mmsearch-demo-train-pool-{seed}")
     combos = world.all_attributes()
-    tensors, codes, by_combo = [], [], []
+    tensors: list[torch.Tensor] = []
+    codes: list[list[int]] = []
+    by_combo: list[list[int]] = []
     for attrs in combos:
         by_combo.append([])
         for _ in range(per_combo):
@@ -317,7 +319,7 @@ def train(out: Path, config: dict[str, Any], settings: Settings) -> dict[str, An
         loss.backward()
         opt.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+            cast(torch.Tensor, model.logit_scale).clamp_(0, math.log(100))
         losses.append(loss.item())
         if settings.eval_every and step and step % settings.eval_every == 0:
             metrics = evaluate(model, preprocess, tokenizer, n_images=216, seed=settings.seed + 2000)
