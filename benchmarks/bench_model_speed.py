@@ -11,8 +11,11 @@ ready preprocessed tensors, each variant is timed on the same batch:
 * ``torch_dynamic_int8``     — ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` (deprecated API);
 * ``torch_compile``          — ``torch.compile`` (inductor), only with ``--with-compile``: compiling takes
   minutes here;
-* ``ort_fp32`` / ``ort_int8`` — :class:`mmsearch.accel.OnnxImageTower`, ONNX Runtime, worker threads not
-  spinning (the default); ``ort_int8_spin`` with spinning on, ``ort_int8_1thread`` with one thread.
+* ``ort_fp32`` / ``ort_int8`` — :class:`mmsearch.accel.OnnxImageTower` as shipped: ONNX Runtime, the
+  graph exported through :mod:`mmsearch.onnx_vit`, one single-threaded session per core each embedding a
+  slice of the batch; ``ort_int8_1session`` one session using every core (spinning workers off, or on in
+  ``ort_int8_1session_spin``), ``ort_int8_1thread`` one session on one thread, ``ort_int8_plain_graph``
+  the same recipe on the graph torch exports unchanged.
 
 Timing: one untimed warm-up round (its outputs give the cosines), then ``--rounds`` rounds in which every
 variant runs once, in an order rotated each round, so all variants see the same machine load. Reported per
@@ -148,15 +151,31 @@ def ort_variants(emb: ClipEmbedder, cache: Path) -> tuple[dict[str, Variant], di
     key = tower_key(emb.identity)
     fp32 = OnnxImageTower.build(emb.model, size, cache, key, quantize=False)
     int8 = OnnxImageTower.build(emb.model, size, cache, key, quantize=True)
-    int8_spin = OnnxImageTower(int8.path, spin=True)
-    int8_1t = OnnxImageTower(int8.path, threads=1)
+    # The same int8 recipe on the graph torch exports as it is (no mmsearch.onnx_vit forward swap).
+    from mmsearch import onnx_vit
+
+    real = onnx_vit.applicable
+    onnx_vit.applicable = lambda model: False
+    try:
+        plain = OnnxImageTower.build(emb.model, size, cache, key + "|plain-graph", quantize=True)
+    finally:
+        onnx_vit.applicable = real
+    cpus = len(os.sched_getaffinity(0))
     variants: dict[str, Variant] = {
         "ort_fp32": fp32,
-        "ort_int8": int8,
-        "ort_int8_spin": int8_spin,
-        "ort_int8_1thread": int8_1t,
+        "ort_int8": int8,  # the shipping default: one 1-thread session per core (default_streams)
+        "ort_int8_1session": OnnxImageTower(int8.path, streams=1, threads=cpus),
+        "ort_int8_1session_spin": OnnxImageTower(int8.path, streams=1, threads=cpus, spin=True),
+        "ort_int8_1thread": OnnxImageTower(int8.path, streams=1, threads=1),
+        "ort_int8_plain_graph": plain,
     }
-    return variants, {"fp32": fp32.meta, "int8": int8.meta}
+    meta = {
+        "fp32": fp32.meta,
+        "int8": int8.meta,
+        "int8_plain_graph": plain.meta,
+        "int8_streams": int8.streams,
+    }
+    return variants, meta
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
