@@ -101,6 +101,17 @@ def _terminal(d: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def _run_all(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    steps = ", ".join(f"{s['name']} {s['seconds'] / 60:.1f}" for s in d["steps"])
+    return [
+        (
+            "all benchmarks, default sizes (`run_all.py`)",
+            f"{d['total_seconds'] / 60:.1f} min ({steps})",
+            "< 15 min",
+        )
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[tuple[str, str, str]]]]] = [
     ("demo_quality", _demo),
     ("ingest", _ingest),
@@ -110,6 +121,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[tuple[str, str, str]]]
     ("speech", _speech),
     ("server", _server),
     ("terminal_query", _terminal),
+    ("run_all", _run_all),
 ]
 
 

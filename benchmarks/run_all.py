@@ -94,7 +94,6 @@ def main() -> int:
         )
 
     total = time.perf_counter() - started
-    report = subprocess.call([sys.executable, str(HERE / "report.py")], cwd=HERE.parent)
     summary = {
         "benchmark": "run_all",
         "quick": args.quick,
@@ -104,6 +103,7 @@ def main() -> int:
     }
     if not args.quick and not args.only and not skip and not extra:
         (RESULTS / "run_all.json").write_text(json.dumps(summary, indent=2) + "\n")  # the default run only
+    report = subprocess.call([sys.executable, str(HERE / "report.py")], cwd=HERE.parent)
     print(f"\nall benchmarks: {total / 60:.1f} min")
     for s in steps:
         print(f"  {s['name']:<14}{s['seconds'] / 60:6.1f} min  {'ok' if s['exit'] == 0 else 'FAILED'}")
