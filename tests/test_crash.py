@@ -630,7 +630,8 @@ def test_ctrl_c_exits_cleanly_and_the_next_run_resumes(zygote: Zygote, tmp_path:
     world.add(10)
     run_to_end(zygote, index, media, out, create=True)
     for delay in (0.0, 0.05, 0.3):
-        world.mutate(adds=150)  # several batches of 32: the interrupt lands between or inside them
+        # Enough batches of 32 that even the 0.3 s delay interrupts the run (150 took ~0.6 s on 2 cores).
+        world.mutate(adds=600)
         before = _media_count(index)
         job = zygote.start(kind="cli", argv=["index", str(media), "--index", str(index)], out=str(out))
         _wait_for_first_commit(index, lambda j=job: not _exited(j), before)
