@@ -28,7 +28,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ WINDOW_SECONDS = 600.0
 _CUT_SEARCH_SECONDS = 5.0  # where to look for a quiet moment before a window's end
 _SILENCE_PEAK = 1e-3  # -60 dBFS: a window quieter than this throughout is skipped, not transcribed
 _PROBE_TIMEOUT_S = 4.0
+RawSegment = tuple[float, float, str]  # (start, end, text), seconds from where a decoder began
 _BATCH_SIZE = 8
 
 
@@ -135,7 +136,7 @@ def _leading_silence(pcm: np.ndarray) -> int:
     return lead if lead >= SAMPLE_RATE else 0
 
 
-def _shift(raw: list[tuple[float, float, str]], offset: float, limit: float) -> list[Segment]:
+def _shift(raw: list[RawSegment], offset: float, limit: float) -> list[Segment]:
     out = []
     for start, end, text in raw:
         text = text.strip()
@@ -146,6 +147,25 @@ def _shift(raw: list[tuple[float, float, str]], offset: float, limit: float) -> 
         end = min(max(end, start), limit)
         out.append(Segment(round(offset + start, 3), round(offset + end, 3), text))
     return out
+
+
+def _transcribe_windows(
+    path: str | Path, decode: Callable[[np.ndarray], tuple[int, list[RawSegment], str | None]]
+) -> Transcript:
+    """Both backends: read the file window by window, skip silent windows, and place each window's segments
+    on the file's timeline. ``decode(pcm)`` returns the samples it skipped at the start, the segments (times
+    from there) and the language."""
+    segments: list[Segment] = []
+    language = None
+    duration = 0.0
+    for offset, pcm in _windows(path, WINDOW_SECONDS):
+        duration = offset + pcm.size / SAMPLE_RATE
+        if _is_silent(pcm):
+            continue
+        lead, raw, heard = decode(pcm)
+        language = language or heard
+        segments += _shift(raw, offset + lead / SAMPLE_RATE, (pcm.size - lead) / SAMPLE_RATE)
+    return Transcript(segments, language, round(duration, 3))
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -413,25 +433,18 @@ class _FasterWhisper:
         }
 
     def transcribe(self, path: str | Path) -> Transcript:
-        segments: list[Segment] = []
-        language = None
-        duration = 0.0
-        for offset, pcm in _windows(path, WINDOW_SECONDS):
-            duration = offset + pcm.size / SAMPLE_RATE
-            if _is_silent(pcm):
-                continue
-            parts, info = self._pipeline.transcribe(
-                pcm,
-                language=self._language,
-                beam_size=1,
-                batch_size=_BATCH_SIZE,
-                without_timestamps=True,  # see _interpolate
-                vad_filter=True,
-            )
-            raw = [(s.start, s.end, s.text) for s in parts]
-            language = language or info.language
-            segments += _shift(raw, offset, pcm.size / SAMPLE_RATE)
-        return Transcript(segments, language, round(duration, 3))
+        return _transcribe_windows(path, self._decode)
+
+    def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
+        parts, info = self._pipeline.transcribe(
+            pcm,
+            language=self._language,
+            beam_size=1,
+            batch_size=_BATCH_SIZE,
+            without_timestamps=True,  # see _interpolate
+            vad_filter=True,
+        )
+        return 0, [(s.start, s.end, s.text) for s in parts], info.language
 
 
 # ---------------------------------------------------------------------------------------------- openai-whisper
@@ -524,22 +537,15 @@ class _OpenAIWhisper:
         }
 
     def transcribe(self, path: str | Path) -> Transcript:
+        return _transcribe_windows(path, self._decode)
+
+    def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
         fp16 = self.identity["compute_type"] == "float16"
-        segments: list[Segment] = []
-        language = None
-        duration = 0.0
-        for offset, pcm in _windows(path, WINDOW_SECONDS):
-            duration = offset + pcm.size / SAMPLE_RATE
-            if _is_silent(pcm):
-                continue
-            lead = _leading_silence(pcm)
-            # openai-whisper's own defaults: greedy, the previous text as prompt (more accurate here than
-            # without: benchmarks/bench_speech.py), temperature fallback only when decoding degenerates.
-            result = self._model.transcribe(pcm[lead:], language=self._language, fp16=fp16, verbose=None)
-            raw = [(s["start"], s["end"], s["text"]) for s in result["segments"]]
-            language = language or result.get("language")
-            segments += _shift(raw, offset + lead / SAMPLE_RATE, (pcm.size - lead) / SAMPLE_RATE)
-        return Transcript(segments, language, round(duration, 3))
+        lead = _leading_silence(pcm)
+        # openai-whisper's own defaults: greedy, the previous text as prompt (more accurate here than
+        # without: benchmarks/bench_speech.py), temperature fallback only when decoding degenerates.
+        result = self._model.transcribe(pcm[lead:], language=self._language, fp16=fp16, verbose=None)
+        return lead, [(s["start"], s["end"], s["text"]) for s in result["segments"]], result.get("language")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
