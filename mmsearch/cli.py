@@ -501,7 +501,7 @@ def _print_report(r: "IngestReport") -> None:
     _out().print(
         f"indexed {r.root}: {r.files_seen} files seen, {r.unchanged} unchanged, {r.images_embedded} images embedded, "
         f"{r.audio_transcribed} recordings transcribed ({r.segments_embedded} segments), {r.linked} moved/duplicate "
-        f"reused, {r.captions_added} captions added, {r.captions_removed} removed, {r.files_removed} files gone, "
+        f"reused, {r.captions_added} captions added ({r.captions_embedded} embedded), {r.captions_removed} removed, {r.files_removed} files gone, "
         f"{len(r.skipped)} skipped — {r.seconds:.1f} s"
     )
     for path, reason in r.skipped[:20]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -45,6 +45,7 @@ from sqlalchemy.exc import OperationalError
 from mmsearch.errors import MmsearchError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 metadata = MetaData()
 
@@ -86,7 +87,7 @@ captions = Table(
     Column("id", Integer, primary_key=True),
     Column("file_id", Integer, ForeignKey("files.id"), nullable=False, index=True),
     Column("source", Text, nullable=False),
-    Column("text", Text, nullable=False),
+    Column("text", Text, nullable=False, index=True),  # index: a known caption text reuses its vector
 )
 
 segments = Table(
@@ -118,8 +119,13 @@ def _migration_1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _migration_2(conn: Connection) -> None:
+    # Catalogs made at version 1 lack the caption text index (newer ones get it from create_all).
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_captions_text ON captions (text)"))
+
+
 # Append only: each entry brings a database at version i to version i+1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -261,6 +267,21 @@ class Catalog:
                 )
                 for fid, cid, source, txt in conn.execute(q):
                     out.setdefault(fid, []).append((cid, source, txt))
+        return out
+
+    def caption_vectors(self, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+        """Text -> the vector of a caption already stored with exactly that text, for the texts that have one."""
+        out: dict[str, np.ndarray] = {}
+        with self.read() as conn:
+            for chunk in _chunks(sorted(set(texts)), 900):
+                q = (
+                    select(captions.c.text, embeddings.c.vector)
+                    .join(embeddings, embeddings.c.caption_id == captions.c.id)
+                    .where(captions.c.text.in_(chunk))
+                )
+                for txt, blob in conn.execute(q):
+                    if txt not in out and len(blob) == dim * 4:
+                        out[txt] = np.frombuffer(blob, np.float32)
         return out
 
     # --- vectors ------------------------------------------------------------------------------
@@ -461,6 +482,6 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

@@ -56,6 +56,7 @@ class IngestReport:
     segments_embedded: int = 0
     linked: int = 0  # moved, renamed or duplicate content: no model work
     captions_added: int = 0
+    captions_embedded: int = 0  # of those, the texts the model had to embed (not already in the index)
     captions_removed: int = 0
     files_removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
@@ -403,17 +404,13 @@ class _Run:
             to_add.extend((row.id, c) for c, n in desired.items() for _ in range(n))
         if to_remove or to_add:
             self._load_vectors("caption")
-        if to_remove:
-            with self.store.catalog.begin() as conn:
-                removed = db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(to_remove))
-                conn.execute(db.captions.delete().where(db.captions.c.id.in_(to_remove)))
-            self.store.apply("caption", None, np.asarray(removed.get("caption", []), np.int64))
-            self.report.captions_removed += len(to_remove)
+        # Additions go first, so that the captions of a renamed or moved image are still in the catalog
+        # when their texts are looked up (a crash in between leaves extra captions the next run removes).
         bs = 256
         for i in range(0, len(to_add), bs):
             self.tick("captions", i, len(to_add))
             chunk = to_add[i : i + bs]
-            vectors = self.embedder.embed_texts([c.text for _, c in chunk])
+            vectors = self._caption_vectors([c.text for _, c in chunk])
             with self.store.catalog.begin() as conn:
                 cids = []
                 for fid, c in chunk:
@@ -424,6 +421,22 @@ class _Run:
             self.report.captions_added += len(chunk)
         if to_add:
             self.tick("captions", len(to_add), len(to_add))
+        if to_remove:
+            with self.store.catalog.begin() as conn:
+                removed = db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(to_remove))
+                conn.execute(db.captions.delete().where(db.captions.c.id.in_(to_remove)))
+            self.store.apply("caption", None, np.asarray(removed.get("caption", []), np.int64))
+            self.report.captions_removed += len(to_remove)
+
+    def _caption_vectors(self, texts: list[str]) -> np.ndarray:
+        """One vector per text: a text already in the catalog keeps its vector (one index, one model: the
+        text tower would give the same one), the rest are embedded once each."""
+        known = self.store.catalog.caption_vectors(texts, self.store.dim)
+        new = list(dict.fromkeys(t for t in texts if t not in known))
+        if new:
+            known.update(zip(new, self.embedder.embed_texts(new), strict=True))
+            self.report.captions_embedded += len(new)
+        return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
     def _any(self, query: Any) -> bool:
         with self.store.catalog.read() as conn:

@@ -42,8 +42,10 @@ class Store:
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
         self.folder = folder
         self.config = config
-        self.catalog = Catalog(folder / CATALOG)
+        self.catalog = Catalog(folder / CATALOG)  # runs any pending migrations
         self.dim = int(config["model"]["dim"])
+        if not self.catalog.read_only and config.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            self.update_config(schema_version=SCHEMA_VERSION)  # the folder keeps describing itself truly
         self._vectors: dict[str, VectorIndex] = {}
         self._loaded_generation: dict[str, int] = {}
         self._lock_fd: int | None = None

@@ -106,6 +106,8 @@ def test_rename_move_edit_delete(tiny_index: mmsearch.Index, tmp_path: Path) -> 
     os.rename(media / "b.txt", media / "sub" / "b.txt")
     r = tiny_index.add_folder(media)
     assert (r.images_embedded, r.linked, r.files_removed) == (0, 2, 2)
+    # Their captions move with them and keep their vectors: the text tower is not run either.
+    assert (r.captions_added, r.captions_embedded, r.captions_removed) == (4, 0, 4)
     assert top_caption(tiny_index, "first a").path == str(media / "renamed a.png")
     assert top_caption(tiny_index, "second b").path == str(media / "sub" / "b.png")
     assert_consistent(tiny_index)
@@ -114,7 +116,7 @@ def test_rename_move_edit_delete(tiny_index: mmsearch.Index, tmp_path: Path) -> 
     (media / "c.txt").write_text("first c\nsecond c, edited")
     time.sleep(0.01)
     r = tiny_index.add_folder(media)
-    assert (r.captions_added, r.captions_removed, r.images_embedded) == (1, 1, 0)
+    assert (r.captions_added, r.captions_embedded, r.captions_removed, r.images_embedded) == (1, 1, 1, 0)
     assert top_caption(tiny_index, "second c, edited").path == str(media / "c.png")
 
     # Change an image's pixels: it is embedded again, the old content is dropped.
@@ -208,3 +210,34 @@ def test_parallel_model_streams_keep_images_paired_with_their_vectors(tmp_path: 
         np.testing.assert_allclose(np.frombuffer(three[path], np.float32), np.frombuffer(vec, np.float32))
     # ... and not all the same vector (which would make the pairing check vacuous).
     assert len({bytes(v) for v in one.values()}) == 23
+
+
+def test_a_known_caption_text_keeps_its_vector_and_its_own_image(tmp_path: Path) -> None:
+    """Reused caption vectors equal what the text tower gives, and each caption row stays with its image."""
+    media = tmp_path / "m"
+    solid(media / "one.png", "red")
+    (media / "one.txt").write_text("a shared caption\nonly on one")
+    with mmsearch.Index.create(tmp_path / "idx", model=TINY_MODEL, pretrained="random") as idx:
+        first = idx.add_folder(media)
+        assert (first.captions_added, first.captions_embedded) == (2, 2)
+        solid(media / "two.png", "blue")
+        (media / "two.txt").write_text("a shared caption\nonly on two\nonly on two")
+        r = idx.add_folder(media)
+        # "a shared caption" is known; "only on two" twice in one file is embedded once.
+        assert (r.images_embedded, r.captions_added, r.captions_embedded) == (1, 3, 1)
+        hits = idx.search_text("a shared caption", target="captions", k=10)
+        shared = {h.path for h in hits if h.text == "a shared caption"}
+        assert shared == {str(media / "one.png"), str(media / "two.png")}
+        assert top_caption(idx, "only on two").path == str(media / "two.png")
+        want = idx.embedder.embed_texts(["a shared caption", "only on two"])
+        with idx.store.catalog.read() as conn:
+            rows = conn.execute(
+                select(db.captions.c.text, db.embeddings.c.vector).join(
+                    db.embeddings, db.embeddings.c.caption_id == db.captions.c.id
+                )
+            ).all()
+        for text, blob in rows:
+            if text in ("a shared caption", "only on two"):
+                got = np.frombuffer(blob, np.float32)
+                np.testing.assert_allclose(got, want[0 if text == "a shared caption" else 1], atol=1e-5)
+        assert_consistent(idx)

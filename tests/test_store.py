@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 import mmsearch
+from mmsearch import db
 from mmsearch.errors import IndexLockedError, ModelMismatchError
 from tests.conftest import TINY_MODEL, solid
 from tests.test_ingest import assert_consistent
@@ -27,7 +29,7 @@ def built(tmp_path: Path) -> Path:
 
 def test_index_folder_describes_itself(built: Path) -> None:
     config = json.loads((built / "mmsearch.json").read_text())
-    assert config["format"] == "mmsearch-index" and config["schema_version"] == 1
+    assert config["format"] == "mmsearch-index" and config["schema_version"] == db.SCHEMA_VERSION
     assert config["model"]["arch"] == "tiny-clip" and config["model"]["dim"] == 32
     assert sorted(p.name for p in (built / "vectors").iterdir()) == [
         "caption.faiss",
@@ -110,3 +112,22 @@ def test_opening_with_another_model_names_both(built: Path, tmp_path: Path) -> N
 def test_creating_over_an_existing_index_is_refused(built: Path) -> None:
     with pytest.raises(mmsearch.MmsearchError, match="already exists"):
         mmsearch.Index.create(built, model=TINY_MODEL, pretrained="random")
+
+
+def test_a_version_1_catalog_is_migrated_on_open(built: Path) -> None:
+    """Schema 1 had no index on caption texts; opening such an index adds it and records version 2."""
+    con = sqlite3.connect(built / "catalog.sqlite")
+    con.execute("DROP INDEX ix_captions_text")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    config = json.loads((built / "mmsearch.json").read_text())
+    (built / "mmsearch.json").write_text(json.dumps({**config, "schema_version": 1}))
+    with mmsearch.Index.open(built) as idx:
+        assert idx.search_text("caption 3", target="captions", k=1)[0].text == "caption 3"
+    con = sqlite3.connect(built / "catalog.sqlite")
+    indexes = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    con.close()
+    assert "ix_captions_text" in indexes and version == "2" == str(db.SCHEMA_VERSION)
+    assert json.loads((built / "mmsearch.json").read_text())["schema_version"] == 2
