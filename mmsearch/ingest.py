@@ -465,9 +465,13 @@ class _Run:
                 _merge(removed, db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(cap_ids)))
                 conn.execute(db.captions.delete().where(db.captions.c.file_id.in_(ids)))
                 conn.execute(db.files.delete().where(db.files.c.id.in_(ids)))
-            orphans = [
-                int(m) for (m,) in conn.execute(select(db.media.c.id).where(db.media.c.id.not_in(used)))
-            ]
+            orphan_rows = conn.execute(
+                select(db.media.c.id, db.media.c.sha256).where(db.media.c.id.not_in(used))
+            )
+            orphans, orphan_shas = [], set()
+            for mid, sha in orphan_rows:
+                orphans.append(int(mid))
+                orphan_shas.add(sha)
             if orphans:
                 seg_ids = select(db.segments.c.id).where(db.segments.c.media_id.in_(orphans))
                 _merge(removed, db.delete_embeddings(conn, db.embeddings.c.media_id.in_(orphans)))
@@ -476,6 +480,7 @@ class _Run:
                 conn.execute(db.media.delete().where(db.media.c.id.in_(orphans)))
         for kind, ids_ in removed.items():
             self.store.apply(kind, None, np.asarray(ids_, np.int64))
+        self.store.drop_thumbnails(orphan_shas)  # after the commit: a crash before it keeps them, harmlessly
         self.report.files_removed += len(gone)
 
 

@@ -60,6 +60,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from mmsearch.api import Index
 from mmsearch.search import TARGETS
+from mmsearch.store import THUMBS
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 SERVER_FILE = "server.json"
 SERVER_LOCK = "server.lock"
-THUMBS = "thumbs"
 THUMB_SIDE = 256
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_AUDIO_BYTES = 50 * 1024 * 1024
@@ -213,7 +213,7 @@ class _Service:
     def __init__(self, index: Index) -> None:
         self.index = index
         self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
-        self.thumbs = index.path / THUMBS
+        self.thumbs = index.path / THUMBS  # Store.thumbnail_path names the files in it
         self._pending: list[tuple[str, Future[Any]]] = []
         self._pending_lock = threading.Lock()
 
@@ -331,7 +331,7 @@ class _Service:
         row = self.file_row(file_id)
         if row.kind != "image":
             raise HTTPException(404, f"item {file_id} is {row.kind}: no thumbnail")
-        cached = self.thumbs / f"{row.sha256}-{THUMB_SIDE}.jpg"
+        cached = self.index.store.thumbnail_path(row.sha256, THUMB_SIDE)
         if cached.is_file():
             return cached
         try:

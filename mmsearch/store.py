@@ -6,6 +6,7 @@ Layout::
     INDEX/catalog.sqlite       the source of truth (see db.py)
     INDEX/vectors/KIND.faiss   one FAISS index per item kind, derived from the catalog
     INDEX/write.lock           held by the one process allowed to write
+    INDEX/thumbs/SHA-SIDE.jpg  thumbnails the server made, by content hash (dropped with their content)
 
 Each FAISS file's checksum, vector count and the catalog generation it reflects are recorded in the catalog.
 On open, a missing, stale or corrupt file is rebuilt from the catalog (FAISS itself loads many corrupt
@@ -14,6 +15,7 @@ files without complaint, so the checksum is what we trust).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 FORMAT = "mmsearch-index"
 CATALOG = "catalog.sqlite"
 LOCK = "write.lock"
+THUMBS = "thumbs"
 
 
 class Store:
@@ -92,6 +95,28 @@ class Store:
             _atomic_write_text(
                 self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n"
             )
+
+    # --- derived files ------------------------------------------------------------------------
+    def thumbnail_path(self, sha256: str, side: int) -> Path:
+        return self.folder / THUMBS / f"{sha256}-{side}.jpg"
+
+    def drop_thumbnails(self, shas: set[str]) -> int:
+        """Delete the cached thumbnails of content no file holds any more; returns how many went."""
+        if not shas:
+            return 0
+        dropped = 0
+        try:  # one listing whatever the number of hashes: a glob per hash would list the folder each time
+            with os.scandir(self.folder / THUMBS) as entries:
+                for entry in entries:
+                    if entry.name.split("-", 1)[0] in shas:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            dropped += 1
+        except FileNotFoundError:
+            return 0  # no server ever made a thumbnail here
+        except OSError as e:  # a read-only folder: stale thumbnails cost space, not correctness
+            log.warning("cannot prune thumbnails in %s: %s", self.folder / THUMBS, e)
+        return dropped
 
     # --- single writer ------------------------------------------------------------------------
     def lock_for_writing(self) -> None:

@@ -241,3 +241,29 @@ def test_a_known_caption_text_keeps_its_vector_and_its_own_image(tmp_path: Path)
                 got = np.frombuffer(blob, np.float32)
                 np.testing.assert_allclose(got, want[0 if text == "a shared caption" else 1], atol=1e-5)
         assert_consistent(idx)
+
+
+def test_thumbnails_leave_with_their_content(tiny_index: mmsearch.Index, tmp_path: Path) -> None:
+    """The server's cached thumbnails are dropped when no file holds their content any more."""
+    from mmsearch import server
+
+    media = tmp_path / "m"
+    for name, color in (("keep", "red"), ("gone", "green"), ("edited", "blue")):
+        solid(media / f"{name}.png", color)
+    tiny_index.add_folder(media)
+    rows = {Path(os.fsdecode(k)).name: r for k, r in tiny_index.store.catalog.files_by_key().items()}
+    service = server._Service(tiny_index)
+    thumbs: dict[str, Path] = {}
+    for name, row in rows.items():
+        made = service.thumbnail(row.id)
+        assert isinstance(made, Path) and made.is_file()  # cached in the index folder
+        thumbs[name] = made
+    (media / "gone.png").unlink()
+    solid(media / "edited.png", "yellow")
+    os.utime(media / "edited.png", ns=(1, 1))
+    tiny_index.add_folder(media)
+    assert [name for name, p in thumbs.items() if p.exists()] == ["keep.png"]
+    shutil.copy(media / "keep.png", media / "copy.png")  # still held by a file: its thumbnail stays
+    (media / "keep.png").unlink()
+    tiny_index.add_folder(media)
+    assert thumbs["keep.png"].exists()
