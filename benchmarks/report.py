@@ -67,7 +67,16 @@ def _ann(d: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _reindex(d: dict[str, Any]) -> list[tuple[str, str, str]]:
-    return [(f"no-op re-index of {d['n_images']:,} images", f"{d['noop_reindex_s']} s", "seconds")]
+    rows = [(f"no-op re-index of {d['n_images']:,} images", f"{d['noop_reindex_s']} s", "seconds")]
+    if "rename_reindex_s" in d:  # results written before the rename step existed lack it
+        rows.append(
+            (
+                f"re-index after renaming {d['renamed_folder_images']} captioned images",
+                f"{d['rename_reindex_s']} s, model loaded: {d['rename_model_loaded']}",
+                "no model work",
+            )
+        )
+    return rows
 
 
 def _speech(d: dict[str, Any]) -> list[tuple[str, str, str]]:
