@@ -84,3 +84,34 @@ def test_uncached_pretrained_weights_fail_fast_and_say_what_to_do(
         load_embedder(ModelSpec("ViT-B-32", pretrained="laion2b_s34b_b79k"))
     assert time.monotonic() - start < 15
     assert "--checkpoint" in str(err.value) and "cannot be reached" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGB", (640, 480), (200, 30, 90)),  # landscape: resized, then centre-cropped
+        Image.fromarray(
+            np.random.default_rng(0).integers(0, 256, (300, 171, 3), np.uint8)
+        ),  # noise, portrait
+        Image.fromarray(
+            np.random.default_rng(1).integers(0, 256, (64, 64), np.uint8), "L"
+        ),  # grey: converted
+        Image.new("RGBA", (100, 120), (10, 200, 30, 128)),
+    ],
+)
+def test_preprocessing_in_numpy_equals_the_models_own_transform(random_tiny, image: Image.Image) -> None:  # type: ignore[no-untyped-def]
+    """The numpy tail (to tensor, normalise) gives exactly the tensor OpenCLIP's transform gives."""
+    assert random_tiny._norm is not None  # OpenCLIP's transforms end with ToTensor + Normalize
+    ours, theirs = random_tiny.preprocess_image(image), random_tiny.preprocess(image)
+    assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_an_unusual_transform_runs_as_given(random_tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from mmsearch.model import _split_tensor_tail
+
+    plain = lambda im: torch.zeros(3, 8, 8)  # noqa: E731 - a transform without ToTensor + Normalize
+    assert _split_tensor_tail(plain) == ([], None)
+    monkeypatch.setattr(random_tiny, "preprocess", plain)
+    monkeypatch.setattr(random_tiny, "_norm", None)
+    assert torch.equal(random_tiny.preprocess_image(Image.new("RGB", (8, 8))), torch.zeros(3, 8, 8))
