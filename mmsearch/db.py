@@ -274,13 +274,18 @@ class Catalog:
         out: dict[str, np.ndarray] = {}
         with self.read() as conn:
             for chunk in _chunks(sorted(set(texts)), 900):
-                q = (
-                    select(captions.c.text, embeddings.c.vector)
+                # One embedding id per text first: a text under thousands of images ("untitled") must not
+                # read thousands of vectors.
+                first = (
+                    select(captions.c.text, func.min(embeddings.c.id).label("eid"))
                     .join(embeddings, embeddings.c.caption_id == captions.c.id)
                     .where(captions.c.text.in_(chunk))
+                    .group_by(captions.c.text)
+                    .subquery()
                 )
+                q = select(first.c.text, embeddings.c.vector).join(embeddings, embeddings.c.id == first.c.eid)
                 for txt, blob in conn.execute(q):
-                    if txt not in out and len(blob) == dim * 4:
+                    if len(blob) == dim * 4:
                         out[txt] = np.frombuffer(blob, np.float32)
         return out
 

@@ -3,7 +3,8 @@
 Work is decided by content: a file whose size and mtime are unchanged is not read again; a new or changed
 file is hashed, and content already in the catalog (a moved, renamed or duplicated file) is linked, never
 re-embedded. Every batch is committed in one transaction together with its embeddings, so a crash loses at
-most the batch in flight and never leaves a half-written item. One bad file is recorded and skipped.
+most the batches in flight (one per model stream) and never leaves a half-written item. One bad file is
+recorded and skipped.
 """
 
 from __future__ import annotations

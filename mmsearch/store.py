@@ -47,8 +47,6 @@ class Store:
         self.config = config
         self.catalog = Catalog(folder / CATALOG)  # runs any pending migrations
         self.dim = int(config["model"]["dim"])
-        if not self.catalog.read_only and config.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            self.update_config(schema_version=SCHEMA_VERSION)  # the folder keeps describing itself truly
         self._vectors: dict[str, VectorIndex] = {}
         self._loaded_generation: dict[str, int] = {}
         self._lock_fd: int | None = None
@@ -137,6 +135,10 @@ class Store:
             with storage_errors(self.folder):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
+            if self.config.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+                # The catalog was migrated on open; the folder's description follows, by the writer only
+                # (a reader rewriting mmsearch.json could undo a writer's change to it).
+                self.update_config(schema_version=SCHEMA_VERSION)
         except BaseException:
             os.close(fd)  # releases the lock: a writer that cannot start must not block the next one
             raise

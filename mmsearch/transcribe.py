@@ -405,15 +405,16 @@ class _FasterWhisper:
         compute_type = compute_type or ("float16" if device == "cuda" else "int8")
         # CTranslate2 defaults to 4 threads, which oversubscribes a 2-core machine. On CPU, one worker per
         # core with one thread each: batches are split across the workers (Pipeline.generate_segment_batched).
+        # More workers than chunks in a batch would idle; beyond that the cores go to threads per worker.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = cores if device == "cpu" else 1
+        workers = min(cores, _BATCH_SIZE) if device == "cpu" else 1
         try:
             self._model = fw.WhisperModel(
                 path,
                 device=device,
                 device_index=int(index or 0),
                 compute_type=compute_type,
-                cpu_threads=1 if workers > 1 else cores,
+                cpu_threads=max(1, cores // workers),
                 num_workers=workers,
             )
         except (RuntimeError, ValueError, OSError) as exc:

@@ -125,6 +125,9 @@ def test_a_version_1_catalog_is_migrated_on_open(built: Path) -> None:
     (built / "mmsearch.json").write_text(json.dumps({**config, "schema_version": 1}))
     with mmsearch.Index.open(built) as idx:
         assert idx.search_text("caption 3", target="captions", k=1)[0].text == "caption 3"
+        # A reader writes nothing; the writer records the new version.
+        assert json.loads((built / "mmsearch.json").read_text())["schema_version"] == 1
+        idx.add_folder(built.parent / "m")
     con = sqlite3.connect(built / "catalog.sqlite")
     indexes = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
