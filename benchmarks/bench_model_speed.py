@@ -21,8 +21,8 @@ Timing: one untimed warm-up round (its outputs give the cosines), then ``--round
 variant runs once, in an order rotated each round, so all variants see the same machine load. Reported per
 variant: images/s (wall, median round), images per CPU-second (process CPU time, all threads; on a shared
 machine this is the steadier figure for one-thread runs), ratios to ``torch_eager`` from the same rounds,
-the ratio to the machine's fp32 ceiling (2 cores × 96 GFLOP/s ÷ 8.82 GFLOP per 224-px image = 21.8 img/s,
-scaled by the architecture's FLOPs for 256 px; int8 may exceed it), and the cosine of each embedding to
+the ratio to the fp32 ceiling the issue computed for its AVX2 machine (2 cores × 96 GFLOP/s ÷ 8.82 GFLOP per
+224-px image = 21.8 img/s, scaled by the architecture's FLOPs for 256 px; int8, or an AVX-512 CPU, exceeds it), and the cosine of each embedding to
 the torch fp32 one (mean/min over generated demo-world images).
 
 With the demo model present (``mmsearch/demo/weights``), text→image retrieval on generated world images is

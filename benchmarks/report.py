@@ -28,10 +28,27 @@ def _demo(d: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _ingest(d: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [
-        ("ingestion end-to-end / model alone", f"{d['e2e_over_model']:.2f}", "≥ 0.90"),
+        (
+            "ingestion end-to-end / model alone",
+            f"{d['e2e_over_model']:.2f}"
+            + (
+                f" (CPU-bound ceiling {d['cpu_bound_ceiling_e2e_over_model']:.2f}: decode "
+                f"{d['cpu_ms_per_image']['decode_and_preprocess']} ms vs model "
+                f"{d['cpu_ms_per_image']['model_alone']} ms CPU per image)"
+                if "cpu_bound_ceiling_e2e_over_model" in d
+                else ""
+            ),
+            "≥ 0.90",
+        ),
         (
             "ingestion images/s (× rclip reference)",
-            f"{d['end_to_end_img_s']} ({d['e2e_over_rclip_reference']}×)",
+            f"{d['end_to_end_img_s']} ({d['e2e_over_rclip_reference']}×"
+            + (
+                f"; {d['e2e_over_rclip_model_bound']}× rclip's model alone in the same run"
+                if "e2e_over_rclip_model_bound" in d
+                else ""
+            )
+            + ")",
             "≥ 1.5×",
         ),
     ]
