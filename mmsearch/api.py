@@ -49,6 +49,7 @@ class Index:
             )
         self._embedder: Any = None
         self._transcriber: Any = None
+        self._query_transcriber: Any = None
 
     # --- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -126,16 +127,35 @@ class Index:
 
     @property
     def transcriber(self) -> Any:
+        """The index's speech model, tuned for transcribing whole files."""
         if self._transcriber is None:
-            from mmsearch.transcribe import load_transcriber
-
+            self._transcriber = self._load_transcriber(short_clips=False)
             speech = {**DEFAULT_SPEECH, **self.store.config.get("speech", {})}
-            self._transcriber = load_transcriber(
-                speech["backend"], speech["model"], language=speech["language"], device=self.device
-            )
             if "resolved" not in speech:
                 self.store.update_config(speech={**speech, "resolved": self._transcriber.identity})
         return self._transcriber
+
+    @property
+    def query_transcriber(self) -> Any:
+        """The same speech model for spoken queries: the one loaded for indexing if there is one, else one
+        tuned for a few seconds of speech (see ``load_transcriber(short_clips=True)``)."""
+        if self._transcriber is not None:
+            return self._transcriber
+        if self._query_transcriber is None:
+            self._query_transcriber = self._load_transcriber(short_clips=True)
+        return self._query_transcriber
+
+    def _load_transcriber(self, *, short_clips: bool) -> Any:
+        from mmsearch.transcribe import load_transcriber
+
+        speech = {**DEFAULT_SPEECH, **self.store.config.get("speech", {})}
+        return load_transcriber(
+            speech["backend"],
+            speech["model"],
+            language=speech["language"],
+            device=self.device,
+            short_clips=short_clips,
+        )
 
     # --- indexing -----------------------------------------------------------------------------
     def add_folder(
@@ -192,7 +212,7 @@ class Index:
         if not path.is_file():
             raise BadQueryError(f"query audio not found: {path}")
         try:
-            transcript = self.transcriber.transcribe(path)
+            transcript = self.query_transcriber.transcribe(path)
         except BadMediaError as e:
             raise BadQueryError(f"cannot read query audio {path}: {e}") from e
         if not transcript.text.strip():

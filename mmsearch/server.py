@@ -600,7 +600,7 @@ def warm_up(index: Index, *, speech: bool = False) -> None:
     for kind in VECTOR_KINDS:
         index.store.vectors(kind)
     if speech:
-        index.transcriber  # noqa: B018 - loading is the point
+        index.query_transcriber  # noqa: B018 - loading is the point
     log.info("models and vectors loaded in %.1f s", time.perf_counter() - t0)
 
 

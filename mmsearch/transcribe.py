@@ -387,7 +387,12 @@ def _encode_one_by_one(model: Any, ctranslate2: Any, features: np.ndarray) -> An
 
 class _FasterWhisper:
     def __init__(
-        self, model: str | None, language: str | None, device: str, compute_type: str | None
+        self,
+        model: str | None,
+        language: str | None,
+        device: str,
+        compute_type: str | None,
+        short_clips: bool = False,
     ) -> None:
         fw = _import_faster_whisper()
         import ctranslate2
@@ -406,8 +411,10 @@ class _FasterWhisper:
         # CTranslate2 defaults to 4 threads, which oversubscribes a 2-core machine. On CPU, one worker per
         # core with one thread each: batches are split across the workers (Pipeline.generate_segment_batched).
         # More workers than chunks in a batch would idle; beyond that the cores go to threads per worker.
+        # A short clip (a spoken query) is one chunk, which one worker with every core decodes fastest:
+        # 0.30 s instead of 0.36 s for a 3 s sentence here, where a 2-minute file takes 22 % longer.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(cores, _BATCH_SIZE) if device == "cpu" else 1
+        workers = min(cores, _BATCH_SIZE) if device == "cpu" and not short_clips else 1
         try:
             self._model = fw.WhisperModel(
                 path,
@@ -559,6 +566,7 @@ def load_transcriber(
     language: str | None = None,
     device: str = "auto",
     compute_type: str | None = None,
+    short_clips: bool = False,
 ) -> Transcriber:
     """Load a Whisper model for transcription.
 
@@ -568,13 +576,14 @@ def load_transcriber(
     ``language``: an ISO code such as "en"; ``None`` detects it (English-only models always say "en").
     ``device``: "auto" (CUDA if present, else CPU), "cpu" or "cuda". ``compute_type``: CTranslate2's
     ("int8", "float16", "int8_float16"...) for faster-whisper, "float32"/"float16" for openai-whisper;
-    ``None`` picks int8 / float32 on CPU and float16 on CUDA.
+    ``None`` picks int8 / float32 on CPU and float16 on CUDA. ``short_clips``: tune faster-whisper on CPU for
+    a few seconds of speech at a time (spoken queries) rather than for long files.
 
     Raises :class:`WeightsUnavailableError` when the weights cannot be found or downloaded (within a few
     seconds when the network is down) and :class:`MissingDependencyError` when the backend is not installed.
     """
     if backend == "faster-whisper":
-        return _FasterWhisper(model, language, device, compute_type)
+        return _FasterWhisper(model, language, device, compute_type, short_clips)
     if backend == "openai-whisper":
         return _OpenAIWhisper(model, language, device, compute_type)
     raise ValueError(f"unknown speech backend '{backend}'; expected one of {', '.join(BACKENDS)}")

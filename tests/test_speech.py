@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -488,3 +489,16 @@ def test_deterministic_synthesis_repeats_exactly(tmp_path: Path) -> None:
     a = synthesize(CIRCLE, tmp_path / "a.wav", deterministic=True).read_bytes()
     b = synthesize(CIRCLE, tmp_path / "b.wav", deterministic=True).read_bytes()
     assert a == b
+
+
+@pytest.mark.speech
+def test_short_clip_transcriber_decodes_with_one_worker_on_every_core() -> None:
+    """Spoken queries: one chunk, so one CTranslate2 worker with all the threads; same words."""
+    clip = speech_wav(FOX)
+    quick = load_transcriber("faster-whisper", str(ct2_tiny_en()), device="cpu", short_clips=True)
+    files = transcriber("faster-whisper")  # the default: tuned for whole files
+    assert quick._pipeline.workers is None
+    cores = len(os.sched_getaffinity(0))
+    assert (files._pipeline.workers is not None) == (cores > 1)
+    assert quick.transcribe(clip).text == files.transcribe(clip).text
+    assert_says(quick.transcribe(clip), FOX)
