@@ -127,6 +127,9 @@ def _migration_2(conn: Connection) -> None:
 # Append only: each entry brings a database at version i to version i+1.
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest schema this code can search without migrating it (migration 2 only adds an index): what a
+# catalog on a full disk, which cannot be migrated, may be at.
+READABLE_FROM = 1
 
 
 def path_key(path: Path | str) -> bytes:
@@ -190,7 +193,7 @@ class Catalog:
         self.engine = create_engine(f"sqlite:///{uri}&uri=true", future=True)
         self.read_only = True
         with storage_errors(self.path), self.engine.connect() as conn:
-            if self._schema_version(conn) != SCHEMA_VERSION:
+            if not READABLE_FROM <= self._schema_version(conn) <= SCHEMA_VERSION:
                 raise MmsearchError(disk_full_message(self.path))  # it would need a migration
 
     @staticmethod

@@ -12,7 +12,7 @@ import pytest
 
 import mmsearch
 from mmsearch import db
-from mmsearch.errors import IndexLockedError, ModelMismatchError
+from mmsearch.errors import IndexLockedError, MmsearchError, ModelMismatchError
 from tests.conftest import TINY_MODEL, solid
 from tests.test_ingest import assert_consistent
 
@@ -134,3 +134,26 @@ def test_a_version_1_catalog_is_migrated_on_open(built: Path) -> None:
     con.close()
     assert "ix_captions_text" in indexes and version == "2" == str(db.SCHEMA_VERSION)
     assert json.loads((built / "mmsearch.json").read_text())["schema_version"] == 2
+
+
+def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 2 cannot run on a full disk; the catalog opens read-only at version 1 and answers."""
+    con = sqlite3.connect(built / "catalog.sqlite")
+    con.execute("DROP INDEX ix_captions_text")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+
+    def full(self: db.Catalog, conn: object) -> None:
+        raise MmsearchError("database or disk is full")
+
+    monkeypatch.setattr(db.Catalog, "_migrate", full)
+    monkeypatch.setattr(db, "_free_bytes", lambda path: 0)
+    with mmsearch.Index.open(built) as idx:
+        assert idx.store.catalog.read_only
+        assert idx.search_text("caption 3", target="captions", k=1)[0].text == "caption 3"
+    con = sqlite3.connect(built / "catalog.sqlite")
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    con.close()
