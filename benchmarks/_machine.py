@@ -17,6 +17,19 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector-instruction flags (AVX, AVX-512, VNNI, AMX): what int8 and fp32 speed depend on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return [
+                    x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx")) or "vnni" in x
+                ]
+    except OSError:
+        pass
+    return []
+
+
 def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
     """Installed distribution versions; None for a package that is not installed."""
     versions: dict[str, str | None] = {}

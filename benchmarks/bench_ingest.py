@@ -21,7 +21,6 @@ is fast (int8 with AVX-512 VNNI) decoding a 1600x1200 JPEG is a third of the mod
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import cpu_model
+from _machine import cpu_flags, cpu_model
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,12 +71,9 @@ def machine() -> dict[str, object]:
     cpu = cpu_model()
     import torch
 
-    flags = set()
-    with contextlib.suppress(OSError):
-        flags = set(Path("/proc/cpuinfo").read_text().split())
     return {
         "cpu": cpu,
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx"))),
+        "cpu_flags": cpu_flags(),
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _machine import package_versions
+from _machine import cpu_flags, cpu_model, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsearch.accel import OnnxImageTower, default_cache_dir, tower_key  # noqa: E402
@@ -69,20 +69,10 @@ SUBBATCH = {"torch_bf16_autocast": 8}  # images per timed run, where fewer than 
 
 
 def machine_facts() -> dict[str, Any]:
-    cpu = "unknown"
-    flags: list[str] = []
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = [
-                    x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx")) or "vnni" in x
-                ]
     versions = package_versions(("torch", "open_clip_torch", "onnxruntime", "onnx", "numpy"))
     return {
-        "cpu": cpu,
-        "cpu_flags": flags,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
