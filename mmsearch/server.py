@@ -60,7 +60,6 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 
 from mmsearch.api import Index
 from mmsearch.search import TARGETS
-from mmsearch.store import THUMBS
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,6 @@ class _Service:
     def __init__(self, index: Index) -> None:
         self.index = index
         self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
-        self.thumbs = index.path / THUMBS  # Store.thumbnail_path names the files in it
         self._pending: list[tuple[str, Future[Any]]] = []
         self._pending_lock = threading.Lock()
 
@@ -340,9 +338,9 @@ class _Service:
             raise HTTPException(404, f"item {file_id} cannot be read now: {e}") from e
         image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
         try:
-            self.thumbs.mkdir(exist_ok=True)
+            cached.parent.mkdir(exist_ok=True)
             # Written whole then renamed: a concurrent request sees the old state or the full file.
-            fd, tmp = tempfile.mkstemp(dir=self.thumbs, prefix=".thumb-", suffix=".jpg")
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".thumb-", suffix=".jpg")
             try:
                 with os.fdopen(fd, "wb") as f:
                     image.save(f, "JPEG", quality=85)
@@ -353,7 +351,7 @@ class _Service:
             log.debug("made thumbnail %s", cached)
             return cached
         except OSError as e:
-            log.warning("cannot cache thumbnails in %s (%s): serving them uncached", self.thumbs, e)
+            log.warning("cannot cache thumbnails in %s (%s): serving them uncached", cached.parent, e)
             buf = io.BytesIO()
             image.save(buf, "JPEG", quality=85)
             return buf.getvalue()

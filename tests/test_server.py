@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import mmsearch
-from mmsearch import client, server
+from mmsearch import client, server, store
 from mmsearch.search import TARGETS
 from tests._speech import speech_wav
 from tests.conftest import TINY_MODEL, solid
@@ -339,11 +339,11 @@ def test_thumbnails_are_made_once_and_cached(srv: Running) -> None:
     with Image.open(io.BytesIO(body)) as im:
         assert im.format == "JPEG" and max(im.size) == server.THUMB_SIDE and im.size == (256, 192)
         assert im.convert("RGB").getpixel((128, 96))[0] > 200  # red
-    cached = list((srv.index / server.THUMBS).glob("*.jpg"))
+    cached = list((srv.index / store.THUMBS).glob("*.jpg"))
     assert len([p for p in cached if p.read_bytes() == body]) == 1
     stamp = {p: p.stat().st_mtime_ns for p in cached}
     assert raw(srv, "GET", f"/api/thumbs/{file_id}")[2] == body
-    assert {p: p.stat().st_mtime_ns for p in (srv.index / server.THUMBS).glob("*.jpg")} == stamp
+    assert {p: p.stat().st_mtime_ns for p in (srv.index / store.THUMBS).glob("*.jpg")} == stamp
     assert raw(srv, "GET", f"/api/thumbs/{srv.ids['fox.wav']}")[0] == 404  # audio has no thumbnail
 
 
