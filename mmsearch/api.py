@@ -130,7 +130,7 @@ class Index:
         """The index's speech model, tuned for transcribing whole files."""
         if self._transcriber is None:
             self._transcriber = self._load_transcriber(short_clips=False)
-            speech = {**DEFAULT_SPEECH, **self.store.config.get("speech", {})}
+            speech = self._speech_settings()
             if "resolved" not in speech:
                 self.store.update_config(speech={**speech, "resolved": self._transcriber.identity})
         return self._transcriber
@@ -145,10 +145,13 @@ class Index:
             self._query_transcriber = self._load_transcriber(short_clips=True)
         return self._query_transcriber
 
+    def _speech_settings(self) -> dict[str, Any]:
+        return {**DEFAULT_SPEECH, **self.store.config.get("speech", {})}
+
     def _load_transcriber(self, *, short_clips: bool) -> Any:
         from mmsearch.transcribe import load_transcriber
 
-        speech = {**DEFAULT_SPEECH, **self.store.config.get("speech", {})}
+        speech = self._speech_settings()
         return load_transcriber(
             speech["backend"],
             speech["model"],
