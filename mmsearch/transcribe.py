@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmsearch.audio import SAMPLE_RATE, iter_pcm_chunks
+from mmsearch.audio import SAMPLE_RATE, TimeBudget, iter_pcm_chunks
 from mmsearch.errors import MissingDependencyError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,17 @@ class Transcriber(Protocol):
     #: What produced the transcripts, e.g. {"backend": "faster-whisper", "model": "tiny.en", "source": path}
     identity: dict[str, str]
 
-    def transcribe(self, path: str | Path) -> Transcript: ...
+    def transcribe(
+        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+    ) -> Transcript:
+        """Transcribe ``path``; :class:`BadMediaError` when it cannot be decoded or is over a budget.
+
+        ``max_seconds``: refuse audio longer than this (spoken queries: ``QUERY_MAX_AUDIO_SECONDS``)
+        instead of transcribing it. ``time_budget``: wall-clock seconds for decoding and transcription
+        together; ``None`` gives ``FILE_TIME_BUDGET_SECONDS`` plus ``TIME_BUDGET_PER_AUDIO_SECOND`` per
+        second of audio decoded.
+        """
+        ...
 
 
 # ---------------------------------------------------------------------------------------------- windows
@@ -99,10 +109,19 @@ def _quiet_cut(pcm: np.ndarray, search: int) -> int:
     return start + int(np.argmin(energy)) * frame + frame // 2
 
 
-def _windows(path: str | Path, window_seconds: float) -> Iterator[tuple[float, np.ndarray]]:
-    """Yield (offset in seconds, PCM) windows covering the file exactly, cut at quiet moments."""
+def _windows(
+    path: str | Path,
+    window_seconds: float,
+    *,
+    max_seconds: float | None = None,
+    budget: TimeBudget | None = None,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (offset in seconds, PCM) windows covering the file exactly, cut at quiet moments.
+
+    ``max_seconds`` and ``budget`` as for :func:`mmsearch.audio.iter_pcm_chunks`.
+    """
     search = int(min(_CUT_SEARCH_SECONDS, window_seconds / 4) * SAMPLE_RATE)
-    blocks = iter_pcm_chunks(path, window_seconds)
+    blocks = iter_pcm_chunks(path, window_seconds, max_seconds=max_seconds, budget=budget)
     offset = 0  # samples
     carry = np.zeros(0, dtype=np.float32)
     block = next(blocks, None)
@@ -150,18 +169,26 @@ def _shift(raw: list[RawSegment], offset: float, limit: float) -> list[Segment]:
 
 
 def _transcribe_windows(
-    path: str | Path, decode: Callable[[np.ndarray], tuple[int, list[RawSegment], str | None]]
+    path: str | Path,
+    decode: Callable[[np.ndarray], tuple[int, list[RawSegment], str | None]],
+    *,
+    max_seconds: float | None = None,
+    time_budget: float | None = None,
 ) -> Transcript:
     """Both backends: read the file window by window, skip silent windows, and place each window's segments
     on the file's timeline. ``decode(pcm)`` returns the samples it skipped at the start, the segments (times
-    from there) and the language."""
+    from there) and the language. Budgets as for :meth:`Transcriber.transcribe`: one clock for decoding
+    (checked between packets) and transcription (checked before each window is handed to Whisper)."""
+    what = "decoding and transcription"
+    budget = TimeBudget.default(what) if time_budget is None else TimeBudget(time_budget, what=what)
     segments: list[Segment] = []
     language = None
     duration = 0.0
-    for offset, pcm in _windows(path, WINDOW_SECONDS):
+    for offset, pcm in _windows(path, WINDOW_SECONDS, max_seconds=max_seconds, budget=budget):
         duration = offset + pcm.size / SAMPLE_RATE
         if _is_silent(pcm):
             continue
+        budget.check()
         lead, raw, heard = decode(pcm)
         language = language or heard
         segments += _shift(raw, offset + lead / SAMPLE_RATE, (pcm.size - lead) / SAMPLE_RATE)
@@ -440,8 +467,10 @@ class _FasterWhisper:
             "compute_type": compute_type,
         }
 
-    def transcribe(self, path: str | Path) -> Transcript:
-        return _transcribe_windows(path, self._decode)
+    def transcribe(
+        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+    ) -> Transcript:
+        return _transcribe_windows(path, self._decode, max_seconds=max_seconds, time_budget=time_budget)
 
     def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
         parts, info = self._pipeline.transcribe(
@@ -544,8 +573,10 @@ class _OpenAIWhisper:
             "compute_type": compute_type,
         }
 
-    def transcribe(self, path: str | Path) -> Transcript:
-        return _transcribe_windows(path, self._decode)
+    def transcribe(
+        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+    ) -> Transcript:
+        return _transcribe_windows(path, self._decode, max_seconds=max_seconds, time_budget=time_budget)
 
     def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
         fp16 = self.identity["compute_type"] == "float16"

@@ -126,3 +126,39 @@ def test_formats_we_do_not_index_are_never_decoded(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16), "red").save(p, format="ICO")  # a real ICO under a .png name
     with pytest.raises(BadMediaError, match="not a supported image"):
         load_image(p)
+
+
+def test_large_alpha_image_is_shrunk_then_composited_on_white(tmp_path: Path) -> None:
+    p = tmp_path / "big.png"
+    im = Image.new("RGBA", (3000, 2000), (0, 0, 0, 0))  # transparent black on the left
+    im.paste((0, 0, 255, 255), (1500, 0, 3000, 2000))  # opaque blue on the right
+    im.save(p)
+    out = load_image(p)
+    assert out.mode == "RGB" and out.size == (1024, 683)
+    assert pixel(out, (100, 300)) == (255, 255, 255)
+    assert pixel(out, (900, 300)) == (0, 0, 255)
+
+
+def test_orientation_is_applied_after_shrinking(tmp_path: Path) -> None:
+    p = tmp_path / "wide.jpg"
+    im = Image.new("RGB", (3000, 1000), "white")
+    im.paste((255, 0, 0), (0, 0, 300, 1000))  # red at the left edge: at the top once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    im.save(p, exif=exif)
+    out = load_image(p)
+    assert out.size == (341, 1024)
+    r, g, b = pixel(out, (170, 20))
+    assert r > 200 and g < 60 and b < 60
+
+
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [("I", 200, 200), ("I", 40000, 40000 >> 8), ("I", -5, 0), ("F", 100.7, 100), ("F", 65535.0, 255)],
+)
+def test_deep_modes_are_scaled_to_8_bits(tmp_path: Path, mode: str, value: float, expected: int) -> None:
+    p = tmp_path / "deep.tiff"
+    Image.new(mode, (1200, 30), value).save(p)
+    out = load_image(p, max_side=600)
+    assert out.size == (600, 15)
+    assert pixel(out, (300, 7)) == (expected,) * 3

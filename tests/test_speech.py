@@ -105,7 +105,7 @@ def test_chunks_are_exact_and_cover_the_file() -> None:
     assert all(c.size == 8000 for c in chunks[:-1]) and 0 < chunks[-1].size <= 8000
     np.testing.assert_array_equal(np.concatenate(chunks), whole)
     assert abs(whole.size / 16000 - probe_duration(path)) < 0.01
-    np.testing.assert_array_equal(load_pcm(path, max_seconds=1.25), whole[:20000])
+    np.testing.assert_array_equal(load_pcm(path, first_seconds=1.25), whole[:20000])
 
 
 def test_long_file_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
