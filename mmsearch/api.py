@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ import numpy as np
 from PIL import Image
 
 from mmsearch import db
-from mmsearch.errors import BadMediaError, BadQueryError, MmsearchError, ModelMismatchError
+from mmsearch.errors import BadMediaError, BadQueryError, ConfigError, ModelMismatchError
 from mmsearch.identity import ModelSpec, describe_identity, same_model
-from mmsearch.images import load_image
-from mmsearch.ingest import IngestReport, Progress, ingest
+from mmsearch.images import QUERY_MAX_PIXELS, load_image
+from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
 
@@ -29,6 +30,23 @@ log = logging.getLogger(__name__)
 DEFAULT_INDEX = Path("indexes") / "default"
 IMAGE_TOWERS = ("onnx-int8", "onnx-fp32", "torch")
 DEFAULT_SPEECH = {"backend": "faster-whisper", "model": None, "language": None}
+# Devices a model can be put on: torch's names (pick_device) that faster-whisper also understands or
+# maps to the CPU (WhisperModel).
+_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# The language codes both Whisper backends accept (whisper.tokenizer.LANGUAGES, faster-whisper's
+# tokenizer): kept here so that checking a setting does not import either backend or torch.
+# fmt: off
+WHISPER_LANGUAGES = frozenset((
+    "af", "am", "ar", "as", "az", "ba", "be", "bg", "bn", "bo", "br", "bs", "ca", "cs", "cy", "da", "de",
+    "el", "en", "es", "et", "eu", "fa", "fi", "fo", "fr", "gl", "gu", "ha", "haw", "he", "hi", "hr", "ht",
+    "hu", "hy", "id", "is", "it", "ja", "jw", "ka", "kk", "km", "kn", "ko", "la", "lb", "ln", "lo", "lt",
+    "lv", "mg", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "ne", "nl", "nn", "no", "oc", "pa", "pl",
+    "ps", "pt", "ro", "ru", "sa", "sd", "si", "sk", "sl", "sn", "so", "sq", "sr", "su", "sv", "sw", "ta",
+    "te", "tg", "th", "tk", "tl", "tr", "tt", "uk", "ur", "uz", "vi", "yi", "yo", "zh", "yue",
+))
+# fmt: on
+# open_or_create's keyword -> the speech setting it names in the index's configuration.
+_SPEECH_OPTIONS = {"speech_backend": "backend", "speech_model": "model", "language": "language"}
 
 
 def default_index_path() -> Path:
@@ -40,13 +58,9 @@ class Index:
 
     def __init__(self, store: Store, *, device: str = "auto", image_tower: str | None = None) -> None:
         self.store = store
-        self.device = device
+        self.device = check_device(device)
         # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
-        self.image_tower = image_tower or os.environ.get("MMSEARCH_IMAGE_TOWER", "onnx-int8")
-        if self.image_tower not in IMAGE_TOWERS:
-            raise MmsearchError(
-                f"unknown image tower '{self.image_tower}' (choose from {', '.join(IMAGE_TOWERS)})"
-            )
+        self.image_tower = check_image_tower(image_tower)
         self._embedder: Any = None
         self._transcriber: Any = None
         self._query_transcriber: Any = None
@@ -66,11 +80,15 @@ class Index:
         device: str = "auto",
         image_tower: str | None = None,
     ) -> Index:
-        """Create an empty index; loads the model once to record its identity and dimension."""
+        """Create an empty index; loads the model once to record its identity and dimension.
+
+        Every setting is checked first (:class:`ConfigError`), before any model is loaded."""
         from mmsearch.model import load_embedder
 
+        speech = check_speech_settings(speech_backend, speech_model, language)
+        check_device(device)
+        check_image_tower(image_tower)
         embedder = load_embedder(ModelSpec(model, pretrained, checkpoint), device=device)
-        speech = {"backend": speech_backend, "model": speech_model, "language": language}
         store = Store.create(Path(path), {"model": embedder.identity, "speech": speech})
         index = cls(store, device=device, image_tower=image_tower)
         index._embedder = embedder
@@ -162,9 +180,20 @@ class Index:
 
     # --- indexing -----------------------------------------------------------------------------
     def add_folder(
-        self, folder: str | Path, *, progress: Progress | None = None, workers: int = 2
+        self,
+        folder: str | Path,
+        *,
+        progress: Progress | None = None,
+        workers: int = 2,
+        follow_links: bool = False,
+        prune: bool = False,
     ) -> IngestReport:
-        """Index ``folder`` incrementally (only new or changed content does model work)."""
+        """Index ``folder`` incrementally (only new or changed content does model work).
+
+        ``follow_links``: also index what links pointing outside ``folder`` lead to (not followed by
+        default: see :mod:`mmsearch.scan`). ``prune``: forget the files of sub-folders (or of ``folder``
+        itself) that cannot be seen now, e.g. an unplugged drive; by default they are kept and reported in
+        ``IngestReport.unavailable``."""
         self.store.lock_for_writing()
         try:
             return ingest(
@@ -174,6 +203,8 @@ class Index:
                 transcriber=lambda: self.transcriber,
                 progress=progress,
                 workers=workers,
+                follow_links=follow_links,
+                prune=prune,
             )
         finally:
             self.store.unlock()
@@ -204,18 +235,22 @@ class Index:
             if not path.is_file():
                 raise BadQueryError(f"query image not found: {path}")
             try:
-                image = load_image(path)
+                image = load_image(path, max_pixels=QUERY_MAX_PIXELS)
             except BadMediaError as e:
                 raise BadQueryError(f"cannot read query image {path}: {e}") from e
         return self.search_vector(self.embedder.embed_images([image.convert("RGB")])[0], target=target, k=k)
 
     def transcribe_query(self, audio: str | Path) -> str:
-        """What the spoken query says (the text that :meth:`search_audio` searches with)."""
+        """What the spoken query says (the text that :meth:`search_audio` searches with). A recording longer
+        than ``QUERY_MAX_AUDIO_SECONDS`` is refused, not cut: a query is a sentence, and decoding more is work
+        an upload could make the server do for nothing."""
+        from mmsearch.audio import QUERY_MAX_AUDIO_SECONDS  # PyAV: only when a spoken query comes
+
         path = Path(audio)
         if not path.is_file():
             raise BadQueryError(f"query audio not found: {path}")
         try:
-            transcript = self.query_transcriber.transcribe(path)
+            transcript = self.query_transcriber.transcribe(path, max_seconds=QUERY_MAX_AUDIO_SECONDS)
         except BadMediaError as e:
             raise BadQueryError(f"cannot read query audio {path}: {e}") from e
         if not transcript.text.strip():
@@ -249,6 +284,8 @@ class Index:
             "speech": self.store.config.get("speech"),
             "schema_version": self.store.config.get("schema_version"),
             **counts,
+            # Files kept because their folder could not be seen by the last run (see add_folder's prune).
+            "unavailable": unavailable_summary(self.store),
         }
 
     def skipped(self) -> list[dict[str, str]]:
@@ -264,7 +301,11 @@ class Index:
 
 
 def open_or_create(path: str | Path, **kwargs: Any) -> Index:
-    """Open the index at ``path`` (checking the model if one is named), or create it."""
+    """Open the index at ``path`` (checking the model if one is named), or create it.
+
+    Speech settings (``speech_backend``, ``speech_model``, ``language``) are fixed when an index is
+    created: naming different ones for an existing index raises :class:`ConfigError` rather than being
+    ignored (``None`` means "not named")."""
     path = Path(path)
     if Store.exists(path):
         open_kwargs = {
@@ -272,9 +313,69 @@ def open_or_create(path: str | Path, **kwargs: Any) -> Index:
             for k in ("model", "pretrained", "checkpoint", "device", "image_tower")
             if k in kwargs
         }
-        return Index.open(path, **open_kwargs)
+        index = Index.open(path, **open_kwargs)
+        try:
+            _check_same_speech(index.store, kwargs)
+        except ConfigError:
+            index.close()
+            raise
+        return index
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return Index.create(path, **kwargs)
+
+
+def check_device(device: str) -> str:
+    if not _DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def check_image_tower(image_tower: str | None) -> str:
+    """The image tower to use: the one given, else $MMSEARCH_IMAGE_TOWER, else onnx-int8."""
+    tower = image_tower or os.environ.get("MMSEARCH_IMAGE_TOWER", "onnx-int8")
+    if tower not in IMAGE_TOWERS:
+        raise ConfigError(f"unknown image tower '{tower}' (choose from {', '.join(IMAGE_TOWERS)})")
+    return tower
+
+
+def check_speech_settings(backend: str, model: str | None, language: str | None) -> dict[str, Any]:
+    """The speech settings an index records, checked: a typo saved here would make every later run skip
+    every recording."""
+    from mmsearch.transcribe import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown speech backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if language is not None:
+        code = _normalized("language", language)
+        if code not in WHISPER_LANGUAGES:
+            raise ConfigError(
+                f"unknown spoken language '{language}': give a Whisper language code such as en, fr, de, "
+                "es, zh, or none to detect the language"
+            )
+        language = code
+    if model is not None and not model.strip():
+        raise ConfigError("the speech model name is empty")
+    return {"backend": backend, "model": model, "language": language}
+
+
+def _normalized(option: str, value: str) -> str:
+    return value.strip().lower() if option == "language" else value
+
+
+def _check_same_speech(store: Store, asked: dict[str, Any]) -> None:
+    """Speech options named for an existing index must be its own: its transcripts were made with them."""
+    current = {**DEFAULT_SPEECH, **store.config.get("speech", {})}
+    differ = [
+        f"{option.replace('_', '-')} {asked[option]!r} (the index has {current[setting] or 'the default'!r})"
+        for option, setting in _SPEECH_OPTIONS.items()
+        if asked.get(option) is not None and _normalized(option, asked[option]) != current[setting]
+    ]
+    if differ:
+        raise ConfigError(
+            f"the index at {store.folder} was created with other speech settings: {'; '.join(differ)}. "
+            "An index keeps the speech settings it was created with: leave these options out to use them, "
+            "or create a new index with the new ones"
+        )
 
 
 def _check_same_model(identity: dict[str, Any], spec: ModelSpec) -> None:

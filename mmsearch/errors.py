@@ -42,3 +42,7 @@ class BadMediaError(MmsearchError):
 
 class BadQueryError(MmsearchError):
     """A query could not be run as given (empty text, missing or undecodable query file...)."""
+
+
+class ConfigError(MmsearchError):
+    """A setting given for an index is invalid or conflicts with the index's own; the message says which."""

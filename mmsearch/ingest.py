@@ -5,6 +5,16 @@ file is hashed, and content already in the catalog (a moved, renamed or duplicat
 re-embedded. Every batch is committed in one transaction together with its embeddings, so a crash loses at
 most the batches in flight (one per model stream) and never leaves a half-written item. One bad file is
 recorded and skipped.
+
+What cannot be seen is not taken for gone. A folder of the catalog that this run cannot see (an unreadable
+folder, a broken link to a folder, an unplugged drive's empty mount point, the indexed folder itself missing
+or empty) keeps its files, their content and vectors: forgetting them over a transient condition would
+throw away hours of embedding and transcription. They are listed in ``IngestReport.unavailable`` and in the
+catalog's meta (for ``status``), and removed only with ``prune=True``. A file whose parent folder is
+readable and which is really gone is forgotten as always.
+
+One file cannot stall a run: each image decode has a time budget (:data:`IMAGE_DECODE_BUDGET_SECONDS`);
+a decode that overruns it is recorded as skipped and the run goes on without waiting for it.
 """
 
 from __future__ import annotations
@@ -12,10 +22,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,7 +40,16 @@ from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import sha256_file
 from mmsearch.images import load_image
-from mmsearch.scan import Caption, FoundFile, kind_of, scan
+from mmsearch.scan import (
+    BROKEN_LINK_REASON,
+    OUTSIDE_LINK_REASON,
+    UNREADABLE_FOLDER_REASON,
+    Caption,
+    FoundFile,
+    ScanResult,
+    kind_of,
+    scan,
+)
 from mmsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +59,16 @@ Progress = Callable[[str, int, int], None]
 
 # A transcript this short is also embedded whole, so a query can match words spread over segments.
 WHOLE_TRANSCRIPT_MAX_SECONDS = 30.0
+# Longest an image decode (and its preprocessing) may take before the file is skipped. Pillow cannot be
+# interrupted inside one C call: the run stops waiting for it and leaves its thread behind.
+IMAGE_DECODE_BUDGET_SECONDS = 60.0
+# Catalog meta keys: folders seen as mount points (an unmounted one is an empty folder), and what the
+# last run of each indexed folder kept because it could not be seen.
+MOUNT_POINTS_META = "scan.mount_points"
+UNAVAILABLE_META = "ingest.unavailable"
+ROOT_EMPTY_REASON = "folder is empty (a drive not mounted?)"
+EMPTY_MOUNT_REASON = "empty mount point (a drive not mounted?)"
+ROOT_MISSING_REASON = "folder not found"
 
 
 class Embedder(Protocol):
@@ -62,11 +94,16 @@ class IngestReport:
     captions_removed: int = 0
     files_removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    # Folders (or links) the catalog holds files under that this run could not see, and the number of
+    # catalog files kept under them; removed only with prune=True.
+    unavailable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    kept_unavailable: int = 0
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        d["unavailable"] = [{"path": p, "reason": r} for p, r in self.unavailable]
         return d
 
 
@@ -78,20 +115,29 @@ def ingest(
     transcriber: Callable[[], Any],
     progress: Progress | None = None,
     workers: int = 2,
+    follow_links: bool = False,
+    prune: bool = False,
 ) -> IngestReport:
-    """Bring the index up to date with ``root``. ``embedder``/``transcriber`` are called only if needed."""
+    """Bring the index up to date with ``root``. ``embedder``/``transcriber`` are called only if needed.
+
+    ``follow_links``: also index what links pointing outside ``root`` lead to (see :mod:`mmsearch.scan`).
+    ``prune``: forget the files of folders that cannot be seen (see the module docstring) instead of
+    keeping them.
+    """
     started = time.monotonic()
     root = Path(os.path.abspath(root))
-    if not root.is_dir():
-        raise MmsearchError(f"not a folder: {root}")
     report = IngestReport(root=str(root))
+    if not root.is_dir():
+        return _missing_root(store, root, report, prune, embedder, transcriber, started)
     # The model's objects (about 400k for ViT-B-32) would be walked by every full garbage collection:
     # 0.2 s each here, 5 % of indexing 300 photos. Set aside while indexing; a caller's own freeze is kept.
     freeze = gc.get_freeze_count() == 0
     if freeze:
         gc.freeze()
     try:
-        return _ingest(store, root, report, embedder, transcriber, progress, workers, started)
+        return _ingest(
+            store, root, report, embedder, transcriber, progress, workers, started, follow_links, prune
+        )
     finally:
         if freeze:
             gc.unfreeze()
@@ -106,33 +152,150 @@ def _ingest(
     progress: Progress | None,
     workers: int,
     started: float,
+    follow_links: bool,
+    prune: bool,
 ) -> IngestReport:
     tick = progress or (lambda stage, done, total: None)
     tick("scan", 0, 1)
-    found = scan(root)
+    found = scan(root, follow_links=follow_links)
     tick("scan", 1, 1)
     report.files_seen = len(found.files)
     report.skipped.extend((str(p), reason) for p, reason in found.problems)
     run = _Run(store, report, tick, embedder, transcriber, workers)
     seen = {db.path_key(f.path) for f in found.files}
-    seen |= run.record_problems(found.problems, seen)
+    rows = run.rows_under(root)
+    known_mounts = _known_mount_points(store)
+    # What the catalog holds that this run could not see is kept (see the module docstring).
+    unseen = [k for k in rows if k not in seen]
+    unavailable = [] if prune else unavailable_folders(found, unseen, known_mounts)
+    kept = tuple(_folder_prefix(db.path_key(p)) for p, _ in unavailable)
+    kept_keys = {db.path_key(p) for p, _ in unavailable}
+    report.unavailable = [(str(p), reason) for p, reason in unavailable]
+    report.kept_unavailable = sum(1 for k in unseen if k in kept_keys or k.startswith(kept))
+    seen |= run.record_problems(found.problems, seen, keep=kept_keys)
     pending = run.hash_new_files(found.files)
     run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
-    run.sync_captions(root, found.captions)
-    # A folder that could not be listed this time (permissions, a flaky mount) keeps what it held:
-    # forgetting its files would throw away their embeddings over a transient error.
-    kept = tuple(
-        db.path_key(p).rstrip(b"/") + b"/"
-        for p, reason in found.problems
-        if reason.startswith("unreadable folder")
-    )
+    run.sync_captions(root, found.captions, kept, kept_keys)
     run.remove_missing(root, seen, kept)
     tick("save", 0, 1)
     store.save_vectors()
     tick("save", 1, 1)
+    mounts = {db.path_key(p) for p in found.mount_points} | {
+        k for k in known_mounts if k in kept_keys or k.startswith(kept)
+    }
+    _record_unavailable(store, root, report, mounts)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _missing_root(
+    store: Store,
+    root: Path,
+    report: IngestReport,
+    prune: bool,
+    embedder: Callable[[], Embedder],
+    transcriber: Callable[[], Any],
+    started: float,
+) -> IngestReport:
+    """``root`` is not a folder now: an error if the catalog holds nothing under it (a typo), else its
+    files are kept (an unplugged drive), or forgotten with ``prune``."""
+    key = db.path_key(root)
+    run = _Run(store, report, lambda stage, done, total: None, embedder, transcriber, 1)
+    held = run.rows_under(root)
+    if not held:
+        raise MmsearchError(f"not a folder: {root}")
+    if prune:
+        run.remove_missing(root, set(), ())
+        store.save_vectors()
+    else:
+        if root.is_symlink():
+            reason = BROKEN_LINK_REASON
+        else:
+            reason = "not a folder" if os.path.lexists(root) else ROOT_MISSING_REASON
+        report.unavailable = [(str(root), reason)]
+        report.kept_unavailable = len(held)
+    prefix = _folder_prefix(key)
+    mounts = set() if prune else {m for m in _known_mount_points(store) if m == key or m.startswith(prefix)}
+    _record_unavailable(store, root, report, mounts)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _folder_prefix(key: bytes) -> bytes:
+    return key.rstrip(b"/") + b"/"
+
+
+def unavailable_folders(
+    found: ScanResult, unseen: list[bytes], known_mounts: set[bytes]
+) -> list[tuple[Path, str]]:
+    """The folders (or links) that this scan could not see and under which the catalog holds ``unseen``
+    files: those files are not known to be gone. Pure: a function of the scan and the catalog's keys.
+
+    Candidates: unreadable folders; broken links and links not followed (a drive reached through a link,
+    or indexed with follow_links earlier); the indexed folder itself when empty; an empty folder that is or
+    was a mount point. A folder that was simply deleted is none of these: its files are forgotten.
+    """
+    if not unseen:
+        return []  # the common case: nothing the catalog holds went missing
+    candidates: list[tuple[Path, str]] = [
+        (p, reason)
+        for p, reason in found.problems
+        if reason.startswith(UNREADABLE_FOLDER_REASON) or reason in (BROKEN_LINK_REASON, OUTSIDE_LINK_REASON)
+    ]
+    mounts = known_mounts | {db.path_key(p) for p in found.mount_points}
+    for folder in found.empty_folders:
+        if folder == found.root:
+            candidates.append((folder, ROOT_EMPTY_REASON))
+        elif db.path_key(folder) in mounts:
+            candidates.append((folder, EMPTY_MOUNT_REASON))
+    out = []
+    for path, reason in candidates:
+        key = db.path_key(path)
+        prefix = _folder_prefix(key)
+        if any(k == key or k.startswith(prefix) for k in unseen):
+            out.append((path, reason))
+    return out
+
+
+def _known_mount_points(store: Store) -> set[bytes]:
+    return {os.fsencode(p) for p in store.catalog.get_meta(MOUNT_POINTS_META, [])}
+
+
+def _record_unavailable(
+    store: Store, root: Path, report: IngestReport, mounts_under_root: set[bytes]
+) -> None:
+    """Remember the mount points seen under ``root`` and what this run kept; written only when changed,
+    so that a no-op re-index stays a read-only run."""
+    key = db.path_key(root)
+    prefix = _folder_prefix(key)
+    old_mounts = _known_mount_points(store)
+    mounts = {m for m in old_mounts if m != key and not m.startswith(prefix)} | mounts_under_root
+    if mounts != old_mounts:
+        store.catalog.set_meta(MOUNT_POINTS_META, sorted(os.fsdecode(m) for m in mounts))
+    old: dict[str, dict[str, Any]] = store.catalog.get_meta(UNAVAILABLE_META, {})
+    new = dict(old)
+    shown = db.display_path(key)
+    new.pop(shown, None)
+    if report.unavailable:
+        new[shown] = {
+            "files_kept": report.kept_unavailable,
+            "folders": [
+                {"path": db.display_path(db.path_key(p)), "reason": db.storable(r)}
+                for p, r in report.unavailable
+            ],
+        }
+    if new != old:
+        store.catalog.set_meta(UNAVAILABLE_META, new)
+
+
+def unavailable_summary(store: Store) -> list[dict[str, Any]]:
+    """What the last run of each indexed folder kept because it could not be seen (for ``status``)."""
+    recorded: dict[str, dict[str, Any]] = store.catalog.get_meta(UNAVAILABLE_META, {})
+    return [
+        {"root": root, "files_kept": entry["files_kept"], "folders": entry["folders"]}
+        for root, entry in sorted(recorded.items())
+    ]
 
 
 T = TypeVar("T")
@@ -154,17 +317,101 @@ def image_batch_size(embedder: Any) -> int:
     )
 
 
+class _Task(Future[R]):
+    """A future that knows when its call started running (None while it waits for a thread)."""
+
+    started: float | None = None
+
+
+class DecodePool:
+    """A fixed number of daemon threads running calls, for decoders that may hang.
+
+    Unlike ``ThreadPoolExecutor``, a thread stuck in one C call (Pillow cannot be interrupted) blocks
+    neither :meth:`close` nor the interpreter's exit (which joins every executor thread), and a caller
+    that gives up on a call gets a replacement thread (:meth:`replace_stuck_worker`), so the rest of the
+    work keeps its parallelism.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[_Task[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._threads = 0
+        for _ in range(max(1, workers)):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._work, name="mmsearch-decode", daemon=True).start()
+        self._threads += 1
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            task, call = job
+            if not task.set_running_or_notify_cancel():
+                continue
+            task.started = time.monotonic()
+            try:
+                task.set_result(call())
+            except BaseException as e:  # handed to the waiting caller, as ThreadPoolExecutor does
+                task.set_exception(e)
+
+    def submit(self, fn: Callable[[T], R], item: T) -> _Task[R]:
+        task: _Task[R] = _Task()
+        self._jobs.put((task, lambda: fn(item)))
+        return task
+
+    def replace_stuck_worker(self) -> None:
+        self._spawn()
+
+    def close(self) -> None:
+        """Let idle threads end once the queue is drained; never waits (a stuck thread stays behind)."""
+        for _ in range(self._threads):
+            self._jobs.put(None)
+
+
+def wait_within(task: _Task[R], budget: float | None) -> R:
+    """``task``'s result, or :class:`TimeoutError` once it has been running longer than ``budget`` seconds
+    (time spent waiting for a free thread does not count)."""
+    if budget is None:
+        return task.result()
+    while True:
+        started = task.started
+        remaining = budget if started is None else started + budget - time.monotonic()
+        try:
+            return task.result(timeout=max(remaining, 0.0))
+        except FutureTimeout:
+            if task.started is not None and time.monotonic() - task.started >= budget:
+                raise TimeoutError from None
+
+
 def bounded_map(
-    fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    pool: DecodePool,
+    ahead: int,
+    *,
+    budget: float | None = None,
+    on_timeout: Callable[[T], R] | None = None,
 ) -> Iterator[R]:
-    """Like ``pool.map`` but with at most ``ahead`` results in flight, so memory stays bounded."""
-    queue: list[Future[R]] = []
+    """Like ``pool.map`` but with at most ``ahead`` results in flight, so memory stays bounded. A call that
+    runs longer than ``budget`` seconds is given up: ``on_timeout(item)`` is yielded in its place and the
+    pool gets a thread to replace the stuck one."""
+    pending: deque[tuple[T, _Task[R]]] = deque()
+
+    def next_result() -> R:
+        item, task = pending.popleft()
+        try:
+            return wait_within(task, budget)
+        except TimeoutError:
+            if on_timeout is None:
+                raise
+            pool.replace_stuck_worker()
+            return on_timeout(item)
+
     for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= ahead:
-            yield queue.pop(0).result()
-    for fut in queue:
-        yield fut.result()
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= ahead:
+            yield next_result()
+    while pending:
+        yield next_result()
 
 
 _Decoded = tuple[str, list[FoundFile], Any, "str | None"]  # (sha256, files, tensor, error)
@@ -213,16 +460,24 @@ class _Run:
         return self._transcriber
 
     # --- files --------------------------------------------------------------------------------
-    def record_problems(self, problems: list[tuple[Path, str]], found: set[bytes]) -> set[bytes]:
+    def record_problems(
+        self, problems: list[tuple[Path, str]], found: set[bytes], keep: set[bytes] | None = None
+    ) -> set[bytes]:
         """Record what the scan could not read (broken symlinks, special files, unreadable caption files
-        or folders) as skipped rows, so ``mmsearch status`` lists them; returns their keys."""
+        or folders) as skipped rows, so ``mmsearch status`` lists them; returns their keys. The rows of
+        ``keep`` (an indexed file behind a link now broken or not followed) are left as they are."""
         reasons: dict[bytes, tuple[Path, list[str]]] = {}
         for path, reason in problems:
             key = db.path_key(path)
             if key not in found:  # a media file's own row says more than a problem about it
                 reasons.setdefault(key, (path, []))[1].append(reason)
+        keys = set(reasons)
+        for key in (keep or set()) & keys:
+            row = self.existing.get(key)
+            if row is not None and row.status == "ok":
+                del reasons[key]
         if not reasons:
-            return set()
+            return keys
         with self.store.catalog.begin() as conn:
             for key, (path, why) in reasons.items():
                 row = self.existing.get(key)
@@ -231,7 +486,7 @@ class _Run:
                 # size/mtime -1: never matches a real file, so a fixed file is hashed on the next run.
                 f = FoundFile(path, kind_of(path) or "other", -1, -1)
                 self._write_file(conn, f, None, None, "; ".join(why))
-        return set(reasons)
+        return keys
 
     def hash_new_files(self, found: list[FoundFile]) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
@@ -311,10 +566,17 @@ class _Run:
             except BadMediaError as e:
                 return sha, group, None, str(e)
 
+        budget = IMAGE_DECODE_BUDGET_SECONDS  # read at each run, so that a test can lower it
+
+        def overran(item: tuple[str, list[FoundFile]]) -> _Decoded:
+            log.warning("gave up decoding %s after %g s", item[1][0].path, budget)
+            return item[0], item[1], None, f"decoding took longer than {budget:g} s"
+
         in_flight: deque[tuple[list[_Decoded], Future[np.ndarray] | None]] = deque()
         done = 0
-        with ThreadPoolExecutor(self.workers) as pool:
-            decoded = bounded_map(decode, groups, pool, ahead=2 * bs)
+        pool = DecodePool(self.workers)
+        try:
+            decoded = bounded_map(decode, groups, pool, ahead=2 * bs, budget=budget, on_timeout=overran)
             while True:
                 batch = _take(decoded, bs)
                 if batch:
@@ -326,6 +588,8 @@ class _Run:
                     self.tick("images", done, len(groups))
                 if not batch and not in_flight:
                     break
+        finally:
+            pool.close()  # never joins: a decode still stuck in Pillow must not hold the run (or its lock)
 
     def _start_embedding(self, batch: list[_Decoded]) -> Future[np.ndarray] | None:
         tensors = [t for _, _, t, err in batch if err is None]
@@ -418,9 +682,18 @@ class _Run:
         self.report.segments_embedded += len(texts)
 
     # --- captions -----------------------------------------------------------------------------
-    def sync_captions(self, root: Path, wanted: dict[Path, list[Caption]]) -> None:
-        """Make each image's captions equal to what the folder says; only changed captions are embedded."""
-        rows = self._rows_under(root)
+    def sync_captions(
+        self,
+        root: Path,
+        wanted: dict[Path, list[Caption]],
+        kept: tuple[bytes, ...] = (),
+        kept_keys: set[bytes] | None = None,
+    ) -> None:
+        """Make each image's captions equal to what the folder says; only changed captions are embedded.
+        Images under ``kept`` folder prefixes or in ``kept_keys`` (not seen by this run) keep theirs."""
+        rows = self.rows_under(root)
+        if kept or kept_keys:
+            rows = {k: r for k, r in rows.items() if not k.startswith(kept) and k not in (kept_keys or ())}
         ok_images = {key: r for key, r in rows.items() if r.kind == "image" and r.status == "ok"}
         have = self.store.catalog.captions_of([r.id for r in rows.values() if r.kind == "image"])
         # Sources are stored as valid UTF-8 (a sidecar's name may not be): compare in that form.
@@ -481,7 +754,7 @@ class _Run:
         with self.store.catalog.read() as conn:
             return conn.execute(query).first() is not None
 
-    def _rows_under(self, root: Path) -> dict[bytes, db.FileRow]:
+    def rows_under(self, root: Path) -> dict[bytes, db.FileRow]:
         prefix = db.path_key(root).rstrip(b"/") + b"/"
         if self._files_written:  # re-read only when this run changed the files table
             self.existing = self.store.catalog.files_by_key()
@@ -492,7 +765,7 @@ class _Run:
     def remove_missing(self, root: Path, seen: set[bytes], kept: tuple[bytes, ...] = ()) -> None:
         """Forget files under ``root`` that are gone (except under ``kept`` folder prefixes), then content
         no file refers to any more."""
-        gone = [r for k, r in self._rows_under(root).items() if k not in seen and not k.startswith(kept)]
+        gone = [r for k, r in self.rows_under(root).items() if k not in seen and not k.startswith(kept)]
         used = select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))
         if gone or self._any(select(db.media.c.id).where(db.media.c.id.not_in(used)).limit(1)):
             self._load_vectors(*db.VECTOR_KINDS)

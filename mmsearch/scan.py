@@ -6,6 +6,19 @@ Captions come from two places:
   each non-empty line is one caption;
 * a manifest at the folder root, ``captions.jsonl`` (``{"path": ..., "caption": ...}`` per line) or
   ``captions.csv`` (columns ``path,caption``; a header row is optional), paths relative to the root.
+
+Symbolic links. A link (to a file or a folder) whose real target lies inside the indexed folder is followed;
+folders are walked once each, so a loop or a second link to the same folder ends there. A link whose target
+resolves outside the indexed folder is not followed unless the caller asks for it (``follow_links=True``):
+anyone who can put a link in an indexed folder could otherwise pull a file from elsewhere (a private photo)
+into the index, whose server then serves it. Such a link is listed in ``problems`` with
+:data:`OUTSIDE_LINK_REASON`. Only link entries cost a ``realpath``: a folder without links is scanned at the
+same speed. Hard links cannot be told from ordinary files and are indexed like them.
+
+What could not be seen is reported, never guessed: unreadable folders and broken links are listed in
+``problems``; folders that are mount points and folders holding nothing are listed in ``mount_points`` and
+``empty_folders`` (an unplugged drive looks like an empty folder), so that the caller can keep what its
+catalog holds under them instead of forgetting it.
 """
 
 from __future__ import annotations
@@ -16,7 +29,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +42,9 @@ CAPTION_SUFFIX = ".txt"
 MANIFESTS = ("captions.jsonl", "captions.csv")
 MAX_CAPTION_FILE_BYTES = 1 << 20
 INDEX_MARKER = "mmsearch.json"  # a folder holding this file is an index: never scanned as media
+OUTSIDE_LINK_REASON = "symlink points outside the indexed folder (use --follow-links to index it)"
+BROKEN_LINK_REASON = "broken symlink"
+UNREADABLE_FOLDER_REASON = "unreadable folder"  # followed by ": <why>"
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,10 @@ class ScanResult:
     files: list[FoundFile] = field(default_factory=list)
     captions: dict[Path, list[Caption]] = field(default_factory=dict)
     problems: list[tuple[Path, str]] = field(default_factory=list)
+    # Walked folders on another device than their parent folder (the root counts when it is one).
+    mount_points: list[Path] = field(default_factory=list)
+    # Walked folders with no visible entry at all (the root included): an unmounted drive looks like this.
+    empty_folders: list[Path] = field(default_factory=list)
 
 
 def kind_of(path: Path) -> str | None:
@@ -66,12 +86,17 @@ def kind_of_name(name: str) -> str | None:
     return None
 
 
-def scan(root: str | Path) -> ScanResult:
-    """Scan ``root`` recursively. Never raises for a bad entry: it is listed in ``problems``."""
+def scan(root: str | Path, *, follow_links: bool = False) -> ScanResult:
+    """Scan ``root`` recursively. Never raises for a bad entry: it is listed in ``problems``.
+
+    ``follow_links``: also follow links whose target lies outside ``root`` (see the module docstring).
+    """
     root = Path(os.path.abspath(root))
     result = ScanResult(root=root)
     texts: list[str] = []
-    for path, st in _walk(root, result.problems):
+    outside_texts: set[str] = set()  # caption-named links not followed: reported only if an image wants them
+    inside = None if follow_links else _inside_test(root)
+    for path, st in _walk(root, result, inside, outside_texts):
         kind = kind_of_name(path)
         if kind is not None:
             result.files.append(FoundFile(Path(path), kind, st.st_size, st.st_mtime_ns))
@@ -81,59 +106,106 @@ def scan(root: str | Path) -> ScanResult:
     # and pathlib's hashing and with_suffix() cost several times more than str operations.
     images = {str(f.path): f.path for f in result.files if f.kind == "image"}
     _pair_sidecars(texts, images, result)
+    _report_outside_sidecars(outside_texts, images, result)
     for name in MANIFESTS:
         manifest = root / name
-        if manifest.is_file():
+        if inside is not None and manifest.is_symlink() and not inside(str(manifest)):
+            result.problems.append((manifest, OUTSIDE_LINK_REASON))
+        elif manifest.is_file():
             _read_manifest(manifest, images, result)
     result.files.sort(key=lambda f: os.fsencode(f.path))
     return result
 
 
-def _walk(root: Path, problems: list[tuple[Path, str]]) -> Iterator[tuple[str, os.stat_result]]:
-    """Yield (path, stat) of regular files; follow directory symlinks once, never around a loop."""
+def _inside_test(root: Path) -> Callable[[str], bool]:
+    """A test of whether a link's real target is ``root``'s real folder or lies under it."""
+    real_root = os.path.realpath(root)
+    prefix = real_root.rstrip(os.sep) + os.sep
+
+    def inside(link: str) -> bool:
+        real = os.path.realpath(link)
+        return real == real_root or real.startswith(prefix)
+
+    return inside
+
+
+def _walk(
+    root: Path,
+    result: ScanResult,
+    inside: Callable[[str], bool] | None,
+    outside_texts: set[str],
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield (path, stat) of regular files; follow directory symlinks once, never around a loop, and only
+    those ``inside`` accepts (all of them if it is None)."""
+    problems = result.problems
     seen_dirs: set[tuple[int, int]] = set()
-    stack = [root]
+    stack: list[tuple[Path, int | None]] = [(root, None)]  # (folder, its parent folder's st_dev)
     while stack:
-        folder = stack.pop()
+        folder, parent_dev = stack.pop()
         try:
             st = folder.stat()
         except OSError as e:
-            problems.append((folder, f"unreadable folder: {e.strerror or e}"))
+            problems.append((folder, f"{UNREADABLE_FOLDER_REASON}: {e.strerror or e}"))
             continue
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:
             continue  # symlink loop or a second link to a folder already walked
         seen_dirs.add(key)
+        if parent_dev is None:
+            parent_dev = _parent_dev(folder)
+        if parent_dev is not None and st.st_dev != parent_dev:
+            result.mount_points.append(folder)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
         except OSError as e:
-            problems.append((folder, f"unreadable folder: {e.strerror or e}"))
+            problems.append((folder, f"{UNREADABLE_FOLDER_REASON}: {e.strerror or e}"))
             continue
         # Looked up in the listing, not with a stat: in a folder we may not search, stat raises EACCES.
         if folder != root and any(e.name == INDEX_MARKER for e in entries):
             continue
         subdirs = []
+        visible = 0
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            visible += 1
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    subdirs.append(Path(entry.path))
+                    if inside is not None and entry.is_symlink() and not inside(entry.path):
+                        problems.append((Path(entry.path), OUTSIDE_LINK_REASON))
+                    else:
+                        subdirs.append((Path(entry.path), st.st_dev))
                     continue
                 est = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
                 if entry.is_symlink():
-                    problems.append((Path(entry.path), "broken symlink"))
+                    problems.append((Path(entry.path), BROKEN_LINK_REASON))
                 continue
             except OSError as e:
                 problems.append((Path(entry.path), f"cannot stat: {e.strerror or e}"))
+                continue
+            # is_symlink() reads the listing's file type: only links pay for a realpath.
+            if inside is not None and entry.is_symlink() and not inside(entry.path):
+                if kind_of_name(entry.name) is not None:
+                    problems.append((Path(entry.path), OUTSIDE_LINK_REASON))
+                elif os.path.splitext(entry.name)[1].lower() == CAPTION_SUFFIX:
+                    outside_texts.add(entry.path)
                 continue
             if stat.S_ISREG(est.st_mode):
                 yield entry.path, est
             elif kind_of_name(entry.name) is not None:
                 # A FIFO, socket or device named like media: reading it could block forever.
                 problems.append((Path(entry.path), "not a regular file"))
+        if not visible:
+            result.empty_folders.append(folder)
         stack.extend(reversed(subdirs))
+
+
+def _parent_dev(folder: Path) -> int | None:
+    try:
+        return os.stat(folder.parent).st_dev
+    except OSError:
+        return None  # the root's parent may not be searchable: then the root is not known as a mount point
 
 
 def _read_text(path: str | Path) -> str:
@@ -167,6 +239,17 @@ def _pair_sidecars(texts: list[str], images: dict[str, Path], result: ScanResult
             result.captions.setdefault(images[owner], []).extend(
                 Caption(line, text_path) for line in lines if line
             )
+
+
+def _report_outside_sidecars(texts: set[str], images: dict[str, Path], result: ScanResult) -> None:
+    """A caption file that is a link to outside the folder is not read; say so when an image would use it."""
+    if not texts:
+        return
+    stems = {os.path.splitext(image)[0] for image in images}
+    for text_path in sorted(texts, key=os.fsencode):
+        stem = os.path.splitext(text_path)[0]
+        if stem in images or stem in stems:  # photo.jpg.txt or photo.txt beside photo.jpg
+            result.problems.append((Path(text_path), OUTSIDE_LINK_REASON))
 
 
 def _read_manifest(manifest: Path, images: dict[str, Path], result: ScanResult) -> None:
