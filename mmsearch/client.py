@@ -4,28 +4,49 @@ Loading torch and OpenCLIP takes seconds; a warm server answers a query in milli
 imports only the standard library (no numpy, torch, faiss, sqlalchemy), so ``mmsearch query`` can use it
 before deciding whether it needs the heavy engine at all.
 
->>> url = find_server("indexes/default")           # None if no live server for this index
->>> query_server(url, text="a red circle", target="images", k=5)["hits"][0]["path"]
+>>> server = find_server("indexes/default")        # None if no live server for this index
+>>> query_server(server, text="a red circle", target="images", k=5)["hits"][0]["path"]
+
+A server is used only if it proves it is the one this index's ``server.json`` names (see
+:mod:`mmsearch.discovery`): the file is a private file of this user, its pid is alive and is the pid the
+server reports, the server reports this package's version, this index's folder and this index's model, and
+it answers the health challenge with the file's token. Anything else returns None, and the CLI searches
+locally. Every query then carries the token (``Authorization: Bearer``), which the server requires.
 
 :func:`start_server` launches a background server (``python -m mmsearch.server``) that exits on its own
-after some idle minutes: what ``mmsearch query --serve`` uses so that the next queries are warm.
+after some idle minutes: what ``mmsearch query --serve`` uses so that the next queries are warm. It runs
+isolated from the caller's folder (see :func:`server_command`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmsearch import discovery
+from mmsearch.discovery import SERVER_FILE, SERVER_LOG, read_server_file
 from mmsearch.errors import BadQueryError, MmsearchError
 
-SERVER_FILE = "server.json"  # written by mmsearch.server while it runs
-SERVER_LOG = "server.log"
+__all__ = [
+    "SERVER_FILE",
+    "SERVER_LOG",
+    "Server",
+    "ServerError",
+    "find_server",
+    "query_server",
+    "read_server_file",
+    "start_server",
+    "wait_for_server",
+]
+
 # The keys of mmsearch.search.TARGETS, repeated here so the CLI can validate without importing numpy
 # (a test checks the two agree).
 TARGET_NAMES = ("images", "texts", "captions", "audio", "all")
@@ -42,46 +63,59 @@ class ServerError(MmsearchError):
     """The server answered with an error it could not attribute to the query."""
 
 
-def read_server_file(index_path: str | Path) -> dict[str, Any] | None:
-    """What ``INDEX/server.json`` says, or None if there is none (or it is unreadable)."""
-    try:
-        info = json.loads((Path(index_path) / SERVER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(info, dict)
-        or not isinstance(info.get("url"), str)
-        or not isinstance(info.get("pid"), int)
-    ):
-        return None
-    return info
+@dataclass(frozen=True)
+class Server:
+    """A live server for an index, as :func:`find_server` verified it: where it listens, its token, its pid."""
+
+    url: str  # http://HOST:PORT, no trailing slash
+    token: str
+    pid: int
+
+    def __repr__(self) -> str:  # never print the token into a log or a traceback
+        return f"Server(url={self.url!r}, pid={self.pid})"
+
+    @property
+    def page_url(self) -> str:
+        """The web page's address with the token, as ``mmsearch serve`` prints it."""
+        return discovery.page_url(self.url, self.token)
 
 
-def find_server(index_path: str | Path, *, timeout: float = HEALTH_TIMEOUT) -> str | None:
-    """The URL of a live server for this index, or None.
+def find_server(index_path: str | Path, *, timeout: float = HEALTH_TIMEOUT) -> Server | None:
+    """The live server for this index, or None.
 
-    Live means: the pid in ``server.json`` exists, and ``/api/health`` answers within ``timeout`` with that
-    pid and this index's folder (so a stale file whose port another program now uses is never trusted).
+    Live means: ``server.json`` is this user's private file, its pid exists, and ``/api/health`` answers
+    within ``timeout`` with that pid, this package's version, this index's folder and model, and the proof
+    that it holds the file's token (so a stale file whose port another program now uses is never trusted,
+    and never receives a query).
     """
     info = read_server_file(index_path)
-    if info is None or not _pid_alive(info["pid"]):
+    if info is None or not discovery.pid_alive(info["pid"]):
         return None
     url = info["url"].rstrip("/")
+    nonce = discovery.new_nonce()
     try:
-        health = _request(f"{url}/api/health", timeout=timeout)
+        health = _request(f"{url}/api/health?nonce={nonce}", timeout=timeout)
     except (OSError, ValueError, MmsearchError):
         return None
-    if health.get("pid") != info["pid"]:
+    if (
+        health.get("pid") != info["pid"]
+        or health.get("version") != discovery.VERSION
+        or not isinstance(health.get("proof"), str)
+        or not discovery.same_token(health["proof"], discovery.health_proof(info["token"], nonce))
+    ):
+        return None
+    model = discovery.index_model(index_path)
+    if model is not None and health.get("model") != model:
         return None
     try:
-        same = os.path.samefile(health.get("index", ""), index_path)
+        same = os.path.samefile(str(health.get("index", "")), index_path)
     except OSError:
         return None
-    return url if same else None
+    return Server(url, info["token"], info["pid"]) if same else None
 
 
 def query_server(
-    url: str,
+    server: Server,
     *,
     text: str | None = None,
     image: str | Path | None = None,
@@ -90,7 +124,7 @@ def query_server(
     k: int = 10,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Run one query on the server at ``url``; exactly one of ``text``, ``image``, ``audio``.
+    """Run one query on ``server`` (from :func:`find_server`); exactly one of ``text``, ``image``, ``audio``.
 
     Returns the server's JSON: ``{"target", "k", "took_ms", "hits": [...], "transcript"?}``, each hit
     with the fields of :class:`mmsearch.search.Hit` plus ``name``, ``file_kind``, ``captions`` and URLs.
@@ -99,11 +133,11 @@ def query_server(
     given = [v for v in (text, image, audio) if v is not None]
     if len(given) != 1:
         raise BadQueryError("give exactly one of text, image or audio")
-    url = url.rstrip("/")
+    auth = {"Authorization": f"Bearer {server.token}"}
     if text is not None:
         target = target or "images"
         params = urllib.parse.urlencode({"q": text, "target": target, "k": k})
-        return _request(f"{url}/api/search?{params}", timeout=timeout)
+        return _request(f"{server.url}/api/search?{params}", headers=auth, timeout=timeout)
     kind = "image" if image is not None else "audio"
     path = Path(image if image is not None else audio)  # type: ignore[arg-type]
     target = target or ("texts" if kind == "image" else "images")
@@ -114,38 +148,46 @@ def query_server(
     body, content_type = _multipart("file", path.name, data)
     params = urllib.parse.urlencode({"target": target, "k": k})
     return _request(
-        f"{url}/api/search/{kind}?{params}",
+        f"{server.url}/api/search/{kind}?{params}",
         data=body,
-        headers={"Content-Type": content_type},
+        headers={**auth, "Content-Type": content_type},
         timeout=timeout,
     )
 
 
+def server_command(index_path: str | Path, *, port: int = 0, idle_minutes: float | None = None) -> list[str]:
+    """The command line of a background ``python -m mmsearch.server`` for ``index_path``.
+
+    ``-m`` puts the current folder first on ``sys.path``, so a stray ``argparse.py`` there would run
+    inside the server. The caller runs this with the index folder as cwd (written only by mmsearch) and,
+    on Python >= 3.11, ``-P`` keeps even that folder off ``sys.path``. Not ``-I``: it also drops
+    ``PYTHONPATH`` and the user site-packages, where mmsearch itself may be installed.
+    """
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    cmd = [sys.executable, *safe_path, "-m", "mmsearch.server", str(Path(index_path).resolve())]
+    cmd += ["--port", str(port)]
+    if idle_minutes is not None:
+        cmd += ["--idle-timeout", str(idle_minutes * 60)]
+    return cmd
+
+
 def start_server(
     index_path: str | Path, *, idle_minutes: float = DEFAULT_IDLE_MINUTES, wait: float | None = 120.0
-) -> str | None:
+) -> Server | None:
     """Start a background server for this index (any free loopback port) that exits after ``idle_minutes``
-    without a request, and wait up to ``wait`` seconds for it to answer. Returns its URL (None if it did not
+    without a request, and wait up to ``wait`` seconds for it to answer. Returns it (None if it did not
     come up in time; its log is ``INDEX/server.log``). A server already running is reused."""
     import subprocess
-    import sys
 
-    folder = Path(index_path)
-    url = find_server(folder)
-    if url is not None:
-        return url
-    with open(folder / SERVER_LOG, "ab") as log:
+    folder = Path(index_path).resolve()
+    running = find_server(folder)
+    if running is not None:
+        return running
+    log_fd = discovery.open_private(folder / SERVER_LOG, os.O_WRONLY | os.O_APPEND)
+    with os.fdopen(log_fd, "ab") as log:
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mmsearch.server",
-                str(folder),
-                "--port",
-                "0",
-                "--idle-timeout",
-                str(idle_minutes * 60),
-            ],
+            server_command(folder, idle_minutes=idle_minutes),
+            cwd=folder,  # not the caller's folder: see server_command
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -155,13 +197,13 @@ def start_server(
     return wait_for_server(folder, wait) if wait else None
 
 
-def wait_for_server(index_path: str | Path, timeout: float) -> str | None:
+def wait_for_server(index_path: str | Path, timeout: float) -> Server | None:
     """Poll until a server for this index answers (or ``timeout`` seconds pass)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        url = find_server(index_path)
-        if url is not None:
-            return url
+        running = find_server(index_path)
+        if running is not None:
+            return running
         time.sleep(0.1)
     return None
 
@@ -202,15 +244,3 @@ def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode("utf-8", "replace")
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

@@ -1,30 +1,46 @@
 """`mmsearch serve`: an HTTP API and a web page over one index, on uvicorn.
 
-Safe by default: it binds 127.0.0.1, answers only requests whose Host header names this machine (so a web
-page elsewhere cannot reach it through DNS rebinding), serves files only by catalog id (never by a path a
-client sent), caps upload sizes, and the page builds its DOM with ``textContent``, under a CSP that allows
-no inline script.
+Safe by default:
+
+- It binds 127.0.0.1 and answers only requests whose Host header names this machine, so a web page
+  elsewhere cannot reach it through DNS rebinding.
+- Every ``/api`` route but ``/api/health`` needs the server's token, made afresh at each start: the CLI
+  sends it as ``Authorization: Bearer`` (read from ``INDEX/server.json``, 0600); the page gets it as an
+  HttpOnly, SameSite=Strict cookie when opened from the URL the server prints (``/?token=…``, which then
+  redirects to ``/`` so the token leaves the address bar). Other local users cannot read the token.
+- Requests sent by another site's page (``Sec-Fetch-Site`` cross-site or same-site, or an ``Origin`` that is
+  not this server's) are refused before they reach a route, so no page can make it search, upload or read;
+  every response carries ``Cross-Origin-Resource-Policy: same-origin``.
+- Files are served only by catalog id (never by a path a client sent), and only while they are still the
+  file the catalog knows: opened without following a symlink, a regular file of the indexed size and
+  mtime, then sent from that open descriptor (never re-opened by path).
+- Upload sizes are capped, thumbnail decodes are bounded, and the page builds its DOM with
+  ``textContent``, under a CSP that allows no inline script.
+
+It does not encrypt (no TLS): bound to anything but loopback, the token crosses the network in clear.
 
 Model calls go through one lock: the embedder, the transcriber and the in-memory vector indexes are used by
 one request at a time. Metadata, thumbnails and media need no model and are served concurrently.
 
-While it runs, ``INDEX/server.json`` (``{"url", "pid", "index"}``) tells ``mmsearch query`` where a warm
-server for the same index answers (see :mod:`mmsearch.client`); ``INDEX/server.lock`` keeps a second
+While it runs, ``INDEX/server.json`` tells ``mmsearch query`` where a warm server for the same index answers
+and its token (see :mod:`mmsearch.discovery`, :mod:`mmsearch.client`); ``INDEX/server.lock`` keeps a second
 server for the same index from starting.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import errno
 import fcntl
 import io
-import json
+import ipaddress
 import logging
 import mimetypes
 import os
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -34,9 +50,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
+from mmsearch import discovery
 from mmsearch.client import SERVER_MAX_K
+from mmsearch.discovery import SERVER_LOCK
 from mmsearch.errors import (
     BadQueryError,
     IndexNotFoundError,
@@ -49,11 +67,12 @@ try:
     import uvicorn
     from fastapi import FastAPI, HTTPException, Query, Request
     from fastapi import Path as PathParam
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
     from pydantic import BaseModel
     from starlette.concurrency import run_in_threadpool
-    from starlette.datastructures import UploadFile
+    from starlette.datastructures import Headers, MutableHeaders, UploadFile
     from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import cookie_parser
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise MissingDependencyError(e.name or "fastapi", "mmsearch serve", extra="server") from e
@@ -67,9 +86,9 @@ T = TypeVar("T")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-SERVER_FILE = "server.json"
-SERVER_LOCK = "server.lock"
 THUMB_SIDE = 256
+THUMB_DECODES = 2  # thumbnails decoded at once: each can hold a large image in memory
+MEDIA_CHUNK = 256 * 1024
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_AUDIO_BYTES = 50 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file itself
@@ -78,6 +97,11 @@ MAX_QUERY_CHARS = 1000
 MAX_SEGMENTS = 5000
 TEXT_BATCH = 32  # most text queries embedded in one forward pass
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# Sec-Fetch-Site values of requests this server's own page (or a typed address) sends; browsers send
+# "cross-site" or "same-site" (another port of localhost is the same site) for other pages' requests.
+OWN_FETCH_SITES = (b"same-origin", b"none")
+SAFE_METHODS = ("GET", "HEAD")
+OPEN_PATHS = ("/api/health",)  # the /api routes that need no token
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 # Suffixes kept on uploaded temp files (decoders sniff content; the suffix only helps them guess).
 UPLOAD_SUFFIXES = frozenset(
@@ -100,7 +124,8 @@ class HitOut(BaseModel):
     rank: int
     score: float
     kind: str
-    path: str
+    path: str  # display form: valid UTF-8, undecodable bytes replaced
+    path_b64: str  # the exact path bytes, standard base64
     name: str
     text: str | None
     start: float | None
@@ -139,7 +164,8 @@ class SegmentOut(BaseModel):
 class ItemOut(BaseModel):
     id: int
     kind: str
-    path: str
+    path: str  # display form: valid UTF-8, undecodable bytes replaced
+    path_b64: str  # the exact path bytes, standard base64
     name: str
     size: int
     width: int | None
@@ -155,9 +181,11 @@ class ItemOut(BaseModel):
 
 class HealthOut(BaseModel):
     ok: bool
-    index: str
+    version: str
+    index: str  # the index folder's real path
     pid: int
-    model: str
+    model: dict[str, Any]  # the index's model identity
+    proof: str | None = None  # HMAC(token, nonce): this server holds the token of server.json
 
 
 # --- the app -----------------------------------------------------------------------------------------
@@ -190,6 +218,8 @@ class _Guard:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-content-type-options", b"nosniff"))
                 headers.append((b"referrer-policy", b"no-referrer"))
+                # No other origin may embed or read anything from here (<img>, <audio>, <script>).
+                headers.append((b"cross-origin-resource-policy", b"same-origin"))
                 headers.append((b"content-security-policy", (MEDIA_CSP if is_media else PAGE_CSP).encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -200,6 +230,81 @@ class _Guard:
         finally:
             self.activity.in_flight -= 1
             self.activity.last = time.monotonic()
+
+
+class _Gate:
+    """Pure ASGI middleware, inside the Host check: who may ask.
+
+    1. A request another site's page sent is refused (403) if it could cost or change anything: every
+       ``/api`` route but health, and any method but GET/HEAD. Browsers say where a request comes from with
+       ``Sec-Fetch-Site`` (allowed: same-origin, none = typed by the user) and ``Origin`` (allowed: this
+       server's own); a request with neither (the CLI, curl) is not a browser's cross-site request.
+    2. Every ``/api`` route but health needs the token (401): ``Authorization: Bearer TOKEN`` or the page's
+       cookie (see :func:`token_cookie`).
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        guarded = path.startswith("/api/") and path not in OPEN_PATHS
+        headers = Headers(scope=scope)
+        if guarded or scope["method"] not in SAFE_METHODS:
+            refused = _cross_site(headers)
+            if refused is not None:
+                await _deny(scope, receive, send, 403, f"refused: {refused}")
+                return
+        if guarded and not self._has_token(scope, headers):
+            detail = (
+                "this server needs its token: open the address `mmsearch serve` printed (…/?token=…), "
+                "or send Authorization: Bearer with the token from the index's server.json"
+            )
+            await _deny(scope, receive, send, 401, detail, {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+    def _has_token(self, scope: Scope, headers: Headers) -> bool:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and discovery.same_token(given.strip(), self.token):
+            return True
+        cookie = cookie_parser(headers.get("cookie", "")).get(token_cookie(scope))
+        return discovery.same_token(cookie, self.token)
+
+
+def _cross_site(headers: Headers) -> str | None:
+    """Why a browser request comes from another site's page, or None."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site.encode() not in OWN_FETCH_SITES:
+        return f"a request from another site (Sec-Fetch-Site: {site})"
+    origin = headers.get("origin")
+    # The Host header was checked against this machine's names before: the page's own origin is http://Host.
+    if origin is not None and origin.lower() != f"http://{headers.get('host', '').lower()}":
+        return "a request from another origin (Origin is not this server)"
+    return None
+
+
+async def _deny(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    await JSONResponse({"detail": detail}, status_code=status, headers=headers)(scope, receive, send)
+
+
+def token_cookie(scope: Scope) -> str:
+    """The page's token cookie. Browsers share cookies between all ports of a host, so the name carries
+    this server's port: two servers on one machine do not overwrite each other's cookie."""
+    server = scope.get("server")
+    port = server[1] if server and len(server) > 1 and server[1] else None
+    return f"{discovery.TOKEN_COOKIE}_{port}" if port else discovery.TOKEN_COOKIE
 
 
 class _TooLarge(Exception):
@@ -214,6 +319,7 @@ class _Service:
         self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
         self._pending: list[tuple[str, Future[Any]]] = []
         self._pending_lock = threading.Lock()
+        self._decodes = threading.BoundedSemaphore(THUMB_DECODES)
 
     def locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self.lock:
@@ -254,8 +360,8 @@ class _Service:
 
         f, m = db.files, db.media
         q = (
-            select(f.c.id, f.c.path_key, f.c.path, f.c.kind, f.c.size, f.c.media_id, m.c.sha256, m.c.width)
-            .add_columns(m.c.height, m.c.duration, m.c.language, m.c.transcript)
+            select(f.c.id, f.c.path_key, f.c.path, f.c.kind, f.c.size, f.c.mtime_ns, f.c.media_id, m.c.sha256)
+            .add_columns(m.c.width, m.c.height, m.c.duration, m.c.language, m.c.transcript)
             .join(m, m.c.id == f.c.media_id)
             .where(f.c.id == file_id, f.c.status == "ok")
         )
@@ -286,8 +392,9 @@ class _Service:
         return {
             "id": row.id,
             "kind": row.kind,
-            "path": row.path,
-            "name": _name(row.path),
+            "path": _display(row.path),
+            "path_b64": base64.b64encode(row.path_key).decode("ascii"),
+            "name": _name(_display(row.path)),
             "size": row.size,
             "width": row.width,
             "height": row.height,
@@ -305,10 +412,10 @@ class _Service:
         caps = self.index.store.catalog.captions_of(image_files) if image_files else {}
         out = []
         for h in hits:
-            d = h.as_dict()
+            d = h.as_dict()  # path in display form, path_b64 the exact bytes
             file_kind = "audio" if h.kind == "segment" else "image"
             d.update(
-                name=_name(h.path),
+                name=_name(str(d["path"])),
                 file_kind=file_kind,
                 captions=[txt for _, _, txt in caps.get(h.file_id, [])][:5],
                 thumb=f"/api/thumbs/{h.file_id}" if file_kind == "image" else None,
@@ -320,30 +427,35 @@ class _Service:
 
     def thumbnail(self, file_id: int) -> Path | bytes:
         """The cached JPEG thumbnail (made on first request, named by content hash), or its bytes if the
-        index folder is read-only."""
+        index folder is read-only; 404 unless the file is still the one indexed (see :meth:`open_file`)."""
         from PIL import Image
 
         from mmsearch.errors import BadMediaError
-        from mmsearch.images import load_image
+        from mmsearch.images import INDEX_MAX_PIXELS, load_image
 
         row = self.file_row(file_id)
         if row.kind != "image":
             raise HTTPException(404, f"item {file_id} is {row.kind}: no thumbnail")
         cached = self.index.store.thumbnail_path(row.sha256, THUMB_SIDE)
-        if cached.is_file():
-            return cached
-        try:
-            image = load_image(os.fsdecode(row.path_key), max_side=THUMB_SIDE * 2, draft_size=THUMB_SIDE)
-        except BadMediaError as e:
-            raise HTTPException(404, f"item {file_id} cannot be read now: {e}") from e
+        with self.open_file(row) as f:
+            if cached.is_file():
+                return cached
+            # Bounded: each decode can hold a large image in memory, and a page asks for many at once.
+            with self._decodes:
+                try:
+                    image = load_image(
+                        f, max_side=THUMB_SIDE * 2, draft_size=THUMB_SIDE, max_pixels=INDEX_MAX_PIXELS
+                    )
+                except BadMediaError as e:
+                    raise HTTPException(404, f"item {file_id} cannot be read now: {e}") from e
         image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
         try:
             cached.parent.mkdir(exist_ok=True)
             # Written whole then renamed: a concurrent request sees the old state or the full file.
             fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".thumb-", suffix=".jpg")
             try:
-                with os.fdopen(fd, "wb") as f:
-                    image.save(f, "JPEG", quality=85)
+                with os.fdopen(fd, "wb") as out:
+                    image.save(out, "JPEG", quality=85)
                 os.replace(tmp, cached)
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -356,13 +468,113 @@ class _Service:
             image.save(buf, "JPEG", quality=85)
             return buf.getvalue()
 
-    def media_path(self, file_id: int) -> tuple[Path, str]:
+    def open_file(self, row: Any) -> IO[bytes]:
+        """The indexed file of catalog ``row``, open for reading, if it is still the file the catalog knows:
+        not a symlink (one swapped in place of an indexed file could point anywhere), a regular file (not a
+        FIFO that would block), with the indexed size and mtime. Else 404. Callers read the returned file,
+        never the path again, so nothing swapped in after this check is served."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(row.path_key, flags)
+        except FileNotFoundError:
+            raise HTTPException(404, f"item {row.id} is no longer on disk") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise HTTPException(404, f"item {row.id} is a symbolic link now: not served") from None
+            raise HTTPException(404, f"item {row.id} cannot be read now: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+                raise HTTPException(404, f"item {row.id} changed on disk since it was indexed")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def media(self, file_id: int) -> tuple[IO[bytes], int, str]:
+        """(the open file, its size, its MIME type) of item ``file_id``; see :meth:`open_file`."""
         row = self.file_row(file_id)
-        path = Path(os.fsdecode(row.path_key))
-        if not path.is_file():
-            raise HTTPException(404, f"item {file_id} is no longer on disk")
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return path, mime
+        f = self.open_file(row)
+        mime = mimetypes.guess_type(_display(row.path))[0] or "application/octet-stream"
+        return f, row.size, mime
+
+
+class _OpenFileResponse(Response):
+    """A file already opened and checked, sent from its descriptor (never re-opened by path, unlike
+    FileResponse), with single byte ranges (what audio and video seeking asks for). Other Range forms are
+    answered with the whole file, as RFC 9110 allows."""
+
+    def __init__(self, file: IO[bytes], size: int, media_type: str, headers: dict[str, str]) -> None:
+        self.file = file
+        self.size = size
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers({**headers, "accept-ranges": "bytes"})
+
+    def __del__(self) -> None:  # a response never sent still closes its file
+        self.file.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            try:
+                wanted = _byte_range(Headers(scope=scope).get("range"), self.size)
+            except _Unsatisfiable:
+                await Response(status_code=416, headers={"Content-Range": f"bytes */{self.size}"})(
+                    scope, receive, send
+                )
+                return
+            start, end = wanted or (0, self.size)
+            headers = MutableHeaders(raw=list(self.raw_headers))
+            headers["content-length"] = str(end - start)
+            status = 200
+            if wanted is not None:
+                status = 206
+                headers["content-range"] = f"bytes {start}-{end - 1}/{self.size}"
+            await send({"type": "http.response.start", "status": status, "headers": headers.raw})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            fd = self.file.fileno()
+            while True:
+                want = min(MEDIA_CHUNK, end - start)
+                chunk = await run_in_threadpool(os.pread, fd, want, start) if want else b""
+                start += len(chunk)
+                more = start < end and len(chunk) == want  # a file cut short ends the body early
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if not more:
+                    return
+        finally:
+            self.file.close()
+
+
+class _Unsatisfiable(Exception):
+    pass
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The [start, end) a Range header asks for; None to send the whole file (no header, or not one single
+    byte range: RFC 9110 lets a server ignore those); :class:`_Unsatisfiable` for a 416."""
+    if header is None or not header.startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header[len("bytes=") :].strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":  # the last N bytes
+        if last == "":
+            return None  # "bytes=-" is not a range
+        if int(last) == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(0, size - int(last)), size
+    start = int(first)
+    end = size if last == "" else int(last) + 1
+    if last != "" and end <= start:
+        return None  # "bytes=9-5" is not a valid range: ignored
+    if start >= size:
+        raise _Unsatisfiable
+    return start, min(end, size)
 
 
 def create_app(
@@ -372,9 +584,12 @@ def create_app(
     max_image_bytes: int = MAX_IMAGE_BYTES,
     max_audio_bytes: int = MAX_AUDIO_BYTES,
     activity: Activity | None = None,
+    token: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app over ``index``. ``allowed_hosts`` adds Host header names to localhost's."""
+    """The FastAPI app over ``index``. ``allowed_hosts`` adds Host header names to localhost's; ``token``
+    is what ``/api`` requests must carry (default: a new random one, in ``app.state.token``)."""
     service = _Service(index)
+    token = token or discovery.new_token()
     app = FastAPI(
         title="mmsearch",
         summary="Cross-modal semantic search over images, captions and audio",
@@ -382,7 +597,10 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    app.state.token = token
     hosts = sorted({*LOCAL_HOSTS, *(_host_pattern(h) for h in allowed_hosts)})
+    # Last added runs first: _Guard (headers on every answer) → Host check → _Gate (origin, token) → routes.
+    app.add_middleware(_Gate, token=token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     app.add_middleware(_Guard, activity=activity or Activity())
 
@@ -410,13 +628,20 @@ def create_app(
         }
 
     @app.get("/api/health", response_model=HealthOut, tags=["meta"])
-    def health() -> dict[str, Any]:
-        """Cheap liveness check: which index this server answers for."""
+    def health(
+        nonce: str | None = Query(
+            None, max_length=discovery.MAX_NONCE_CHARS, description="Answered with proof = HMAC(token, nonce)"
+        ),
+    ) -> dict[str, Any]:
+        """Cheap liveness check, no token needed: version, process and index this server answers for, and
+        (given a nonce) proof that it holds the token of the index's server.json."""
         return {
             "ok": True,
-            "index": str(index.path.resolve()),
+            "version": discovery.VERSION,
+            "index": os.path.realpath(index.path),
             "pid": os.getpid(),
-            "model": index.model_identity.get("name", "?"),
+            "model": index.model_identity,
+            "proof": None if nonce is None else discovery.health_proof(token, nonce),
         }
 
     @app.get("/api/stats", tags=["meta"])
@@ -500,14 +725,31 @@ def create_app(
             return Response(made, media_type="image/jpeg", headers=headers)
         return FileResponse(made, media_type="image/jpeg", headers=headers)
 
-    @app.get("/api/media/{file_id}", tags=["items"], response_class=FileResponse)
-    def media(file_id: int = IntId) -> FileResponse:
-        """The file itself, by id; supports HTTP range requests (audio seeking)."""
-        path, mime = service.media_path(file_id)
-        return FileResponse(path, media_type=mime, content_disposition_type="inline")
+    @app.get(
+        "/api/media/{file_id}",
+        tags=["items"],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "A byte range"}},
+    )
+    def media(file_id: int = IntId) -> Response:
+        """The file itself, by id, while it is the file indexed; supports HTTP range requests (audio
+        seeking)."""
+        f, size, mime = service.media(file_id)
+        return _OpenFileResponse(f, size, mime, {"Content-Disposition": "inline"})
 
     @app.get("/", include_in_schema=False)
-    def page() -> Response:
+    def page(request: Request) -> Response:
+        """The page, for a browser holding the token cookie. Opened as ``/?token=TOKEN`` (the address the
+        server printed), it sets the cookie and redirects to ``/``, so the token leaves the address bar."""
+        given = request.query_params.get("token")
+        if given is not None:
+            if not discovery.same_token(given, token):
+                return _token_page(401)
+            done = RedirectResponse("/", status_code=303)
+            done.set_cookie(token_cookie(request.scope), token, httponly=True, samesite="strict", path="/")
+            return done
+        if not discovery.same_token(request.cookies.get(token_cookie(request.scope)), token):
+            return _token_page(401)
         return _web_file("index.html")
 
     @app.get("/app.js", include_in_schema=False)
@@ -528,6 +770,23 @@ def _check_target(target: str) -> None:
 
 def _name(path: str) -> str:
     return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _display(text: str) -> str:
+    """``text`` as valid UTF-8 for JSON: surrogate escapes (undecodable bytes of a name) replaced."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+TOKEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mmsearch</title><link rel="stylesheet" href="/style.css">
+</head><body><h1>mmsearch</h1>
+<p>This server needs its token. Open the address <code>mmsearch serve</code> printed when it started
+(it ends in <code>/?token=…</code>).</p></body></html>
+"""
+
+
+def _token_page(status: int) -> Response:
+    return HTMLResponse(TOKEN_PAGE, status_code=status, headers={"Cache-Control": "no-store"})
 
 
 def _host_pattern(host: str) -> str:
@@ -668,12 +927,12 @@ def url_for(sock: socket.socket) -> str:
 
 @contextlib.contextmanager
 def _server_lock(folder: Path) -> Iterator[None]:
-    fd = os.open(folder / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = discovery.open_private(folder / SERVER_LOCK)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            running = _read_server_file(folder)
+            running = discovery.read_server_file(folder)
             where = f" at {running['url']}" if running else ""
             raise MmsearchError(f"a server for {folder} is already running{where}") from e
         yield
@@ -681,25 +940,35 @@ def _server_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _read_server_file(folder: Path) -> dict[str, Any] | None:
+def _server_info(folder: Path, url: str, token: str) -> dict[str, Any]:
+    return {
+        "url": url,
+        "pid": os.getpid(),
+        "index": os.path.realpath(folder),
+        "token": token,
+        "version": discovery.VERSION,
+        "started": time.time(),
+    }
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
     try:
-        return dict(json.loads((folder / SERVER_FILE).read_text()))
-    except (OSError, ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to tell the user before listening on ``host``, or None for loopback."""
+    if is_loopback(host):
         return None
-
-
-def _write_server_file(folder: Path, url: str) -> None:
-    info = {"url": url, "pid": os.getpid(), "index": str(folder.resolve()), "started": time.time()}
-    tmp = folder / f".{SERVER_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, folder / SERVER_FILE)
-
-
-def _remove_server_file(folder: Path) -> None:
-    info = _read_server_file(folder)
-    if info is not None and info.get("pid") == os.getpid():
-        with contextlib.suppress(FileNotFoundError):
-            (folder / SERVER_FILE).unlink()
+    return (
+        f"listening on {host}: anyone who can reach it and learns its token can search this index and read "
+        "its files, and the token crosses the network unencrypted (no TLS)"
+    )
 
 
 def serve(
@@ -716,9 +985,11 @@ def serve(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve the index at ``index_path`` until interrupted, idle for ``idle_timeout`` seconds, or ``stop``
-    is set. ``on_ready(url)`` is called once it accepts requests (``port=0``: any free port).
+    is set. ``on_ready(page_url)`` is called once it accepts requests (``port=0``: any free port), with the
+    page's address including this run's token (``http://HOST:PORT/?token=…``): the address to open.
 
-    Binding anything but loopback exposes the index's files to the network: the caller should say so.
+    Binding anything but loopback exposes the index's files to the network (see :func:`exposure_warning`):
+    the caller should say so.
     """
     if "torch" not in sys.modules and "faiss" not in sys.modules:
         # torch and faiss each run an OpenMP pool; spin-waiting idle threads of one steal the cores the
@@ -733,7 +1004,8 @@ def serve(
             sock = bind(host, port)
             url = url_for(sock)
             activity = Activity()
-            app = create_app(index, allowed_hosts=[host, *allowed_hosts], activity=activity)
+            token = discovery.new_token()
+            app = create_app(index, allowed_hosts=[host, *allowed_hosts], activity=activity, token=token)
             config = uvicorn.Config(
                 app,
                 log_level=log_level,
@@ -744,15 +1016,15 @@ def serve(
             )
 
             def started() -> None:
-                _write_server_file(folder, url)
-                log.info("serving %s at %s", folder, url)
+                discovery.write_server_file(folder, _server_info(folder, url, token))
+                log.info("serving %s at %s", folder, url)  # without the token: logs are shared more
                 if on_ready is not None:
-                    on_ready(url)
+                    on_ready(discovery.page_url(url, token))
 
             server = _Server(
                 config,
                 on_started=started,
-                on_stopping=lambda: _remove_server_file(folder),
+                on_stopping=lambda: discovery.remove_server_file(folder, os.getpid()),
                 activity=activity,
                 idle_timeout=idle_timeout,
                 stop=stop,
@@ -761,7 +1033,7 @@ def serve(
                 server.run(sockets=[sock])
             finally:
                 sock.close()
-                _remove_server_file(folder)
+                discovery.remove_server_file(folder, os.getpid())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -776,6 +1048,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    warning = exposure_warning(args.host)
+    if warning is not None:
+        log.warning("%s", warning)
     try:
         serve(args.index, args.host, args.port, idle_timeout=args.idle_timeout, log_level=args.log_level)
     except MmsearchError as e:

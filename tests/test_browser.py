@@ -6,7 +6,10 @@ results with the demo model; indexed text that looks like HTML stays text and ru
 
 from __future__ import annotations
 
+import http.server
 import shutil
+import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ SPOKEN_SENTENCE = "a big blue square on a black background"
 
 @dataclass
 class Site:
-    url: str
+    url: str  # the address the server announced, with its token
     demo: DemoFolder
     screenshots: Path
 
@@ -105,8 +108,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def base_url(site: Site) -> str:
+    parts = urllib.parse.urlsplit(site.url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def open_page(browser: webdriver.Chrome, site: Site) -> None:
-    browser.get(site.url + "/")
+    """Open the page as a user does: the address `mmsearch serve` printed."""
+    browser.get(site.url)
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "stats").text.strip() != "")
 
 
@@ -236,3 +245,67 @@ def test_clicking_an_audio_hit_plays_from_the_segment_start(browser: webdriver.C
     assert src.endswith(f"/api/media/{hits[rank]['file_id']}")
     assert start - 0.05 <= now <= start + 5.0, (start, now)
     browser.save_screenshot(str(site.screenshots / "audio-hit.png"))
+
+
+def test_the_printed_address_opens_the_page_and_drops_the_token(
+    browser: webdriver.Chrome, site: Site
+) -> None:
+    browser.delete_all_cookies()
+    browser.get(base_url(site) + "/")
+    assert "mmsearch serve" in browser.find_element(By.TAG_NAME, "body").text
+    assert browser.find_elements(By.ID, "stats") == []
+    open_page(browser, site)
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(site.url).query)["token"][0]
+    assert browser.current_url == base_url(site) + "/"  # redirected: the token left the address bar
+    assert token not in browser.current_url
+    assert token not in browser.execute_script("return document.cookie")  # HttpOnly: no script reads it
+    cookie = next(c for c in browser.get_cookies() if c["value"] == token)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+
+class _EvilPage(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_another_local_page_cannot_use_the_server(browser: webdriver.Chrome, site: Site) -> None:
+    """A page on another port of 127.0.0.1 (the same site, so the browser even sends the cookie along)
+    cannot show the server's thumbnails, while the page itself can."""
+    open_page(browser, site)  # the browser holds the token cookie
+    hits = browser.execute_script(
+        "return fetch('/api/search?q=red&target=images&k=1').then(r => r.json()).then(j => j.hits)"
+    )
+    thumb = base_url(site) + hits[0]["thumb"]
+    handler = type("Evil", (_EvilPage,), {})
+    # An inline handler records what happened (the evil page has no CSP of its own).
+    handler.body = (
+        f'<!doctype html><img src="{thumb}" '
+        "onload=\"document.title='loaded ' + this.naturalWidth\" onerror=\"document.title='refused'\">"
+    ).encode()
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=evil.serve_forever, daemon=True)
+    thread.start()
+    try:
+        browser.get(f"http://127.0.0.1:{evil.server_address[1]}/")
+        WebDriverWait(browser, 30).until(lambda d: d.title != "")
+        assert browser.title == "refused"
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    # The same thumbnail on the page itself loads.
+    open_page(browser, site)
+    loaded = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; const img = new Image();"
+        "img.onload = () => done(img.naturalWidth); img.onerror = () => done(0); img.src = arguments[0];",
+        hits[0]["thumb"],
+    )
+    assert loaded > 0

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import mmsearch
-from mmsearch import client, server, store
+from mmsearch import client, discovery, server, store
 from mmsearch.search import TARGETS
 from tests._speech import speech_wav
 from tests.conftest import TINY_MODEL, solid
@@ -36,7 +36,9 @@ SPOKEN = "the quick brown fox jumps over the lazy dog"
 
 @dataclass
 class Running:
-    url: str
+    url: str  # http://127.0.0.1:PORT
+    page_url: str  # what the server announced: the page with its token
+    server: client.Server  # what find_server answers: the URL, the token, the pid
     host: str
     port: int
     index: Path
@@ -72,6 +74,7 @@ def build_index(root: Path) -> tuple[Path, Path]:
 
 
 def start(index: Path, **kwargs: Any) -> tuple[str, threading.Thread, threading.Event]:
+    """Serve ``index`` on a free port in a thread; (the announced page URL with its token, thread, stop)."""
     ready: list[str] = []
     failed: list[BaseException] = []
     stop = threading.Event()
@@ -96,7 +99,10 @@ def start(index: Path, **kwargs: Any) -> tuple[str, threading.Thread, threading.
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     index, media = build_index(tmp_path_factory.mktemp("srv"))
-    url, thread, stop = start(index)
+    page_url, thread, stop = start(index)
+    found = client.find_server(index)
+    assert found is not None
+    url = found.url
     host, port = url.removeprefix("http://").rsplit(":", 1)
     with mmsearch.Index.open(index) as idx, idx.store.catalog.read() as conn:
         from sqlalchemy import select
@@ -105,20 +111,28 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
         rows = conn.execute(select(db.files.c.id, db.files.c.path)).all()
     ids = {Path(p).name: int(i) for i, p in rows}
-    yield Running(url, host, int(port), index, media, ids, thread, stop)
+    yield Running(url, page_url, found, host, int(port), index, media, ids, thread, stop)
     stop.set()
     thread.join(30)
     assert not thread.is_alive()
-    assert not (index / server.SERVER_FILE).exists(), "server.json must be removed on exit"
+    assert not (index / discovery.SERVER_FILE).exists(), "server.json must be removed on exit"
 
 
 def raw(
-    srv: Running, method: str, path: str, *, headers: dict[str, str] | None = None, body: bytes | None = None
+    srv: Running,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    token: bool = True,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request with the path sent exactly as given (no client-side normalisation)."""
+    """One request with the path sent exactly as given (no client-side normalisation), with the server's
+    token as the CLI sends it unless ``token=False``."""
+    auth = {"Authorization": f"Bearer {srv.server.token}"} if token else {}
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.request(method, path, body=body, headers={**auth, **(headers or {})})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -141,9 +155,10 @@ def upload_dirs() -> set[str]:
 
 # --- discovery ---------------------------------------------------------------------------------------
 def test_server_file_health_and_find_server(srv: Running) -> None:
-    info = json.loads((srv.index / server.SERVER_FILE).read_text())
+    info = json.loads((srv.index / discovery.SERVER_FILE).read_text())
     assert info["url"] == srv.url and info["pid"] == os.getpid()
-    assert client.find_server(srv.index) == srv.url
+    assert srv.page_url == f"{srv.url}/?token={info['token']}"
+    assert client.find_server(srv.index) == client.Server(srv.url, info["token"], os.getpid())
     status, health = get_json(srv, "/api/health")
     assert status == 200 and health["ok"] and Path(health["index"]) == srv.index.resolve()
 
@@ -151,18 +166,22 @@ def test_server_file_health_and_find_server(srv: Running) -> None:
 def test_stale_server_file_is_not_trusted(srv: Running, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
-    # A live pid and a live server, but for another index: find_server must not use it.
-    (other / server.SERVER_FILE).write_text(json.dumps({"url": srv.url, "pid": os.getpid()}))
-    assert client.find_server(other) is None
+    token = srv.server.token
+
+    def claims(**info: Any) -> client.Server | None:
+        discovery.write_server_file(other, {"url": srv.url, "pid": os.getpid(), "token": token, **info})
+        return client.find_server(other)
+
+    # A live pid, a live server holding that token, but for another index: find_server must not use it.
+    assert claims() is None
     # A dead pid.
-    (other / server.SERVER_FILE).write_text(json.dumps({"url": srv.url, "pid": 2**22 + 12345}))
-    assert client.find_server(other) is None
-    (other / server.SERVER_FILE).write_text("{not json")
+    assert claims(pid=2**22 + 12345) is None
+    (other / discovery.SERVER_FILE).write_text("{not json")
     assert client.find_server(other) is None
 
 
 def test_a_second_server_for_the_same_index_is_refused(srv: Running) -> None:
-    with pytest.raises(mmsearch.MmsearchError, match="already running at " + srv.url):
+    with pytest.raises(mmsearch.MmsearchError, match="already running at " + srv.url + "$"):
         server.serve(srv.index, port=0, warm=False)
 
 
@@ -185,7 +204,7 @@ def test_stats_and_openapi(srv: Running) -> None:
 
 # --- search ------------------------------------------------------------------------------------------
 def test_search_text(srv: Running) -> None:
-    result = client.query_server(srv.url, text="a plain red picture", target="captions", k=3)
+    result = client.query_server(srv.server, text="a plain red picture", target="captions", k=3)
     assert result["target"] == "captions" and len(result["hits"]) == 3
     hit = result["hits"][0]
     assert hit["kind"] == "caption" and hit["file_kind"] == "image"
@@ -194,7 +213,7 @@ def test_search_text(srv: Running) -> None:
     with mmsearch.Index.open(srv.index) as idx:
         direct = idx.search_text("a plain red picture", target="captions", k=3)
     assert [h["item_id"] for h in result["hits"]] == [h.item_id for h in direct]
-    everything = client.query_server(srv.url, text="fox", target="all", k=20)["hits"]
+    everything = client.query_server(srv.server, text="fox", target="all", k=20)["hits"]
     assert {h["kind"] for h in everything} == {"image", "caption", "segment"}
     segment = next(h for h in everything if h["kind"] == "segment")
     assert segment["file_kind"] == "audio" and segment["thumb"] is None and segment["start"] is not None
@@ -211,7 +230,7 @@ def test_concurrent_queries_each_get_their_own_answer(srv: Running) -> None:
         got = dict(
             zip(
                 queries * 3,
-                pool.map(lambda q: client.query_server(srv.url, text=q, target="all", k=5), queries * 3),
+                pool.map(lambda q: client.query_server(srv.server, text=q, target="all", k=5), queries * 3),
                 strict=True,
             )
         )
@@ -247,7 +266,7 @@ def test_search_by_uploaded_image(srv: Running) -> None:
     assert result["hits"][0]["file_id"] == srv.ids["green.png"]
     assert result["hits"][0]["score"] > 0.999
     assert result["hits"][0]["captions"] == ["a plain green picture"]
-    via_client = client.query_server(srv.url, image=srv.media / "green.png", target="images", k=2)
+    via_client = client.query_server(srv.server, image=srv.media / "green.png", target="images", k=2)
     assert [h["item_id"] for h in via_client["hits"]] == [h["item_id"] for h in result["hits"]]
     assert upload_dirs() == before, "uploaded files must be deleted"
 
@@ -275,6 +294,7 @@ def _send_large(srv: Running, path: str, size: int, *, chunked: bool) -> int:
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
     try:
         conn.putrequest("POST", path)
+        conn.putheader("Authorization", f"Bearer {srv.server.token}")
         conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         if chunked:
             conn.putheader("Transfer-Encoding", "chunked")
@@ -322,7 +342,8 @@ def test_item_metadata_returns_text_as_data(srv: Running) -> None:
 
 
 def test_page_is_served_with_a_strict_csp(srv: Running) -> None:
-    status, headers, body = raw(srv, "GET", "/")
+    cookie = f"{discovery.TOKEN_COOKIE}_{srv.port}={srv.server.token}"
+    status, headers, body = raw(srv, "GET", "/", headers={"Cookie": cookie}, token=False)
     assert status == 200 and b'<script src="/app.js"' in body
     csp = headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("style-src")[0]
@@ -439,10 +460,11 @@ def test_idle_server_exits_and_removes_its_file(srv: Running) -> None:
         index = Path(d) / "index"
         mmsearch.Index.create(index, model=TINY_MODEL, pretrained="random").close()
         url, thread, stop = start(index, idle_timeout=0.5)
-        assert client.find_server(index) == url
+        found = client.find_server(index)
+        assert found is not None and found.page_url == url
         thread.join(30)
         assert not thread.is_alive() and not stop.is_set()
-        assert not (index / server.SERVER_FILE).exists()
+        assert not (index / discovery.SERVER_FILE).exists()
         assert client.find_server(index) is None
 
 
@@ -450,27 +472,27 @@ def test_background_server_is_started_reused_and_exits_when_idle(srv: Running, t
     """What `mmsearch query --serve` does: a detached `python -m mmsearch.server` on a free port."""
     index = tmp_path / "index"
     mmsearch.Index.create(index, model=TINY_MODEL, pretrained="random").close()
-    url = client.start_server(index, idle_minutes=4 / 60, wait=120)
-    assert url is not None, (index / client.SERVER_LOG).read_text()
-    pid = json.loads((index / server.SERVER_FILE).read_text())["pid"]
-    assert pid != os.getpid()
-    assert client.start_server(index) == url  # reused, not a second one
-    assert client.query_server(url, text="anything", target="images", k=1)["hits"] == []
+    running = client.start_server(index, idle_minutes=4 / 60, wait=120)
+    assert running is not None, (index / client.SERVER_LOG).read_text()
+    pid = json.loads((index / discovery.SERVER_FILE).read_text())["pid"]
+    assert pid == running.pid != os.getpid()
+    assert client.start_server(index) == running  # reused, not a second one
+    assert client.query_server(running, text="anything", target="images", k=1)["hits"] == []
     deadline = time.monotonic() + 60
-    while client._pid_alive(pid) and time.monotonic() < deadline:
+    while discovery.pid_alive(pid) and time.monotonic() < deadline:
         # Reap it: started from this process, it stays a zombie (still "alive" to kill(pid, 0)) until waited.
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.2)
-    assert not client._pid_alive(pid), "the idle server did not exit"
-    assert not (index / server.SERVER_FILE).exists()
+    assert not discovery.pid_alive(pid), "the idle server did not exit"
+    assert not (index / discovery.SERVER_FILE).exists()
 
 
 # --- voice query (last: it loads Whisper) ------------------------------------------------------------
 def test_search_by_uploaded_audio(srv: Running, tmp_path: Path) -> None:
     before = upload_dirs()
     query = speech_wav("a lazy dog")
-    result = client.query_server(srv.url, audio=query, target="audio", k=1)
+    result = client.query_server(srv.server, audio=query, target="audio", k=1)
     assert "lazy dog" in result["transcript"].lower()
     assert result["hits"][0]["file_id"] == srv.ids["fox.wav"] and result["hits"][0]["kind"] == "segment"
     assert upload_dirs() == before
@@ -484,4 +506,4 @@ def test_search_by_uploaded_audio(srv: Running, tmp_path: Path) -> None:
         w.setframerate(16000)
         w.writeframes(b"\0\0" * 16000)
     with pytest.raises(mmsearch.BadQueryError, match="no speech"):
-        client.query_server(srv.url, audio=noise)
+        client.query_server(srv.server, audio=noise)
