@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ media = Table(
     Column("duration", Float),
     Column("language", String(16)),
     Column("transcript", Text),
+    sqlite_autoincrement=True,
 )
 
 files = Table(
@@ -79,6 +81,7 @@ files = Table(
     Column("status", String(8), nullable=False),  # ok | skipped
     Column("reason", Text),
     Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 captions = Table(
@@ -88,6 +91,7 @@ captions = Table(
     Column("file_id", Integer, ForeignKey("files.id"), nullable=False, index=True),
     Column("source", Text, nullable=False),
     Column("text", Text, nullable=False, index=True),  # index: a known caption text reuses its vector
+    sqlite_autoincrement=True,
 )
 
 segments = Table(
@@ -99,6 +103,7 @@ segments = Table(
     Column("start", Float, nullable=False),
     Column("end", Float, nullable=False),
     Column("text", Text, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 embeddings = Table(
@@ -110,6 +115,28 @@ embeddings = Table(
     Column("caption_id", Integer, ForeignKey("captions.id"), index=True),
     Column("segment_id", Integer, ForeignKey("segments.id"), index=True),
     Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+    sqlite_autoincrement=True,
+)
+
+# Every deleted embedding, logged by a trigger in the deleting transaction (see _migration_3): a reader
+# holding an in-memory FAISS index removes the ids logged after its position instead of rebuilding it.
+# Rows already reflected in a saved FAISS file are pruned by the writer (``meta deletions_pruned.KIND``).
+deletions = Table(
+    "deletions",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("embedding_id", Integer, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# How many embeddings each kind holds, kept by triggers (see _migration_3): the check a reader makes after
+# following a change, which counting a million index rows would make cost more than the change itself.
+vector_counts = Table(
+    "vector_counts",
+    metadata,
+    Column("kind", String(8), primary_key=True),
+    Column("n", Integer, nullable=False),
 )
 
 VECTOR_KINDS = ("image", "caption", "segment")
@@ -124,11 +151,76 @@ def _migration_2(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_captions_text ON captions (text)"))
 
 
+# The tables whose ids leave the catalog (FAISS ids, /api/media/{id} links, thumbnails cached by id):
+# AUTOINCREMENT, so an id is never given to another row, even after the newest row was deleted.
+_ID_TABLES = ("media", "files", "captions", "segments", "embeddings")
+_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS embedding_deleted AFTER DELETE ON embeddings BEGIN "
+    "INSERT INTO deletions (kind, embedding_id) VALUES (old.kind, old.id); "
+    "UPDATE vector_counts SET n = n - 1 WHERE kind = old.kind; END",
+    "CREATE TRIGGER IF NOT EXISTS embedding_added AFTER INSERT ON embeddings BEGIN "
+    "UPDATE vector_counts SET n = n + 1 WHERE kind = new.kind; END",
+)
+
+
+def _migration_3(conn: Connection) -> None:
+    """Ids are never reused (AUTOINCREMENT); deleted embeddings are logged and counts kept for readers.
+
+    SQLite only gives AUTOINCREMENT to a table created with it, so each older table is rebuilt: a new
+    table from the old one's own definition (only the primary key changes), its rows copied with their
+    ids (which seeds ``sqlite_sequence`` with the largest), the old table dropped, the new one renamed
+    and the old one's indexes recreated. :meth:`Catalog._migrate` runs this with foreign keys off, in
+    one transaction.
+    """
+    for table in _ID_TABLES:
+        sql = conn.execute(
+            text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": table}
+        ).scalar_one()
+        if "AUTOINCREMENT" in sql.upper():
+            continue  # created by this version's create_all
+        new_sql, n = re.subn(
+            r"\bid INTEGER NOT NULL,", "id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,", sql, count=1
+        )
+        new_sql, m = re.subn(r"PRIMARY KEY \(id\),\s*", "", new_sql, count=1)
+        new_sql, k = re.subn(
+            rf"^CREATE TABLE \"?{table}\"? \(", f"CREATE TABLE {table}__v3 (", new_sql, count=1
+        )
+        if (n, m, k) != (1, 1, 1):
+            raise MmsearchError(f"cannot migrate table {table}: unexpected definition {sql!r}")
+        indexes = (
+            conn.execute(
+                text(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t AND sql IS NOT NULL"
+                ),
+                {"t": table},
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(text(new_sql))
+        conn.execute(text(f"INSERT INTO {table}__v3 SELECT * FROM {table}"))
+        conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text(f"ALTER TABLE {table}__v3 RENAME TO {table}"))
+        for index_sql in indexes:
+            conn.execute(text(index_sql))
+    deletions.create(conn, checkfirst=True)
+    vector_counts.create(conn, checkfirst=True)
+    conn.execute(
+        text("INSERT OR REPLACE INTO vector_counts SELECT kind, count(*) FROM embeddings GROUP BY kind")
+    )
+    for kind in VECTOR_KINDS:
+        conn.execute(text("INSERT OR IGNORE INTO vector_counts VALUES (:kind, 0)"), {"kind": kind})
+    for trigger in _TRIGGERS:
+        conn.execute(text(trigger))
+
+
 # Append only: each entry brings a database at version i to version i+1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
-# The oldest schema this code can search without migrating it (migration 2 only adds an index): what a
-# catalog on a full disk, which cannot be migrated, may be at.
+# The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot
+# be migrated, may be at. Migration 2 only adds an index; migration 3 adds AUTOINCREMENT (which only
+# matters to inserts) and the deletion log, which a reader of an older catalog does without: it rebuilds a
+# vector index whose generation changed instead of applying the log (see Catalog.has_deletion_log).
 READABLE_FROM = 1
 
 
@@ -159,20 +251,32 @@ class FileRow:
     reason: str | None
 
 
+#: Mode of the catalog file; SQLite gives its -wal and -shm files the same one.
+PRIVATE_FILE_MODE = 0o600
+
+
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
         #: True when the disk was too full to open the catalog normally: it can be searched, not written.
         self.read_only = False
+        #: The schema version the catalog is at once opened (older than SCHEMA_VERSION only read-only).
+        self.schema_version = SCHEMA_VERSION
         self.engine: Engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _on_connect)
         try:
-            with storage_errors(path), self.engine.begin() as conn:
-                self._migrate(conn)
+            with storage_errors(path):
+                _create_private(path)
+                self._migrate()
         except MmsearchError:
             if not self._can_read_while_full():
                 raise
             self._open_read_only()
+
+    @property
+    def has_deletion_log(self) -> bool:
+        """Whether deleted embeddings are logged (schema 3): a reader of an older catalog rebuilds instead."""
+        return self.schema_version >= 3
 
     def _can_read_while_full(self) -> bool:
         """On a full disk SQLite cannot create the WAL index (-shm) a normal open needs. Without a WAL
@@ -193,25 +297,64 @@ class Catalog:
         self.engine = create_engine(f"sqlite:///{uri}&uri=true", future=True)
         self.read_only = True
         with storage_errors(self.path), self.engine.connect() as conn:
-            if not READABLE_FROM <= self._schema_version(conn) <= SCHEMA_VERSION:
+            self.schema_version = self._schema_version(conn)
+            if not READABLE_FROM <= self.schema_version <= SCHEMA_VERSION:
                 raise MmsearchError(disk_full_message(self.path))  # it would need a migration
 
     @staticmethod
     def _schema_version(conn: Connection) -> int:
+        has_meta = conn.execute(
+            text("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'")
+        ).first()
+        if not has_meta:
+            return 0
         row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
         return int(row[0]) if row else 0
 
-    def _migrate(self, conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value TEXT NOT NULL)"))
-        version = self._schema_version(conn)
+    def _check_not_newer(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise MmsearchError(
                 f"{self.path} has schema version {version}, newer than this mmsearch ({SCHEMA_VERSION}): upgrade"
             )
-        for i in range(version, SCHEMA_VERSION):
-            log.info("migrating catalog %s to schema version %d", self.path, i + 1)
-            MIGRATIONS[i](conn)
-            _set_meta(conn, "schema_version", str(i + 1))
+
+    def _migrate(self) -> None:
+        """Run the pending migrations, all in one transaction.
+
+        An up-to-date catalog is only read (opening never waits for a running writer). Otherwise the
+        write lock is taken first (BEGIN IMMEDIATE) and the version read again under it, so two processes
+        opening an old catalog at once migrate it once. Foreign keys are off meanwhile (a table rebuild
+        drops a parent table; SQLite ignores the pragma inside a transaction) and checked before COMMIT.
+        """
+        with self.engine.connect() as conn:
+            version = self._schema_version(conn)
+        self._check_not_newer(version)
+        if version == SCHEMA_VERSION:
+            return
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # we say BEGIN and COMMIT
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(
+                        text("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value TEXT NOT NULL)")
+                    )
+                    version = self._schema_version(conn)
+                    self._check_not_newer(version)
+                    for i in range(version, SCHEMA_VERSION):
+                        log.info("migrating catalog %s to schema version %d", self.path, i + 1)
+                        MIGRATIONS[i](conn)
+                        _set_meta(conn, "schema_version", str(i + 1))
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").first()
+                    if broken is not None:
+                        raise MmsearchError(f"{self.path}: a migration broke a foreign key ({tuple(broken)})")
+                    conn.exec_driver_sql("COMMIT")
+                except BaseException:
+                    if conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+                        conn.exec_driver_sql("ROLLBACK")  # (SQLite may have rolled back already)
+                    raise
+            finally:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -226,6 +369,13 @@ class Catalog:
     def read(self) -> Iterator[Connection]:
         with storage_errors(self.path), self.engine.connect() as conn:
             yield conn
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """Several reads of one committed state (a read transaction: WAL keeps it while writers commit)."""
+        with self.read() as conn:
+            conn.exec_driver_sql("BEGIN")  # the driver only opens transactions for writes by itself
+            yield conn  # leaving read() rolls the read transaction back
 
     # --- meta ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -295,19 +445,80 @@ class Catalog:
     # --- vectors ------------------------------------------------------------------------------
     def load_vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """All (ids, vectors) of one kind, ordered by id: what a FAISS index is rebuilt from."""
-        with self.read() as conn:
-            n = conn.execute(select(func.count()).where(embeddings.c.kind == kind)).scalar_one()
-            ids = np.empty(n, np.int64)
-            vecs = np.empty((n, dim), np.float32)
-            q = select(embeddings.c.id, embeddings.c.vector).where(embeddings.c.kind == kind)
-            i = 0
-            for eid, blob in conn.execute(q.order_by(embeddings.c.id)):
-                if i >= n:
-                    break
-                ids[i] = eid
-                vecs[i] = np.frombuffer(blob, np.float32)
-                i += 1
-        return ids[:i], vecs[:i]
+        with self.snapshot() as conn:
+            return _read_vectors(conn, kind, dim, after_id=0)
+
+    def vector_state(self, kind: str, dim: int) -> VectorState:
+        """All vectors of one kind with the positions they reflect, read in one snapshot."""
+        with self.snapshot() as conn:
+            position = self._position(conn, kind)
+            ids, vecs = _read_vectors(conn, kind, dim, after_id=0)
+        return VectorState(
+            position.generation, max(int(ids.max(initial=0)), position.max_id), position.seq, ids, vecs
+        )
+
+    def vector_delta(self, kind: str, dim: int, *, after_id: int, after_seq: int) -> VectorDelta | None:
+        """What changed in one kind's vectors since an index reflecting (``after_id``, ``after_seq``), read
+        in one snapshot: the embeddings added with a larger id, the ids deleted with a larger log seq.
+
+        None when the deletion log cannot say: it was pruned past ``after_seq`` (reload a saved file), or
+        the catalog predates the log (rebuild).
+        """
+        if not self.has_deletion_log:
+            return None
+        with self.snapshot() as conn:
+            pruned = int(json.loads(_get_meta(conn, f"deletions_pruned.{kind}") or "0"))
+            if pruned > after_seq:
+                return None
+            position = self._position(conn, kind)
+            ids, vecs = _read_vectors(conn, kind, dim, after_id=after_id)
+            removed = np.fromiter(
+                conn.execute(
+                    select(deletions.c.embedding_id).where(
+                        deletions.c.kind == kind, deletions.c.seq > after_seq
+                    )
+                ).scalars(),
+                np.int64,
+            )
+            count = conn.execute(select(vector_counts.c.n).where(vector_counts.c.kind == kind)).scalar()
+        return VectorDelta(
+            position.generation,
+            max(after_id, int(ids.max(initial=0))),
+            max(after_seq, position.seq),
+            ids,
+            vecs,
+            removed,
+            int(count or 0),
+        )
+
+    def vector_position(self, kind: str) -> VectorState:
+        """Where the catalog stands for one kind (generation, largest id, last deletion seq), no vectors."""
+        with self.snapshot() as conn:
+            position = self._position(conn, kind)
+            max_id = conn.execute(select(func.max(embeddings.c.id)).where(embeddings.c.kind == kind)).scalar()
+        return VectorState(
+            position.generation, int(max_id or 0), position.seq, position.ids, position.vectors
+        )
+
+    def _position(self, conn: Connection, kind: str) -> VectorState:
+        """The generation of ``kind`` and the last deletion-log seq (vectors left empty)."""
+        generation = int(json.loads(_get_meta(conn, f"generation.{kind}") or "0"))
+        seq = 0
+        if self.has_deletion_log:
+            row = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'deletions'")).first()
+            seq = int(row[0]) if row else 0
+        return VectorState(generation, 0, seq, np.empty(0, np.int64), np.empty((0, 0), np.float32))
+
+    def record_saved_vectors(self, kind: str, record: dict[str, Any]) -> None:
+        """Record a FAISS file just saved (its checksum, size and the positions it reflects) and prune the
+        deletion-log rows it reflects; one transaction."""
+        with self.begin() as conn:
+            _set_meta(conn, f"faiss.{kind}", json.dumps(record))
+            seq = int(record["seq"])
+            if self.has_deletion_log and seq:
+                conn.execute(deletions.delete().where(deletions.c.kind == kind, deletions.c.seq <= seq))
+                pruned = int(json.loads(_get_meta(conn, f"deletions_pruned.{kind}") or "0"))
+                _set_meta(conn, f"deletions_pruned.{kind}", json.dumps(max(pruned, seq)))
 
     def vectors_for(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -317,6 +528,55 @@ class Catalog:
                 for eid, blob in conn.execute(q):
                     out[eid] = np.frombuffer(blob, np.float32)
         return out
+
+
+@dataclass(frozen=True)
+class VectorState:
+    """One kind's vectors as of a catalog generation. ``max_id``: every embedding of the kind with a larger
+    id was added later; ``seq``: every deletion logged with a larger seq came later."""
+
+    generation: int
+    max_id: int
+    seq: int
+    ids: np.ndarray
+    vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class VectorDelta:
+    """The change from an index's position to the positions here (see :meth:`Catalog.vector_delta`);
+    ``count`` is how many vectors the kind holds afterwards (a check of the result)."""
+
+    generation: int
+    max_id: int
+    seq: int
+    ids: np.ndarray
+    vectors: np.ndarray
+    removed: np.ndarray
+    count: int
+
+
+def _read_vectors(conn: Connection, kind: str, dim: int, *, after_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of one kind with an id above ``after_id``, ordered by id."""
+    where = (embeddings.c.kind == kind) & (embeddings.c.id > after_id)
+    n = conn.execute(select(func.count()).where(where)).scalar_one() if after_id == 0 else None
+    ids_list: list[int] = []
+    chunks: list[bytes] = []
+    q = select(embeddings.c.id, embeddings.c.vector).where(where).order_by(embeddings.c.id)
+    if n is not None:  # a full load: preallocate (a million rows as Python bytes would double the memory)
+        ids = np.empty(n, np.int64)
+        vecs = np.empty((n, dim), np.float32)
+        i = 0
+        for eid, blob in conn.execute(q):
+            ids[i] = eid
+            vecs[i] = np.frombuffer(blob, np.float32)
+            i += 1
+        return ids[:i], vecs[:i]
+    for eid, blob in conn.execute(q):
+        ids_list.append(eid)
+        chunks.append(blob)
+    vecs = np.frombuffer(b"".join(chunks), np.float32).reshape(len(ids_list), dim).copy()
+    return np.asarray(ids_list, np.int64), vecs
 
 
 @dataclass(frozen=True)
@@ -333,7 +593,11 @@ class ItemRow:
     media_id: int | None
 
 
-def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
+def resolve_items(
+    catalog: Catalog, ids: Sequence[int], kinds: Sequence[str] = VECTOR_KINDS
+) -> dict[int, ItemRow]:
+    """The items of these embedding ids that are of one of ``kinds`` (the kinds searched: an id found in
+    one kind's index is never shown as an item of another)."""
     e, f, c, s = embeddings, files, captions, segments
     f2 = files.alias("f2")
 
@@ -368,7 +632,9 @@ def resolve_items(catalog: Catalog, ids: Sequence[int]) -> dict[int, ItemRow]:
                 .join(f, f.c.id == first_file(s.c.media_id))
                 .where(e.c.id.in_(chunk), e.c.kind == "segment")
             )
-            for q in (image_q, caption_q, segment_q):
+            for kind, q in (("image", image_q), ("caption", caption_q), ("segment", segment_q)):
+                if kind not in kinds:
+                    continue
                 for row in conn.execute(q):
                     out[int(row[0])] = ItemRow(*row)
     return out
@@ -470,6 +736,24 @@ def storage_errors(path: Path | str) -> Iterator[None]:
         if e.errno in _DISK_FULL_ERRNOS:
             raise MmsearchError(disk_full_message(path)) from e
         raise
+
+
+def _get_meta(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    return str(row[0]) if row else None
+
+
+def _create_private(path: Path) -> None:
+    """Create the catalog file owner-only before SQLite opens it (SQLite would create it with the process
+    umask, usually world-readable, and gives its -wal and -shm files the database file's mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # the umask may have removed bits: this is the mode wanted
+    finally:
+        os.close(fd)
 
 
 def _set_meta(conn: Connection, key: str, value: str) -> None:

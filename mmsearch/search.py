@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import asdict, dataclass
 
@@ -24,7 +25,11 @@ MAX_K = 10_000
 
 @dataclass(frozen=True)
 class Hit:
-    """One result. ``kind`` is image, caption or segment; ``start``/``end`` (seconds) only for segments."""
+    """One result. ``kind`` is image, caption or segment; ``start``/``end`` (seconds) only for segments.
+
+    ``path`` is the file's name as :func:`os.fsdecode` gives it (undecodable bytes as surrogate escapes),
+    so ``open(hit.path)`` opens the file whatever its name.
+    """
 
     rank: int
     score: float
@@ -37,7 +42,13 @@ class Hit:
     file_id: int
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """JSON-safe: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and
+        ``path_b64``, the standard base64 of the path's exact bytes."""
+        d = asdict(self)
+        key = os.fsencode(self.path)
+        d["path"] = db.display_path(key)
+        d["path_b64"] = base64.b64encode(key).decode("ascii")
+        return d
 
 
 def kinds_for(target: str) -> tuple[str, ...]:
@@ -66,7 +77,9 @@ def search_vector(store: Store, query: np.ndarray, target: str, k: int) -> list[
         scores, ids = index.search(q, min(index.ntotal, 2 * k + 8))
         candidates.extend((float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0)
     candidates.sort(key=lambda c: -c[0])
-    rows = db.resolve_items(store.catalog, [i for _, i in candidates])
+    # Only items of the kinds searched: an id never names two items (ids are not reused), and a stale
+    # id must not resolve to an item of another kind either.
+    rows = db.resolve_items(store.catalog, [i for _, i in candidates], kinds)
     hits: list[Hit] = []
     for score, item_id in candidates:
         row = rows.get(item_id)

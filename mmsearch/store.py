@@ -1,16 +1,22 @@
 """An index folder: it describes itself and holds everything needed to search it.
 
-Layout::
+Layout (the folder and everything in it owner-only: 0700 folders, 0600 files)::
 
     INDEX/mmsearch.json        format, schema, model identity, speech settings (human-readable)
     INDEX/catalog.sqlite       the source of truth (see db.py)
     INDEX/vectors/KIND.faiss   one FAISS index per item kind, derived from the catalog
-    INDEX/write.lock           held by the one process allowed to write
+    INDEX/write.lock           held by the one process allowed to write (and by the one creating the index)
     INDEX/thumbs/SHA-SIDE.jpg  thumbnails the server made, by content hash (dropped with their content)
 
-Each FAISS file's checksum, vector count and the catalog generation it reflects are recorded in the catalog.
-On open, a missing, stale or corrupt file is rebuilt from the catalog (FAISS itself loads many corrupt
-files without complaint, so the checksum is what we trust).
+Each FAISS file's checksum, vector count, the catalog generation it reflects and its position (the largest
+embedding id and the last deletion-log seq it reflects) are recorded in the catalog. On open, a missing or
+corrupt file is rebuilt from the catalog (FAISS itself loads many corrupt files without complaint, so the
+checksum is what we trust); a file older than the catalog is brought up to date by the change since its
+position (ids are never reused, deletions are logged), or rebuilt when that change is unknown.
+
+A reader follows a writer the same way: after each commit it adds the embeddings with a larger id and
+removes the logged deletions, instead of rebuilding (and retraining) the whole index. A writer saves the
+FAISS files now and then during a long run (:meth:`Store.checkpoint_vectors`), which lets it prune the log.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import fcntl
 import json
 import logging
 import os
+import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmsearch.db import SCHEMA_VERSION, VECTOR_KINDS, Catalog, storage_errors
+from mmsearch.db import PRIVATE_FILE_MODE, SCHEMA_VERSION, VECTOR_KINDS, Catalog, VectorDelta, storage_errors
 from mmsearch.errors import IndexLockedError, IndexNotFoundError, MmsearchError
 from mmsearch.scan import INDEX_MARKER
 from mmsearch.vectors import VectorIndex, needs_rebuild
@@ -37,6 +46,29 @@ FORMAT = "mmsearch-index"
 CATALOG = "catalog.sqlite"
 LOCK = "write.lock"
 THUMBS = "thumbs"
+VECTORS = "vectors"
+#: Mode of the index folder and its sub-folders (files: db.PRIVATE_FILE_MODE): other local users can
+#: neither list nor read what was indexed.
+PRIVATE_FOLDER_MODE = 0o700
+#: A writer saves its FAISS files at most this often during a run (see Store.checkpoint_vectors) ...
+CHECKPOINT_SECONDS = 60.0
+#: ... and spends at most 1/CHECKPOINT_COST_FACTOR of the run's time saving them (large indexes).
+CHECKPOINT_COST_FACTOR = 10.0
+
+
+@dataclass
+class _Live:
+    """An in-memory index and where it stands: it reflects the catalog at ``generation``, every embedding
+    of its kind with an id up to ``max_id`` and every deletion logged up to ``seq``."""
+
+    index: VectorIndex
+    generation: int
+    max_id: int
+    seq: int
+    #: The checksum of the saved file this index equals (None once it changed since).
+    sha: str | None = None
+    #: The last saved file a reader looked at to replace an outgrown index (see Store._adopt_retrained).
+    seen_sha: str | None = None
 
 
 class Store:
@@ -47,22 +79,42 @@ class Store:
         self.config = config
         self.catalog = Catalog(folder / CATALOG)  # runs any pending migrations
         self.dim = int(config["model"]["dim"])
-        self._vectors: dict[str, VectorIndex] = {}
-        self._loaded_generation: dict[str, int] = {}
+        self._live: dict[str, _Live] = {}
         self._lock_fd: int | None = None
+        #: Drop and rebuild an index on every change instead of following it (the behaviour before the
+        #: deletion log; kept for the live-reads benchmark).
+        self.rebuild_on_refresh = False
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
 
     # --- lifecycle ----------------------------------------------------------------------------
-    @classmethod
-    def create(cls, folder: Path, config: dict[str, Any]) -> Store:
+    @staticmethod
+    def check_creatable(folder: Path) -> None:
+        """Raise unless an index could be created at ``folder`` (call before loading a model for it)."""
         if (folder / INDEX_MARKER).exists():
             raise MmsearchError(f"an index already exists at {folder}")
-        if folder.exists() and any(p.name != ".gitkeep" for p in folder.iterdir()):
+        if folder.exists() and any(p.name not in (".gitkeep", LOCK) for p in folder.iterdir()):
             raise MmsearchError(f"{folder} exists and is not an empty folder; choose another --index")
-        full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **config}
+
+    @classmethod
+    def create(cls, folder: Path, config: dict[str, Any]) -> Store:
+        """Create an empty index, owner-only, under the write lock.
+
+        The description (``mmsearch.json``) appears at once and complete, and only if none exists: of two
+        processes creating the same index, one fails (the index is being created, or already exists).
+        """
+        cls.check_creatable(folder)
         with storage_errors(folder):
-            (folder / "vectors").mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(folder / INDEX_MARKER, json.dumps(full, indent=2, sort_keys=True) + "\n")
-        return cls(folder, full)
+            _private_folder(folder, parents=True)
+        fd = _take_lock(folder / LOCK, folder)
+        try:
+            cls.check_creatable(folder)  # again, under the lock: another process may have created it
+            full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **config}
+            with storage_errors(folder):
+                _private_folder(folder / VECTORS)
+                _write_private(folder / INDEX_MARKER, _describe(full), exclusive=True)
+            return cls(folder, full)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -90,13 +142,18 @@ class Store:
     def update_config(self, **changes: Any) -> None:
         self.config.update(changes)
         with storage_errors(self.folder):
-            _atomic_write_text(
-                self.folder / INDEX_MARKER, json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-            )
+            _write_private(self.folder / INDEX_MARKER, _describe(self.config))
 
     # --- derived files ------------------------------------------------------------------------
     def thumbnail_path(self, sha256: str, side: int) -> Path:
         return self.folder / THUMBS / f"{sha256}-{side}.jpg"
+
+    def thumbnails_folder(self) -> Path:
+        """The thumbnails' folder, created owner-only if missing (make it with this, not mkdir)."""
+        path = self.folder / THUMBS
+        with storage_errors(self.folder):
+            _private_folder(path)
+        return path
 
     def drop_thumbnails(self, shas: set[str]) -> int:
         """Delete the cached thumbnails of content no file holds any more; returns how many went."""
@@ -118,31 +175,20 @@ class Store:
 
     # --- single writer ------------------------------------------------------------------------
     def lock_for_writing(self) -> None:
-        path = self.folder / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self._lock_fd is not None:
+            return  # already ours
+        fd = _take_lock(self.folder / LOCK, self.folder)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise IndexLockedError(
-                    f"index {self.folder} is being written by another process (pid {holder}); "
-                    "wait for it to finish or stop it"
-                ) from e
-            raise
-        try:
-            with storage_errors(self.folder):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
             if self.config.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
                 # The catalog was migrated on open; the folder's description follows, by the writer only
                 # (a reader rewriting mmsearch.json could undo a writer's change to it).
                 self.update_config(schema_version=SCHEMA_VERSION)
+            self._make_owner_only()
         except BaseException:
             os.close(fd)  # releases the lock: a writer that cannot start must not block the next one
             raise
         self._lock_fd = fd
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -150,85 +196,264 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _make_owner_only(self) -> None:
+        """Tighten an index made by an older mmsearch (catalog 0644): the writer, who owns it, does it."""
+        paths = [(self.folder, PRIVATE_FOLDER_MODE), (self.folder / VECTORS, PRIVATE_FOLDER_MODE)]
+        paths.append((self.folder / THUMBS, PRIVATE_FOLDER_MODE))
+        for name in (CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm", INDEX_MARKER, LOCK):
+            paths.append((self.folder / name, PRIVATE_FILE_MODE))
+        paths.extend((self._faiss_path(kind), PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
+        for path, mode in paths:
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) == mode:
+                    continue
+                os.chmod(path, mode)
+                log.info("%s was readable by others: now owner-only", path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # e.g. a read-only mount: the index still works
+                log.warning("cannot make %s owner-only: %s", path, e)
+
     # --- vectors ------------------------------------------------------------------------------
     def vectors(self, kind: str) -> VectorIndex:
         """The index of one kind, consistent with the catalog's committed state."""
-        if kind not in self._vectors:
-            self._vectors[kind] = self._load_or_rebuild(kind)
-        return self._vectors[kind]
+        if kind not in self._live:
+            self._live[kind] = self._open(kind)
+        return self._live[kind].index
 
     def refresh(self) -> None:
-        """Drop in-memory indexes that no longer match the catalog (a writer committed since)."""
-        for kind in list(self._vectors):
-            if self._loaded_generation.get(kind) != self.catalog.generation(kind):
-                del self._vectors[kind]
-
-    def _load_or_rebuild(self, kind: str) -> VectorIndex:
-        gen = self.catalog.generation(kind)
-        record = self.catalog.get_meta(f"faiss.{kind}")
-        path = self._faiss_path(kind)
-        if record and record.get("generation") == gen:
-            index = VectorIndex.load(path, sha256=record["sha256"], ntotal=record["ntotal"], dim=self.dim)
-            if index is not None:
-                self._loaded_generation[kind] = gen
-                return index
-            log.warning("vector file %s is missing or corrupt: rebuilding it from the catalog", path)
-        elif path.exists():
-            log.info("vector file %s is stale: rebuilding it from the catalog", path)
-        ids, vecs = self.catalog.load_vectors(kind, self.dim)
-        index = VectorIndex.build(self.dim, ids, vecs)
-        self._loaded_generation[kind] = gen
-        if self._lock_fd is not None:
-            self._save(kind, index, gen)
-        return index
+        """Bring in-memory indexes up to the catalog's committed state (a writer committed since)."""
+        for kind in list(self._live):
+            if self._live[kind].generation == self.catalog.generation(kind):
+                continue
+            if self.rebuild_on_refresh:
+                del self._live[kind]  # rebuilt from SQLite by the next vectors()
+                continue
+            self._catch_up(kind)
+            if self._lock_fd is None:
+                self._adopt_retrained(kind)
 
     def apply(
-        self, kind: str, added: tuple[np.ndarray, np.ndarray] | None, removed: np.ndarray | None
+        self,
+        kind: str,
+        added: tuple[np.ndarray, np.ndarray] | None = None,
+        removed: np.ndarray | None = None,
     ) -> None:
-        """Mirror a committed catalog change in the in-memory index (saved later by :meth:`save_vectors`)."""
-        if kind not in self._vectors:
+        """Bring one kind's in-memory index in step with a change just committed (saved later by
+        :meth:`save_vectors`, or by a checkpoint during a long run).
+
+        The index follows the catalog's own record of the change (embeddings with new ids, the deletion
+        log), as every reader does; ``added`` and ``removed`` are what the caller changed and need not be
+        passed.
+        """
+        if kind not in self._live:
             self.vectors(kind)  # loaded after the commit, so it already holds the change
-            return
-        index = self._vectors[kind]
-        if removed is not None and len(removed):
-            index.remove(removed)
-        if added is not None and len(added[0]):
-            index.add(*added)
-        self._loaded_generation[kind] = self.catalog.generation(kind)
+        else:
+            self._catch_up(kind)
+        self._maybe_checkpoint()
+
+    def checkpoint_vectors(self) -> None:
+        """Save the FAISS files that changed, during a run: a reader opening the index then starts from
+        them instead of the catalog, and the deletion log they reflect is pruned.
+
+        The catalog holds everything, so a save that fails (disk full) is logged and left to the next one.
+        Called by :meth:`apply` every :data:`CHECKPOINT_SECONDS` or more (see CHECKPOINT_COST_FACTOR).
+        """
+        started = time.monotonic()
+        try:
+            self._save_all()
+        except MmsearchError as e:
+            log.warning("could not save the vector indexes during the run (%s); the next save retries", e)
+        took = time.monotonic() - started
+        self._next_checkpoint = time.monotonic() + max(CHECKPOINT_SECONDS, CHECKPOINT_COST_FACTOR * took)
 
     def save_vectors(self) -> None:
         """Write every index that changed; re-choose the index type when the collection outgrew it."""
-        for kind in VECTOR_KINDS:
-            gen = self.catalog.generation(kind)
-            index = self.vectors(kind)
-            rebuilt = needs_rebuild(index)
-            if rebuilt:
-                ids, vecs = self.catalog.load_vectors(kind, self.dim)
-                index = self._vectors[kind] = VectorIndex.build(self.dim, ids, vecs)
-            record = self.catalog.get_meta(f"faiss.{kind}")
-            if not rebuilt and record and record.get("generation") == gen and self._faiss_path(kind).exists():
-                continue
-            self._save(kind, index, gen)
+        self._save_all()
 
-    def _save(self, kind: str, index: VectorIndex, gen: int) -> None:
-        # On a full disk the save leaves the previous file and its record in place; both are older than
-        # the catalog's generation, so the next open rebuilds this kind from the catalog.
+    def _maybe_checkpoint(self) -> None:
+        if self._lock_fd is not None and time.monotonic() >= self._next_checkpoint:
+            self.checkpoint_vectors()
+
+    def _save_all(self) -> None:
+        for kind in VECTOR_KINDS:
+            self.vectors(kind)
+            if self._live[kind].generation != self.catalog.generation(kind):
+                self._catch_up(kind)  # changed by a caller that did not apply() it
+            live = self._live[kind]
+            if needs_rebuild(live.index):
+                live = self._live[kind] = self._rebuild(kind)  # saved if we hold the lock
+            record = self.catalog.get_meta(f"faiss.{kind}")
+            if record and record.get("sha256") == live.sha and self._faiss_path(kind).exists():
+                continue  # the saved file is this index
+            self._save(kind, live)
+
+    def _catch_up(self, kind: str) -> None:
+        live = self._live[kind]
+        delta = self.catalog.vector_delta(kind, self.dim, after_id=live.max_id, after_seq=live.seq)
+        if delta is None:  # the change is no longer (or not) logged: start again from the saved file
+            self._live[kind] = self._open(kind)
+        elif not _apply_delta(live, delta):
+            log.warning("the %s vectors differ from the catalog after following it: rebuilding them", kind)
+            self._live[kind] = self._rebuild(kind)
+
+    def _adopt_retrained(self, kind: str) -> None:
+        """A reader's index grown past its type (an IVF trained on far fewer vectors, a flat index past
+        FLAT_MAX) is replaced by the writer's saved file once that was retrained: loading it trains nothing."""
+        live = self._live[kind]
+        if not needs_rebuild(live.index):
+            return
+        record = self.catalog.get_meta(f"faiss.{kind}")
+        if not record or record.get("sha256") in (live.sha, live.seen_sha):
+            return
+        live.seen_sha = record.get("sha256")
+        if (record.get("spec"), record.get("trained_n")) == (live.index.spec, live.index.trained_n):
+            return  # the writer has not retrained it yet
+        saved = self._open_saved(kind)
+        if saved is not None:
+            self._live[kind] = saved
+
+    def _open(self, kind: str) -> _Live:
+        return self._open_saved(kind) or self._rebuild(kind)
+
+    def _open_saved(self, kind: str) -> _Live | None:
+        """The saved file brought up to the catalog's state, or None when it cannot be (then rebuild)."""
+        record = self.catalog.get_meta(f"faiss.{kind}")
+        path = self._faiss_path(kind)
+        if not record:
+            if path.exists():
+                log.info("vector file %s is not recorded in the catalog: rebuilding it", path)
+            return None
+        index = VectorIndex.load(path, sha256=record["sha256"], ntotal=record["ntotal"], dim=self.dim)
+        if index is None:
+            log.warning("vector file %s is missing or corrupt: rebuilding it from the catalog", path)
+            return None
+        position = self.catalog.vector_position(kind)
+        if record.get("generation") == position.generation:  # the file is the catalog's current state
+            return _Live(index, position.generation, position.max_id, position.seq, sha=record["sha256"])
+        if "max_id" not in record or "seq" not in record:  # saved before positions were recorded
+            log.info("vector file %s is stale: rebuilding it from the catalog", path)
+            return None
+        live = _Live(
+            index, int(record["generation"]), int(record["max_id"]), int(record["seq"]), sha=record["sha256"]
+        )
+        delta = self.catalog.vector_delta(kind, self.dim, after_id=live.max_id, after_seq=live.seq)
+        if delta is None:
+            log.info("vector file %s is older than the deletion log: rebuilding it from the catalog", path)
+            return None
+        if not _apply_delta(live, delta):
+            log.warning("vector file %s differs from the catalog after its changes: rebuilding it", path)
+            return None
+        return live
+
+    def _rebuild(self, kind: str) -> _Live:
+        state = self.catalog.vector_state(kind, self.dim)
+        live = _Live(
+            VectorIndex.build(self.dim, state.ids, state.vectors), state.generation, state.max_id, state.seq
+        )
+        if self._lock_fd is not None:
+            self._save(kind, live)
+        return live
+
+    def _save(self, kind: str, live: _Live) -> None:
+        # On a full disk the save leaves the previous file and its record in place; the record's position
+        # is older than the catalog, so the next open follows the change since, or rebuilds.
         with storage_errors(self.folder):
-            sha, ntotal = index.save(self._faiss_path(kind))
-        self.catalog.set_meta(f"faiss.{kind}", {"sha256": sha, "ntotal": ntotal, "generation": gen})
+            _private_folder(self.folder / VECTORS)  # deleted by hand: made again owner-only, not by FAISS
+            sha, ntotal = live.index.save(self._faiss_path(kind))
+        record = {
+            "sha256": sha,
+            "ntotal": ntotal,
+            "generation": live.generation,
+            "max_id": live.max_id,
+            "seq": live.seq,
+            "spec": live.index.spec,
+            "trained_n": live.index.trained_n,
+        }
+        self.catalog.record_saved_vectors(kind, record)
+        live.sha = sha
 
     def _faiss_path(self, kind: str) -> Path:
-        return self.folder / "vectors" / f"{kind}.faiss"
+        return self.folder / VECTORS / f"{kind}.faiss"
 
 
-def _atomic_write_text(path: Path, content: str) -> None:
+def _apply_delta(live: _Live, delta: VectorDelta) -> bool:
+    """Apply a catalog change to an in-memory index; False when the result does not hold as many vectors
+    as the catalog (then the index is not to be trusted)."""
+    if len(delta.ids):
+        live.index.add(delta.ids, delta.vectors, above=live.max_id)  # every id held is <= max_id
+    if len(delta.removed):
+        live.index.remove(delta.removed)
+    if len(delta.ids) or len(delta.removed):
+        live.sha = None
+    live.generation, live.max_id, live.seq = delta.generation, delta.max_id, delta.seq
+    return live.index.ntotal == delta.count
+
+
+def _take_lock(path: Path, folder: Path) -> int:
+    """Hold ``path`` (flock, non-blocking) and write our pid in it; returns the descriptor."""
+    with storage_errors(folder):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise IndexLockedError(
+                f"index {folder} is being created or written by another process (pid {holder}); "
+                "wait for it to finish or stop it"
+            ) from e
+        raise
+    try:
+        with storage_errors(folder):
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, PRIVATE_FILE_MODE)  # the umask does not decide (nor an older mmsearch's 0644)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _private_folder(path: Path, *, parents: bool = False) -> None:
+    """Create ``path`` with mode 0700 whatever the umask (an existing one is left as it is)."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, PRIVATE_FOLDER_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        if not any(path.iterdir()):  # an empty folder made for the index (e.g. indexes/default)
+            os.chmod(path, PRIVATE_FOLDER_MODE)
+        return
+    os.chmod(path, PRIVATE_FOLDER_MODE)
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _write_private(path: Path, content: str, *, exclusive: bool = False) -> None:
+    """Write ``content`` to ``path`` atomically, mode 0600. ``exclusive``: fail with MmsearchError if
+    ``path`` exists (a hard link of the complete temp file: never a partial or a replaced file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written temp file behind (e.g. disk full)
-        raise
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise MmsearchError(f"an index already exists at {path.parent}") from None
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # never leave a temp file behind (e.g. disk full)

@@ -132,8 +132,8 @@ def test_a_version_1_catalog_is_migrated_on_open(built: Path) -> None:
     indexes = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     con.close()
-    assert "ix_captions_text" in indexes and version == "2" == str(db.SCHEMA_VERSION)
-    assert json.loads((built / "mmsearch.json").read_text())["schema_version"] == 2
+    assert "ix_captions_text" in indexes and version == str(db.SCHEMA_VERSION)
+    assert json.loads((built / "mmsearch.json").read_text())["schema_version"] == db.SCHEMA_VERSION
 
 
 def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
@@ -146,7 +146,7 @@ def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
     con.commit()
     con.close()
 
-    def full(self: db.Catalog, conn: object) -> None:
+    def full(self: db.Catalog, *args: object) -> None:
         raise MmsearchError("database or disk is full")
 
     monkeypatch.setattr(db.Catalog, "_migrate", full)
