@@ -32,9 +32,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _machine import cpu_model
+
+if TYPE_CHECKING:
+    from mmsearch.client import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -146,7 +149,7 @@ def build_index(dest: Path, n_vectors: int, n_images: int, model: str) -> Path:
 
 
 # --- server ------------------------------------------------------------------------------------------
-def start_server(index: Path, timeout: float = 300) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(index: Path, timeout: float = 300) -> tuple[subprocess.Popen[bytes], Server]:
     from mmsearch.client import find_server
 
     log = open(index / "bench-server.log", "ab")  # noqa: SIM115 - lives as long as the server
@@ -157,9 +160,9 @@ def start_server(index: Path, timeout: float = 300) -> tuple[subprocess.Popen[by
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: see {index / 'bench-server.log'}")
-        url = find_server(index)
-        if url:
-            return proc, url
+        server = find_server(index)
+        if server is not None:
+            return proc, server
         time.sleep(0.1)
     proc.terminate()
     raise RuntimeError("server did not start")
@@ -179,7 +182,7 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
 
 
-def load_test(url: str, index: Path, n_requests: int, n_threads: int) -> dict[str, Any]:
+def load_test(server: Server, index: Path, n_requests: int, n_threads: int) -> dict[str, Any]:
     import mmsearch
 
     with mmsearch.Index.open(index) as idx, idx.store.catalog.read() as conn:
@@ -196,7 +199,8 @@ def load_test(url: str, index: Path, n_requests: int, n_threads: int) -> dict[st
         synthetic_max = conn.execute(
             select(db.files.c.id).order_by(db.files.c.id.desc()).limit(1)
         ).scalar_one()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    auth = {"Authorization": f"Bearer {server.token}"}  # what the page's cookie or the CLI sends
     # What the web page does: one search, then the thumbnails of its hits, an item's details now and then,
     # and a few range reads of a file being played. Synthetic hits have no file, so thumbnails and media
     # go to the real images.
@@ -231,7 +235,7 @@ def load_test(url: str, index: Path, n_requests: int, n_threads: int) -> dict[st
             kind, path, headers = job
             t0 = time.perf_counter()
             try:
-                conn.request("GET", path, headers=headers)
+                conn.request("GET", path, headers={**auth, **headers})
                 resp = conn.getresponse()
                 resp.read()
                 status = resp.status
@@ -286,15 +290,12 @@ def mmsearch_command() -> list[str]:
 
 
 CLIENT_FLOOR = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("_c", sys.argv[1])
-# client.py needs only mmsearch.errors; load both without the package __init__ (numpy, sqlalchemy, ...)
-err = importlib.util.spec_from_file_location("mmsearch.errors", sys.argv[2])
-e = importlib.util.module_from_spec(err); sys.modules["mmsearch.errors"] = e; err.loader.exec_module(e)
-c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
-url = c.find_server(sys.argv[3])
-assert url, "no server"
-r = c.query_server(url, text=sys.argv[4], k=10)
+import sys
+# The package's __init__ imports nothing heavy (names are lazy): client.py is the standard library only.
+import mmsearch.client as c
+server = c.find_server(sys.argv[1])
+assert server, "no server"
+r = c.query_server(server, text=sys.argv[2], k=10)
 print(len(r["hits"]), r["hits"][0]["path"])
 """
 
@@ -320,23 +321,19 @@ def terminal_timing(index: Path, cold_runs: int, warm_runs: int) -> dict[str, An
         dt, out = time_command([*cmd, *query, QUERIES[i % len(QUERIES)]], env)
         cold.append(dt)
         print(f"  cold #{i + 1}: {dt:.2f} s")
-    proc, url = start_server(index)
+    proc, _server = start_server(index)
     try:
         warm, floor = [], []
         for i in range(warm_runs):
             dt, out = time_command([*cmd, *query, QUERIES[i % len(QUERIES)]], env)
             warm.append(dt)
             print(f"  warm #{i + 1}: {dt:.2f} s")
-        errors = ROOT / "mmsearch" / "errors.py"
-        client = ROOT / "mmsearch" / "client.py"
         for i in range(warm_runs):
             dt, _ = time_command(
                 [
                     sys.executable,
                     "-c",
                     CLIENT_FLOOR,
-                    str(client),
-                    str(errors),
                     str(index),
                     QUERIES[i % len(QUERIES)],
                 ],
@@ -398,9 +395,9 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         if not args.skip_load:
-            proc, url = start_server(index)
+            proc, server = start_server(index)
             try:
-                load = load_test(url, index, args.requests, args.threads)
+                load = load_test(server, index, args.requests, args.threads)
             finally:
                 stop_server(proc)
             print(

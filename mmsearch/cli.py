@@ -2,6 +2,11 @@
 
 Library errors (:class:`MmsearchError`) become one line on stderr and exit code 1; usage errors exit 2.
 
+Every text that comes from files, the index or the command line (paths, captions, transcripts, skip reasons,
+model names, error messages) is printed through :func:`mmsearch.render.printable`: control characters
+escaped, undecodable bytes of a file name shown as U+FFFD. stdout and stderr write a character their
+encoding lacks as a backslash escape instead of failing (:func:`_tolerant_streams`).
+
 `mmsearch query` has a fast path for a running server: :func:`main` reads the command line with argparse,
 sends the query to the server and prints its answer without importing typer, whose import and parsing
 cost more than the query itself. Everything else (other commands, --help, --local, no server, a command
@@ -10,6 +15,7 @@ line the fast path does not fully understand) goes to the typer application, bui
 """
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -28,16 +34,18 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from mmsearch import IngestReport
+    from mmsearch.client import Server
 
 MAX_K = 10_000  # mmsearch.search.MAX_K, without importing numpy
 
 
 def main() -> None:
+    _tolerant_streams()
     try:
         if not _fast_query(sys.argv[1:]):
             _typer_app()()
     except MmsearchError as e:
-        _err().print(f"error: {e}", markup=False, highlight=False)
+        _err().print(f"error: {render.printable(str(e))}", markup=False, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         _err().print(
@@ -104,7 +112,8 @@ def _fast_query(argv: list[str]) -> bool:
         url = client.find_server(a.index_dir or _default_index_path())
         if url is None:
             return False  # typer starts one (--serve) or searches in this process
-        _answer_from_server(url, a.text, a.image, a.audio, target, a.k, a.as_json)
+        if not _answered_by_server(url, a.text, a.image, a.audio, target, a.k, a.as_json):
+            return False  # the typer command searches in this process
         sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(130)  # silently, as typer does
@@ -138,19 +147,40 @@ def _server_may_answer(
     return not local and not chosen_here and k <= SERVER_MAX_K
 
 
-def _answer_from_server(
-    url: str,
+# Set once a server failed this process's query, so the typer command does not ask it a second time.
+_server_failed = False
+
+
+def _answered_by_server(
+    server: "Server",
     text: str | None,
     image: Path | None,
     audio: Path | None,
     target: str,
     k: int,
     as_json: bool,
-) -> None:
+) -> bool:
+    """Print the answer of ``server`` (from :func:`mmsearch.client.find_server`). False, having printed only
+    a warning on stderr, if the server failed (:class:`mmsearch.client.ServerError`: it crashed, went away,
+    answered 5xx): the query is then searched in this process. A query the server rejects (BadQueryError)
+    still raises."""
+    global _server_failed
     from mmsearch import client
 
-    payload = client.query_server(url, text=text, image=image, audio=audio, target=target, k=k)
+    if _server_failed:
+        return False
+    try:
+        payload = client.query_server(server, text=text, image=image, audio=audio, target=target, k=k)
+    except client.ServerError as e:
+        _server_failed = True
+        _err().print(
+            f"warning: {render.printable(str(e))}; searching in this process instead",
+            markup=False,
+            highlight=False,
+        )
+        return False
     _print_query(payload["target"], payload["hits"], payload.get("transcript"), as_json)
+    return True
 
 
 def _default_index_path() -> Path:
@@ -201,6 +231,7 @@ def _typer_app() -> "typer.Typer":
     def _main(
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
     ) -> None:
+        _tolerant_streams()  # again: the application can be run without main()
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
@@ -217,8 +248,8 @@ def _typer_app() -> "typer.Typer":
         pretrained: PretrainedOpt = None,
         checkpoint: CheckpointOpt = None,
         speech_backend: Annotated[
-            str, typer.Option(help="faster-whisper or openai-whisper")
-        ] = "faster-whisper",
+            str | None, typer.Option(help="faster-whisper or openai-whisper [default: faster-whisper]")
+        ] = None,
         speech_model: Annotated[str | None, typer.Option(help="Whisper model name or local path")] = None,
         language: Annotated[str | None, typer.Option(help="Spoken language code, e.g. en")] = None,
         device: DeviceOpt = "auto",
@@ -229,15 +260,31 @@ def _typer_app() -> "typer.Typer":
                 help="CPU image embedding: onnx-int8 (default), onnx-fp32 or torch [env MMSEARCH_IMAGE_TOWER]"
             ),
         ] = None,
+        follow_links: Annotated[
+            bool,
+            typer.Option(
+                "--follow-links", help="Also index what symlinks pointing outside a folder lead to."
+            ),
+        ] = False,
+        prune: Annotated[
+            bool,
+            typer.Option(
+                "--prune",
+                help="Forget the files of folders that cannot be seen now (unplugged drive, broken link); "
+                "kept by default.",
+            ),
+        ] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Index FOLDERS (incrementally: only new or changed files do model work)."""
         from mmsearch import default_index_path, open_or_create
+        from mmsearch.store import Store
 
-        for folder in folders:
-            if not folder.is_dir():
-                raise MmsearchError(f"not a folder: {folder}")
         path = index_dir or default_index_path()
+        for folder in folders:
+            # A folder missing now may be an unplugged drive the index knows: the run keeps its files.
+            if not folder.is_dir() and not Store.exists(path):
+                raise MmsearchError(f"not a folder: {folder}")  # printable() in main()
         idx = open_or_create(
             path,
             model=model,
@@ -254,7 +301,11 @@ def _typer_app() -> "typer.Typer":
             try:
                 for folder in folders:
                     with _progress(enabled=not as_json) as tick:
-                        reports.append(idx.add_folder(folder, progress=tick, workers=workers))
+                        reports.append(
+                            idx.add_folder(
+                                folder, progress=tick, workers=workers, follow_links=follow_links, prune=prune
+                            )
+                        )
             except KeyboardInterrupt:
                 # typer turns KeyboardInterrupt into a silent exit 130; say what happened to the work.
                 _err().print(
@@ -309,8 +360,7 @@ def _typer_app() -> "typer.Typer":
             if url is None and serve:
                 _err().print("starting a background server for this index …", markup=False)
                 url = client.start_server(path)
-            if url is not None:
-                _answer_from_server(url, text, image, audio, target, k, as_json)
+            if url is not None and _answered_by_server(url, text, image, audio, target, k, as_json):
                 return
         from mmsearch import Index
 
@@ -347,14 +397,17 @@ def _typer_app() -> "typer.Typer":
         from mmsearch.server import serve as run_server
 
         path = index_dir or _default_index_path()
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            _err().print(
-                f"warning: listening on {host}: anyone who can reach it can search this index and read its files",
-                markup=False,
-            )
+        from mmsearch.server import exposure_warning
+
+        warning = exposure_warning(host)
+        if warning:
+            _err().print(render.printable(f"warning: {warning}"), markup=False)
 
         def ready(url: str) -> None:
-            _err().print(f"serving {path} at {url}/ — open it in a browser; Ctrl-C stops", markup=False)
+            _err().print(
+                render.printable(f"serving {path} at {url} — open it in a browser; Ctrl-C stops"),
+                markup=False,
+            )
 
         try:
             run_server(
@@ -378,21 +431,25 @@ def _typer_app() -> "typer.Typer":
         if as_json:
             _print_json({**stats, "skipped": skipped})
             return
-        _out().print(f"index   {stats['index']}")
-        _out().print(
-            f"model   {stats['model']['name']} ({stats['model'].get('pretrained') or 'checkpoint'}, dim {stats['model']['dim']})"
-        )
+        # Every line holds text read from the index folder: each goes through _line (printable, no markup).
+        _line(f"index   {stats['index']}")
+        model = stats["model"]
+        _line(f"model   {model['name']} ({model.get('pretrained') or 'checkpoint'}, dim {model['dim']})")
         files = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(stats["files"].items())) or "none"
-        _out().print(f"files   {files}")
+        _line(f"files   {files}")
         vectors = ", ".join(f"{n} {k}" for k, n in sorted(stats["vectors"].items())) or "none"
-        _out().print(f"vectors {vectors}")
-        _out().print(
+        _line(f"vectors {vectors}")
+        _line(
             f"content {stats['media']} distinct, {stats['captions']} captions, {stats['segments']} transcript segments"
         )
         if skipped:
-            _out().print(f"skipped {len(skipped)}:")
+            _line(f"skipped {len(skipped)}:")
             for s in skipped:
-                _out().print(f"  {_escape(s['path'])}: {_escape(s['reason'])}")
+                _line(f"  {s['path']}: {s['reason']}")
+        for u in stats.get("unavailable", []):
+            _line(f"kept    {u['files_kept']} files under {u['root']} that the last run could not see:")
+            for f in u["folders"]:
+                _line(f"  {f['path']}: {f['reason']}")
 
     @app.command()
     def demo(
@@ -408,25 +465,30 @@ def _typer_app() -> "typer.Typer":
         from mmsearch import open_or_create
         from mmsearch.demo.world import write_demo_folder
 
-        _err().print(f"writing demo media to {folder} …")
+        _err().print(render.printable(f"writing demo media to {folder} …"), markup=False)
         made = write_demo_folder(folder, n_images=n_images, seed=seed, speech=speech)
         index_dir = folder / "index"
         with open_or_create(index_dir, model="demo") as idx:
             with _progress(enabled=True) as tick:
                 report = idx.add_folder(folder / "media", progress=tick)
             _print_report(report)
-            _out().rule(f"text → image: “{made.text_query}”")
+            _out().rule(_safe(f"text → image: “{made.text_query}”"))
             _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
-            _out().rule(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
+            _out().rule(
+                _safe(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
+            )
             assert made.image_query is not None  # write_demo_folder always makes the query image
             _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
             if speech and made.audio_query is not None:
                 heard = idx.transcribe_query(made.audio_query)
                 _out().rule(
-                    f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)"
+                    _safe(
+                        f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)"
+                    )
                 )
                 _print_hits([h.as_dict() for h in idx.search_text(heard, target="images", k=k)])
-        _out().print(f'\nTry: mmsearch query --index {index_dir} "a small blue square"')
+        _out().print()
+        _line(f'Try: mmsearch query --index {index_dir} "a small blue square"')
 
     return app
 
@@ -436,14 +498,26 @@ def _typer_app() -> "typer.Typer":
 def _out() -> "Console":
     from rich.console import Console
 
-    return Console(soft_wrap=True)
+    # emoji=False: a file named ":smile:.png" is printed as named, not with an emoji in its name.
+    return Console(soft_wrap=True, emoji=False)
 
 
 @functools.cache
 def _err() -> "Console":
     from rich.console import Console
 
-    return Console(stderr=True, soft_wrap=True)
+    return Console(stderr=True, soft_wrap=True, emoji=False)
+
+
+def _tolerant_streams() -> None:
+    """Make stdout and stderr write what their encoding lacks as a backslash escape (as Python's stderr
+    already does) instead of raising UnicodeEncodeError: a strict ASCII or Latin-1 stdout must not turn a
+    caption in another script into a failed command. Output that fits the encoding is unchanged."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # closed, or a stream that cannot change
+                reconfigure(errors="backslashreplace")
 
 
 def _stdout_is_terminal() -> bool:
@@ -470,7 +544,7 @@ def _print_query(target: str, hits: list[dict[str, Any]], heard: str | None, as_
         sys.stdout.write(render.plain_query(hits, heard))
     else:
         if heard is not None:
-            _out().print(f"heard: [bold]{_escape(heard)}[/bold]")
+            _out().print(f"heard: [bold]{_safe(heard)}[/bold]")
         _print_hits(hits)
 
 
@@ -478,6 +552,16 @@ def _escape(s: str) -> str:
     from rich.markup import escape
 
     return escape(s)
+
+
+def _safe(s: str) -> str:
+    """Text from outside (a path, a caption, a transcript) for a place rich reads as markup."""
+    return _escape(render.printable(s))
+
+
+def _line(s: str) -> None:
+    """One line on stdout holding text from outside: :func:`render.printable`, not read as markup."""
+    _out().print(render.printable(s), markup=False)
 
 
 def _print_hits(hits: list[dict[str, Any]]) -> None:
@@ -492,22 +576,29 @@ def _print_hits(hits: list[dict[str, Any]]) -> None:
     table = Table(show_edge=False, pad_edge=False)
     for col in render.COLUMNS:
         table.add_column(col, overflow="fold")
-    for row in render.hit_rows(hits):
+    for row in render.hit_rows(hits):  # cells already render.printable()
         table.add_row(*(_escape(c) for c in row))
     _out().print(table)
 
 
 def _print_report(r: "IngestReport") -> None:
-    _out().print(
+    _line(
         f"indexed {r.root}: {r.files_seen} files seen, {r.unchanged} unchanged, {r.images_embedded} images embedded, "
         f"{r.audio_transcribed} recordings transcribed ({r.segments_embedded} segments), {r.linked} moved/duplicate "
         f"reused, {r.captions_added} captions added ({r.captions_embedded} embedded), {r.captions_removed} removed, {r.files_removed} files gone, "
         f"{len(r.skipped)} skipped — {r.seconds:.1f} s"
     )
     for path, reason in r.skipped[:20]:
-        _out().print(f"  skipped {_escape(path)}: {_escape(reason)}")
+        _line(f"  skipped {path}: {reason}")
     if len(r.skipped) > 20:
         _out().print(f"  … and {len(r.skipped) - 20} more (see `mmsearch status`)")
+    if r.unavailable:
+        _line(
+            f"  kept {r.kept_unavailable} files of folders that cannot be seen now "
+            "(run with --prune to forget them):"
+        )
+        for path, reason in r.unavailable:
+            _line(f"    {path}: {reason}")
 
 
 class _progress:
@@ -544,5 +635,5 @@ class _progress:
 def _usage(message: str) -> NoReturn:
     import typer
 
-    _err().print(f"usage error: {message}", markup=False)
+    _err().print(f"usage error: {render.printable(message)}", markup=False)
     raise typer.Exit(2)

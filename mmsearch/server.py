@@ -450,7 +450,7 @@ class _Service:
                     raise HTTPException(404, f"item {file_id} cannot be read now: {e}") from e
         image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
         try:
-            cached.parent.mkdir(exist_ok=True)
+            self.index.store.thumbnails_folder()  # owner-only, like the rest of the index folder
             # Written whole then renamed: a concurrent request sees the old state or the full file.
             fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".thumb-", suffix=".jpg")
             try:
@@ -462,7 +462,7 @@ class _Service:
                     os.unlink(tmp)
             log.debug("made thumbnail %s", cached)
             return cached
-        except OSError as e:
+        except (OSError, MmsearchError) as e:  # a read-only or full disk: MmsearchError from storage_errors
             log.warning("cannot cache thumbnails in %s (%s): serving them uncached", cached.parent, e)
             buf = io.BytesIO()
             image.save(buf, "JPEG", quality=85)
