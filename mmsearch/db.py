@@ -777,3 +777,50 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# --- item details: what the server shows of one file --------------------------------------------------
+@dataclass(frozen=True)
+class FileDetails:
+    """A live file and its content's metadata: what the server shows, and checks before serving it."""
+
+    id: int
+    path_key: bytes  # the exact path bytes
+    path: str  # display form
+    kind: str  # image | audio
+    size: int
+    mtime_ns: int
+    media_id: int
+    sha256: str  # of the content
+    width: int | None
+    height: int | None
+    duration: float | None
+    language: str | None
+    transcript: str | None
+
+
+def file_details(catalog: Catalog, file_id: int) -> FileDetails | None:
+    """File ``file_id`` with its content's metadata, or None unless it is in the catalog and live."""
+    f, m = files, media
+    q = (
+        select(f.c.id, f.c.path_key, f.c.path, f.c.kind, f.c.size, f.c.mtime_ns, f.c.media_id, m.c.sha256)
+        .add_columns(m.c.width, m.c.height, m.c.duration, m.c.language, m.c.transcript)
+        .join(m, m.c.id == f.c.media_id)
+        .where(f.c.id == file_id, f.c.status == "ok")
+    )
+    with catalog.read() as conn:
+        row = conn.execute(q).first()
+    return None if row is None else FileDetails(*row)
+
+
+def segments_of(catalog: Catalog, media_id: int, limit: int) -> list[tuple[float, float, str]]:
+    """The first ``limit`` transcript segments of content ``media_id`` in time order: (start, end, text)."""
+    s = segments
+    q = (
+        select(s.c.start, s.c.end, s.c.text)
+        .where(s.c.media_id == media_id)
+        .order_by(s.c.start, s.c.idx)
+        .limit(limit)
+    )
+    with catalog.read() as conn:
+        return [(start, end, said) for start, end, said in conn.execute(q)]

@@ -3,7 +3,7 @@
 A server writes ``INDEX/server.json`` (``{"url", "pid", "index", "token", "version", "started"}``) while it
 runs; the file is created owner-only (0600, written to a private temp file then renamed), so its token is
 readable by the user who started the server and by root, nobody else. The token is what every ``/api``
-request must carry (see :mod:`mmsearch.server`), and what a client uses to check that whoever listens on
+request must carry (see :mod:`mmsearch.access`), and what a client uses to check that whoever listens on
 the file's port really is that server: ``/api/health?nonce=N`` answers ``HMAC(token, N)``, which a process
 that took over the port of a dead server cannot compute.
 
@@ -31,7 +31,7 @@ SERVER_LOG = "server.log"  # output of a background server (mmsearch.client.star
 CONFIG_FILE = "mmsearch.json"  # the index's own description (mmsearch.store), read here for its model
 PRIVATE_MODE = 0o600
 TOKEN_BYTES = 32
-TOKEN_COOKIE = "mmsearch_token"  # the page's copy of the token (mmsearch.server adds the port)
+TOKEN_COOKIE = "mmsearch_token"  # the page's copy of the token (mmsearch.access adds the port)
 HEALTH_PROOF_CONTEXT = b"mmsearch health proof\0"
 MAX_NONCE_CHARS = 128
 # The package version a server reports and a client requires: a client never talks to another version.

@@ -1,0 +1,441 @@
+"""The web app of ``mmsearch serve``: its routes and response models, over one open index.
+
+:func:`create_app` wraps the routes in the middlewares of :mod:`mmsearch.access` (Host check, origin and
+token, security headers); files and thumbnails come from :mod:`mmsearch.media`, query uploads are received
+by :mod:`mmsearch.uploads`, item details are read from the catalog (:mod:`mmsearch.db`).
+
+Model calls go through one lock: the embedder, the transcriber and the in-memory vector indexes are used by
+one request at a time. Metadata, thumbnails and media need no model and are served concurrently.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from mmsearch import access, db, discovery
+from mmsearch.access import Activity, Gate, Guard, token_cookie
+from mmsearch.api import Index
+from mmsearch.client import SERVER_MAX_K
+from mmsearch.errors import (
+    BadQueryError,
+    IndexNotFoundError,
+    MissingDependencyError,
+    MmsearchError,
+    WeightsUnavailableError,
+)
+from mmsearch.media import OpenFileResponse, Thumbnails, display, media_type, open_file
+from mmsearch.search import TARGETS
+from mmsearch.uploads import MAX_AUDIO_BYTES, MAX_IMAGE_BYTES, base_name, receive_upload, upload_dir
+
+try:
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi import Path as PathParam
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+    from pydantic import BaseModel
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise MissingDependencyError(e.name or "fastapi", "mmsearch serve", extra="server") from e
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_K = SERVER_MAX_K  # a bigger -k makes `mmsearch query` search locally instead
+MAX_QUERY_CHARS = 1000
+MAX_SEGMENTS = 5000
+TEXT_BATCH = 32  # most text queries embedded in one forward pass
+WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+IntId = PathParam(ge=1, le=2**63 - 1, description="A file id from a search hit")
+
+
+# --- response models (for the OpenAPI schema) ---------------------------------------------------------
+class HitOut(BaseModel):
+    rank: int
+    score: float
+    kind: str
+    path: str  # display form: valid UTF-8, undecodable bytes replaced
+    path_b64: str  # the exact path bytes, standard base64
+    name: str
+    text: str | None
+    start: float | None
+    end: float | None
+    item_id: int
+    file_id: int
+    file_kind: str
+    captions: list[str]
+    thumb: str | None
+    media: str
+    item: str
+
+
+class SearchOut(BaseModel):
+    query: str
+    mode: str
+    target: str
+    k: int
+    took_ms: float
+    transcript: str | None = None
+    hits: list[HitOut]
+
+
+class CaptionOut(BaseModel):
+    id: int
+    text: str
+    source: str
+
+
+class SegmentOut(BaseModel):
+    start: float
+    end: float
+    text: str
+
+
+class ItemOut(BaseModel):
+    id: int
+    kind: str
+    path: str  # display form: valid UTF-8, undecodable bytes replaced
+    path_b64: str  # the exact path bytes, standard base64
+    name: str
+    size: int
+    width: int | None
+    height: int | None
+    duration: float | None
+    language: str | None
+    transcript: str | None
+    captions: list[CaptionOut]
+    segments: list[SegmentOut]
+    thumb: str | None
+    media: str
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    version: str
+    index: str  # the index folder's real path
+    pid: int
+    model: dict[str, Any]  # the index's model identity
+    proof: str | None = None  # HMAC(token, nonce): this server holds the token of server.json
+
+
+# --- what the routes share -----------------------------------------------------------------------------
+class Service:
+    """What the endpoints share: the index, the model lock, and catalog look-ups."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
+        self._pending: list[tuple[str, Future[Any]]] = []
+        self._pending_lock = threading.Lock()
+        self.thumbnails = Thumbnails(index.store)
+
+    def locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            return fn(*args, **kwargs)
+
+    def search_text(self, text: str, target: str, k: int) -> list[Any]:
+        """:meth:`Index.search_text`, except that concurrent queries share text-tower forward passes:
+        whoever holds the model lock embeds every query waiting by then (one batch costs far less than
+        one pass per query), so queued requests do not each pay a full model call."""
+        text = text.strip()
+        if not text:
+            raise BadQueryError("the query text is empty")
+        mine: Future[Any] = Future()
+        with self._pending_lock:
+            self._pending.append((text, mine))
+        while not mine.done():
+            with self.lock:
+                if mine.done():
+                    break
+                with self._pending_lock:
+                    batch, self._pending = self._pending[:TEXT_BATCH], self._pending[TEXT_BATCH:]
+                try:
+                    vectors = self.index.embedder.embed_texts([t for t, _ in batch])
+                except Exception as e:  # every waiter gets the same error
+                    for _, future in batch:
+                        future.set_exception(e)
+                    continue
+                for (_, future), vector in zip(batch, vectors, strict=True):
+                    future.set_result(vector)
+        vector = mine.result()
+        with self.lock:
+            return self.index.search_vector(vector, target=target, k=k)
+
+    def file_row(self, file_id: int) -> db.FileDetails:
+        row = db.file_details(self.index.store.catalog, file_id)
+        if row is None:
+            raise HTTPException(404, f"no item {file_id}")
+        return row
+
+    def item(self, file_id: int) -> dict[str, Any]:
+        row = self.file_row(file_id)
+        catalog = self.index.store.catalog
+        caps = catalog.captions_of([file_id]).get(file_id, [])
+        segments: list[dict[str, Any]] = []
+        if row.kind == "audio":
+            segments = [
+                {"start": a, "end": b, "text": t}
+                for a, b, t in db.segments_of(catalog, row.media_id, MAX_SEGMENTS)
+            ]
+        return {
+            "id": row.id,
+            "kind": row.kind,
+            "path": display(row.path),
+            "path_b64": base64.b64encode(row.path_key).decode("ascii"),
+            "name": base_name(display(row.path)),
+            "size": row.size,
+            "width": row.width,
+            "height": row.height,
+            "duration": row.duration,
+            "language": row.language,
+            "transcript": row.transcript,
+            "captions": [{"id": cid, "source": src, "text": txt} for cid, src, txt in caps],
+            "segments": segments,
+            "thumb": f"/api/thumbs/{row.id}" if row.kind == "image" else None,
+            "media": f"/api/media/{row.id}",
+        }
+
+    def hits_out(self, hits: list[Any]) -> list[dict[str, Any]]:
+        image_files = sorted({h.file_id for h in hits if h.kind != "segment"})
+        caps = self.index.store.catalog.captions_of(image_files) if image_files else {}
+        out = []
+        for h in hits:
+            d = h.as_dict()  # path in display form, path_b64 the exact bytes
+            file_kind = "audio" if h.kind == "segment" else "image"
+            d.update(
+                name=base_name(str(d["path"])),
+                file_kind=file_kind,
+                captions=[txt for _, _, txt in caps.get(h.file_id, [])][:5],
+                thumb=f"/api/thumbs/{h.file_id}" if file_kind == "image" else None,
+                media=f"/api/media/{h.file_id}",
+                item=f"/api/items/{h.file_id}",
+            )
+            out.append(d)
+        return out
+
+    def thumbnail(self, file_id: int) -> Path | bytes:
+        """The cached JPEG thumbnail of image item ``file_id``, or its bytes if the index folder is
+        read-only; 404 unless the file is still the one indexed (see :func:`mmsearch.media.open_file`)."""
+        return self.thumbnails.get(self.file_row(file_id))
+
+    def media(self, file_id: int) -> tuple[IO[bytes], int, str]:
+        """(the open file, its size, its MIME type) of item ``file_id``; see :func:`mmsearch.media.open_file`."""
+        row = self.file_row(file_id)
+        return open_file(row), row.size, media_type(row)
+
+
+# --- the app -----------------------------------------------------------------------------------------
+def create_app(
+    index: Index,
+    *,
+    allowed_hosts: Sequence[str] = (),
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_audio_bytes: int = MAX_AUDIO_BYTES,
+    activity: Activity | None = None,
+    token: str | None = None,
+) -> FastAPI:
+    """The FastAPI app over ``index``. ``allowed_hosts`` adds Host header names to localhost's; ``token``
+    is what ``/api`` requests must carry (default: a new random one, in ``app.state.token``)."""
+    service = Service(index)
+    token = token or discovery.new_token()
+    app = FastAPI(
+        title="mmsearch",
+        summary="Cross-modal semantic search over images, captions and audio",
+        docs_url=None,  # Swagger UI would load scripts from a CDN: the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.token = token
+    # Last added runs first: Guard (headers on every answer) → Host check → Gate (origin, token) → routes.
+    app.add_middleware(Gate, token=token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=access.allowed_hosts(allowed_hosts))
+    app.add_middleware(Guard, activity=activity or Activity())
+
+    @app.exception_handler(MmsearchError)
+    async def _mmsearch_error(_request: Request, exc: MmsearchError) -> JSONResponse:
+        if isinstance(exc, BadQueryError):
+            status = 400
+        elif isinstance(exc, IndexNotFoundError):
+            status = 404
+        elif isinstance(exc, WeightsUnavailableError | MissingDependencyError):
+            status = 503
+        else:
+            log.error("request failed: %s", exc)
+            status = 500
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    def search_response(mode: str, query: str, target: str, k: int, hits: list[Any], t0: float) -> dict:
+        return {
+            "query": query,
+            "mode": mode,
+            "target": target,
+            "k": k,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2),
+            "hits": service.hits_out(hits),
+        }
+
+    @app.get("/api/health", response_model=HealthOut, tags=["meta"])
+    def health(
+        nonce: str | None = Query(
+            None, max_length=discovery.MAX_NONCE_CHARS, description="Answered with proof = HMAC(token, nonce)"
+        ),
+    ) -> dict[str, Any]:
+        """Cheap liveness check, no token needed: version, process and index this server answers for, and
+        (given a nonce) proof that it holds the token of the index's server.json."""
+        return {
+            "ok": True,
+            "version": discovery.VERSION,
+            "index": os.path.realpath(index.path),
+            "pid": os.getpid(),
+            "model": index.model_identity,
+            "proof": None if nonce is None else discovery.health_proof(token, nonce),
+        }
+
+    @app.get("/api/stats", tags=["meta"])
+    def stats() -> dict[str, Any]:
+        """What the index holds (files, vectors, captions, segments) and its model."""
+        return index.stats()
+
+    @app.get("/api/search", response_model=SearchOut, tags=["search"])
+    def search_text(
+        q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="Text to search for"),
+        target: str = Query("images", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search by text."""
+        _check_target(target)
+        t0 = time.perf_counter()
+        hits = service.search_text(q, target, k)
+        return search_response("text", q, target, k, hits, t0)
+
+    upload_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    }
+
+    @app.post("/api/search/image", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
+    async def search_image(
+        request: Request,
+        target: str = Query("texts", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search with an uploaded image (multipart field ``file``, at most 20 MB)."""
+        _check_target(target)
+        with upload_dir() as folder:
+            path, name = await receive_upload(request, folder, max_image_bytes)
+            t0 = time.perf_counter()
+            hits = await run_in_threadpool(service.locked, index.search_image, path, target=target, k=k)
+        return search_response("image", name, target, k, hits, t0)
+
+    @app.post("/api/search/audio", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
+    async def search_audio(
+        request: Request,
+        target: str = Query("images", description=" | ".join(TARGETS)),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> dict[str, Any]:
+        """Search with an uploaded or recorded voice query (multipart field ``file``, at most 50 MB);
+        the response's ``transcript`` is what was heard."""
+        _check_target(target)
+        with upload_dir() as folder:
+            path, name = await receive_upload(request, folder, max_audio_bytes)
+            t0 = time.perf_counter()
+            heard = await run_in_threadpool(service.locked, index.transcribe_query, path)
+        hits = await run_in_threadpool(service.search_text, heard, target, k)
+        return {**search_response("audio", name, target, k, hits, t0), "transcript": heard}
+
+    @app.get("/api/items/{file_id}", response_model=ItemOut, tags=["items"])
+    def item(file_id: int = IntId) -> dict[str, Any]:
+        """A file's metadata: kind, display path, size, captions, transcript segments."""
+        return service.item(file_id)
+
+    @app.get(
+        "/api/thumbs/{file_id}",
+        tags=["items"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    def thumb(file_id: int = IntId) -> Response:
+        """A JPEG thumbnail of an image item (made once, cached in the index folder)."""
+        made = service.thumbnail(file_id)
+        headers = {"Cache-Control": "private, max-age=3600"}
+        if isinstance(made, bytes):
+            return Response(made, media_type="image/jpeg", headers=headers)
+        return FileResponse(made, media_type="image/jpeg", headers=headers)
+
+    @app.get(
+        "/api/media/{file_id}",
+        tags=["items"],
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "A byte range"}},
+    )
+    def media(file_id: int = IntId) -> Response:
+        """The file itself, by id, while it is the file indexed; supports HTTP range requests (audio
+        seeking)."""
+        f, size, mime = service.media(file_id)
+        return OpenFileResponse(f, size, mime, {"Content-Disposition": "inline"})
+
+    @app.get("/", include_in_schema=False)
+    def page(request: Request) -> Response:
+        """The page, for a browser holding the token cookie. Opened as ``/?token=TOKEN`` (the address the
+        server printed), it sets the cookie and redirects to ``/``, so the token leaves the address bar."""
+        given = request.query_params.get("token")
+        if given is not None:
+            if not discovery.same_token(given, token):
+                return _token_page(401)
+            done = RedirectResponse("/", status_code=303)
+            done.set_cookie(token_cookie(request.scope), token, httponly=True, samesite="strict", path="/")
+            return done
+        if not discovery.same_token(request.cookies.get(token_cookie(request.scope)), token):
+            return _token_page(401)
+        return _web_file("index.html")
+
+    @app.get("/app.js", include_in_schema=False)
+    def app_js() -> Response:
+        return _web_file("app.js")
+
+    @app.get("/style.css", include_in_schema=False)
+    def style_css() -> Response:
+        return _web_file("style.css")
+
+    return app
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise HTTPException(400, f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+
+
+TOKEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mmsearch</title><link rel="stylesheet" href="/style.css">
+</head><body><h1>mmsearch</h1>
+<p>This server needs its token. Open the address <code>mmsearch serve</code> printed when it started
+(it ends in <code>/?token=…</code>).</p></body></html>
+"""
+
+
+def _token_page(status: int) -> Response:
+    return HTMLResponse(TOKEN_PAGE, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def _web_file(name: str) -> Response:
+    data = resources.files("mmsearch.web").joinpath(name).read_bytes()
+    return Response(data, media_type=WEB_FILES[name], headers={"Cache-Control": "no-cache"})
