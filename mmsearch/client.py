@@ -51,7 +51,7 @@ __all__ = [
 # (a test checks the two agree).
 TARGET_NAMES = ("images", "texts", "captions", "audio", "all")
 HEALTH_TIMEOUT = 0.5
-# Most results a server returns per query (mmsearch.server uses this); a larger -k is answered locally.
+# Most results a server returns per query (mmsearch.routes uses this); a larger -k is answered locally.
 SERVER_MAX_K = 200
 DEFAULT_IDLE_MINUTES = 15.0
 

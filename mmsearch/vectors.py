@@ -51,6 +51,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from mmsearch.discovery import pid_alive
 from mmsearch.errors import MissingDependencyError
 from mmsearch.identity import sha256_file
 
@@ -716,18 +717,8 @@ def _remove_stale_temps(path: Path) -> None:
             pid = int(tmp.name[len(f".{path.name}.tmp-") :].split("-", 1)[0])
         except ValueError:
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             tmp.unlink()
             log.info("removed stale temp file %s", tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
