@@ -117,6 +117,24 @@ def _server(d: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def _live_reads(d: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = {r["mode"]: r for r in d["results"]}
+    out = []
+    for mode, label in (("follow", "readers follow commits"), ("rebuild", "readers rebuild (before)")):
+        r = rows.get(mode)
+        if r is not None:
+            out.append(
+                (
+                    f"query while a run commits every {d['setup'].get('interval_s', 1.0)} s, "
+                    f"{d['setup']['n']:,} vectors, {label}",
+                    f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, worst refresh {r['worst_refresh_ms']} ms, "
+                    f"{r['qps']} queries/s",
+                    "readers stay fast" if mode == "follow" else "",
+                )
+            )
+    return out
+
+
 def _terminal(d: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [
         (
@@ -145,6 +163,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[tuple[str, str, str]]]
     ("ann", _ann),
     ("reindex", _reindex),
     ("speech", _speech),
+    ("live_reads", _live_reads),
     ("server", _server),
     ("terminal_query", _terminal),
     ("run_all", _run_all),

@@ -42,6 +42,7 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     "reindex": ("bench_reindex.py", ["--n", "10000", "--repeat", "3"], ["--n", "1000", "--repeat", "1"]),
     "speech": ("bench_speech.py", ["--core"], ["--quick", "--core"]),
     "demo_quality": ("bench_demo_quality.py", [], ["--images", "72", "--extra-spoken", "2"]),
+    "live_reads": ("bench_live_reads.py", ["--seconds", "30"], ["--n", "20000", "--seconds", "5"]),
     "server": (
         "bench_server.py",
         ["--requests", "1000", "--cold-runs", "2"],
