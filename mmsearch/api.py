@@ -12,18 +12,20 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from mmsearch import db
 from mmsearch.errors import BadMediaError, BadQueryError, ConfigError, ModelMismatchError
 from mmsearch.identity import ModelSpec, describe_identity, same_model
 from mmsearch.images import QUERY_MAX_PIXELS, load_image
 from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
+
+if TYPE_CHECKING:
+    from mmsearch.model import ClipEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Index:
         self.device = check_device(device)
         # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
         self.image_tower = check_image_tower(image_tower)
-        self._embedder: Any = None
+        self._embedder: ClipEmbedder | None = None
         self._transcriber: Any = None
         self._query_transcriber: Any = None
 
@@ -131,7 +133,7 @@ class Index:
 
     # --- models -------------------------------------------------------------------------------
     @property
-    def embedder(self) -> Any:
+    def embedder(self) -> ClipEmbedder:
         if self._embedder is None:
             from mmsearch.model import load_embedder
 
@@ -209,11 +211,11 @@ class Index:
         finally:
             self.store.unlock()
 
-    def _indexing_embedder(self) -> Any:
+    def _indexing_embedder(self) -> ClipEmbedder:
         """The embedder, with the faster ONNX image tower when indexing on the CPU (queries keep torch:
         a one-off export costs far more than the few images a query embeds)."""
         embedder = self.embedder
-        if self.image_tower != "torch" and embedder._onnx_tower is None:
+        if self.image_tower != "torch" and not embedder.has_onnx_image_tower:
             embedder.use_onnx_image_tower(quantize=self.image_tower == "onnx-int8")
         return embedder
 
@@ -262,22 +264,7 @@ class Index:
 
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        from sqlalchemy import func, select
-
-        counts: dict[str, Any] = {}
-        with self.store.catalog.read() as conn:
-            by = conn.execute(
-                select(db.files.c.kind, db.files.c.status, func.count()).group_by(
-                    db.files.c.kind, db.files.c.status
-                )
-            ).all()
-            counts["files"] = {f"{kind}_{status}": n for kind, status, n in by}
-            for name, table in (("media", db.media), ("captions", db.captions), ("segments", db.segments)):
-                counts[name] = conn.execute(select(func.count()).select_from(table)).scalar_one()
-            vec = conn.execute(
-                select(db.embeddings.c.kind, func.count()).group_by(db.embeddings.c.kind)
-            ).all()
-            counts["vectors"] = {kind: n for kind, n in vec}
+        counts = self.store.catalog.counts()
         return {
             "index": str(self.path),
             "model": self.model_identity,
@@ -289,15 +276,7 @@ class Index:
         }
 
     def skipped(self) -> list[dict[str, str]]:
-        from sqlalchemy import select
-
-        with self.store.catalog.read() as conn:
-            rows = conn.execute(
-                select(db.files.c.path, db.files.c.reason)
-                .where(db.files.c.status == "skipped")
-                .order_by(db.files.c.path)
-            ).all()
-        return [{"path": p, "reason": r} for p, r in rows]
+        return [{"path": p, "reason": r} for p, r in self.store.catalog.skipped()]
 
 
 def open_or_create(path: str | Path, **kwargs: Any) -> Index:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -442,6 +443,35 @@ class Catalog:
                         out[txt] = np.frombuffer(blob, np.float32)
         return out
 
+    def has_orphan_media(self) -> bool:
+        """Whether some content is held by no file (see :func:`remove_orphan_media`)."""
+        with self.read() as conn:
+            q = select(media.c.id).where(media.c.id.not_in(_media_in_use())).limit(1)
+            return conn.execute(q).first() is not None
+
+    # --- reporting ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, Any]:
+        """How many files (by kind and status), media, captions, segments and vectors (by kind) it holds."""
+        counts: dict[str, Any] = {}
+        with self.read() as conn:
+            by = conn.execute(
+                select(files.c.kind, files.c.status, func.count()).group_by(files.c.kind, files.c.status)
+            ).all()
+            counts["files"] = {f"{kind}_{status}": n for kind, status, n in by}
+            for name, table in (("media", media), ("captions", captions), ("segments", segments)):
+                counts[name] = conn.execute(select(func.count()).select_from(table)).scalar_one()
+            vec = conn.execute(select(embeddings.c.kind, func.count()).group_by(embeddings.c.kind)).all()
+            counts["vectors"] = {kind: n for kind, n in vec}
+        return counts
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file recorded as skipped, ordered by path (a skipped file has a reason)."""
+        with self.read() as conn:
+            rows = conn.execute(
+                select(files.c.path, files.c.reason).where(files.c.status == "skipped").order_by(files.c.path)
+            ).all()
+        return [(p, r) for p, r in rows]
+
     # --- vectors ------------------------------------------------------------------------------
     def load_vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """All (ids, vectors) of one kind, ordered by id: what a FAISS index is rebuilt from."""
@@ -680,6 +710,127 @@ def delete_embeddings(conn: Connection, where: Any) -> dict[str, list[int]]:
             conn.execute(embeddings.delete().where(embeddings.c.id.in_(chunk)))
         bump_generation(conn, kind)
     return removed
+
+
+# --- writes of an indexing run (each inside the caller's transaction) ----------------------------------
+
+
+def write_file(
+    conn: Connection,
+    path: Path,
+    *,
+    kind: str,
+    size: int,
+    mtime_ns: int,
+    sha256: str | None,
+    media_id: int | None,
+    reason: str | None = None,
+) -> None:
+    """Record a file as seen (``reason`` None) or skipped (why), replacing any row of the same path."""
+    from sqlalchemy.dialects.sqlite import insert
+
+    key = path_key(path)
+    values = {
+        "path_key": key,
+        "path": display_path(key),
+        "kind": kind,
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "sha256": sha256,
+        "media_id": media_id,
+        "status": "skipped" if reason else "ok",
+        "reason": None if reason is None else storable(reason),  # may quote a non-UTF-8 name
+        "updated_at": time.time(),
+    }
+    stmt = insert(files).values(**values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[files.c.path_key], set_=values))
+
+
+def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
+    """The id of the content with this hash if the catalog holds it as ``kind``."""
+    row = conn.execute(select(media.c.id).where(media.c.sha256 == sha256, media.c.kind == kind)).first()
+    return int(row[0]) if row else None
+
+
+def add_image_media(conn: Connection, sha256: str) -> int:
+    """Record an image's content; returns its media id."""
+    return inserted_id(conn.execute(media.insert().values(sha256=sha256, kind="image")))
+
+
+def add_transcript(
+    conn: Connection,
+    sha256: str,
+    *,
+    duration: float,
+    language: str | None,
+    text: str,
+    spans: Sequence[tuple[int, float, float, str]],
+) -> tuple[int, list[int]]:
+    """Record a recording's content and its transcript segments ``(idx, start, end, text)``; returns the
+    media id and the segment ids, in the order of ``spans``."""
+    mid = inserted_id(
+        conn.execute(
+            media.insert().values(
+                sha256=sha256, kind="audio", duration=duration, language=language, transcript=text
+            )
+        )
+    )
+    seg_ids = []
+    for idx, start, end, seg_text in spans:
+        r = conn.execute(segments.insert().values(media_id=mid, idx=idx, start=start, end=end, text=seg_text))
+        seg_ids.append(inserted_id(r))
+    return mid, seg_ids
+
+
+def add_captions(conn: Connection, rows: Sequence[tuple[int, str, str]]) -> list[int]:
+    """Record captions ``(file id, source, text)``; returns their ids, in order."""
+    return [
+        inserted_id(conn.execute(captions.insert().values(file_id=fid, source=source, text=txt)))
+        for fid, source, txt in rows
+    ]
+
+
+def remove_captions(conn: Connection, caption_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Delete captions and their embeddings; returns the embedding ids deleted, by kind."""
+    removed = delete_embeddings(conn, embeddings.c.caption_id.in_(caption_ids))
+    conn.execute(captions.delete().where(captions.c.id.in_(caption_ids)))
+    return removed
+
+
+def remove_files(conn: Connection, file_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Forget files with their captions (their content stays: see :func:`remove_orphan_media`); returns
+    the embedding ids deleted, by kind."""
+    cap_ids = select(captions.c.id).where(captions.c.file_id.in_(file_ids))
+    removed = delete_embeddings(conn, embeddings.c.caption_id.in_(cap_ids))
+    conn.execute(captions.delete().where(captions.c.file_id.in_(file_ids)))
+    conn.execute(files.delete().where(files.c.id.in_(file_ids)))
+    return removed
+
+
+def remove_orphan_media(conn: Connection) -> tuple[dict[str, list[int]], set[str]]:
+    """Delete the content no file refers to any more, with its segments and embeddings; returns the
+    embedding ids deleted (by kind) and the content hashes that went."""
+    orphans, shas = [], set()
+    q = select(media.c.id, media.c.sha256).where(media.c.id.not_in(_media_in_use()))
+    for mid, sha in conn.execute(q):
+        orphans.append(int(mid))
+        shas.add(sha)
+    removed: dict[str, list[int]] = {}
+    if orphans:
+        seg_ids = select(segments.c.id).where(segments.c.media_id.in_(orphans))
+        for more in (
+            delete_embeddings(conn, embeddings.c.media_id.in_(orphans)),
+            delete_embeddings(conn, embeddings.c.segment_id.in_(seg_ids)),
+        ):
+            for kind, ids in more.items():
+                removed.setdefault(kind, []).extend(ids)
+        conn.execute(segments.delete().where(segments.c.media_id.in_(orphans)))
+        conn.execute(media.delete().where(media.c.id.in_(orphans)))
+    return removed, shas
+
+
+def _media_in_use() -> Any:
+    return select(files.c.media_id).where(files.c.media_id.is_not(None))
 
 
 # SQLite primary result codes (the low byte of an extended code).

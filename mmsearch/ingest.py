@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-from sqlalchemy import Connection, select
 
 from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
@@ -50,7 +49,7 @@ from mmsearch.scan import (
     kind_of,
     scan,
 )
-from mmsearch.store import Store
+from mmsearch.store import Store, WriteUnit
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,25 @@ ROOT_MISSING_REASON = "folder not found"
 
 
 class Embedder(Protocol):
+    """What ingestion asks of the model (:class:`mmsearch.model.ClipEmbedder` provides it)."""
+
     dim: int
     batch_size: int
+    #: The model's input side: JPEGs are decoded at the smallest scale still at least this large.
+    input_size: int
+
+    @property
+    def image_streams(self) -> int:
+        """How many image batches :meth:`submit_image_tensors` runs at once."""
+        ...
 
     def preprocess_image(self, image: Any) -> Any: ...
     def embed_image_tensors(self, batch: Any) -> np.ndarray: ...
+    def submit_image_tensors(self, batch: Any) -> Future[np.ndarray]:
+        """:meth:`embed_image_tensors` of a stacked batch, run in the background when the model has
+        several streams (already done when it has one)."""
+        ...
+
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
@@ -162,27 +175,22 @@ def _ingest(
     report.files_seen = len(found.files)
     report.skipped.extend((str(p), reason) for p, reason in found.problems)
     run = _Run(store, report, tick, embedder, transcriber, workers)
-    seen = {db.path_key(f.path) for f in found.files}
-    rows = run.rows_under(root)
     known_mounts = _known_mount_points(store)
-    # What the catalog holds that this run could not see is kept (see the module docstring).
-    unseen = [k for k in rows if k not in seen]
-    unavailable = [] if prune else unavailable_folders(found, unseen, known_mounts)
-    kept = tuple(_folder_prefix(db.path_key(p)) for p, _ in unavailable)
-    kept_keys = {db.path_key(p) for p, _ in unavailable}
-    report.unavailable = [(str(p), reason) for p, reason in unavailable]
-    report.kept_unavailable = sum(1 for k in unseen if k in kept_keys or k.startswith(kept))
-    seen |= run.record_problems(found.problems, seen, keep=kept_keys)
-    pending = run.hash_new_files(found.files)
+    plan = plan_run(found, run.existing, known_mounts, prune=prune)
+    report.unavailable = [(str(p), reason) for p, reason in plan.unavailable]
+    report.kept_unavailable = plan.kept_unavailable
+    report.unchanged += plan.unchanged
+    run.record_problems(plan.problems)
+    pending = run.hash_new_files(plan.to_hash)
     run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
-    run.sync_captions(root, found.captions, kept, kept_keys)
-    run.remove_missing(root, seen, kept)
+    run.sync_captions(root, found.captions, plan.kept, plan.kept_keys)
+    run.remove_missing(plan.to_delete)
     tick("save", 0, 1)
     store.save_vectors()
     tick("save", 1, 1)
     mounts = {db.path_key(p) for p in found.mount_points} | {
-        k for k in known_mounts if k in kept_keys or k.startswith(kept)
+        k for k in known_mounts if k in plan.kept_keys or k.startswith(plan.kept)
     }
     _record_unavailable(store, root, report, mounts)
     report.seconds = round(time.monotonic() - started, 3)
@@ -206,7 +214,7 @@ def _missing_root(
     if not held:
         raise MmsearchError(f"not a folder: {root}")
     if prune:
-        run.remove_missing(root, set(), ())
+        run.remove_missing(list(held.values()))
         store.save_vectors()
     else:
         if root.is_symlink():
@@ -224,6 +232,87 @@ def _missing_root(
 
 def _folder_prefix(key: bytes) -> bytes:
     return key.rstrip(b"/") + b"/"
+
+
+@dataclass
+class IngestPlan:
+    """What a run does before any file is read: a function of the scan and the catalog's rows (see
+    :func:`plan_run`). What to embed and what to link is known only once the files to hash are hashed."""
+
+    #: New or changed files (size or mtime differ from the catalog's row): hashed, then linked to known
+    #: content or embedded.
+    to_hash: list[FoundFile]
+    #: Files whose row is current: nothing to do.
+    unchanged: int
+    #: Skipped rows to write for what the scan could not read: key -> (path, reason); rows already saying
+    #: so are left out, so that a no-op re-index writes nothing.
+    problems: dict[bytes, tuple[Path, str]]
+    #: The folders (or links) that could not be seen, with why; their files are kept (see the module
+    #: docstring), as are the files under the ``kept`` folder prefixes and at the ``kept_keys``.
+    unavailable: list[tuple[Path, str]]
+    kept: tuple[bytes, ...]
+    kept_keys: set[bytes]
+    #: How many catalog files were kept because they could not be seen.
+    kept_unavailable: int
+    #: The catalog's files that are gone: forgotten, with their captions (and content no file holds).
+    to_delete: list[db.FileRow]
+
+
+def plan_run(
+    found: ScanResult, rows: dict[bytes, db.FileRow], known_mounts: set[bytes], *, prune: bool = False
+) -> IngestPlan:
+    """The plan of a run over ``found.root`` given the catalog's file ``rows`` (by path key) and the
+    folders known to be mount points. Pure: no model, no database, no file system."""
+    seen = {db.path_key(f.path) for f in found.files}
+    prefix = _folder_prefix(db.path_key(found.root))
+    under_root = [k for k in rows if k.startswith(prefix)]
+    # What the catalog holds that this run could not see is kept (see the module docstring).
+    unseen = [k for k in under_root if k not in seen]
+    unavailable = [] if prune else unavailable_folders(found, unseen, known_mounts)
+    kept = tuple(_folder_prefix(db.path_key(p)) for p, _ in unavailable)
+    kept_keys = {db.path_key(p) for p, _ in unavailable}
+    problem_keys, problems = _problem_rows(found.problems, seen, kept_keys, rows)
+    seen |= problem_keys
+    to_hash, unchanged = [], 0
+    for f in found.files:
+        row = rows.get(db.path_key(f.path))
+        if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
+            unchanged += 1
+        else:
+            to_hash.append(f)
+    return IngestPlan(
+        to_hash=to_hash,
+        unchanged=unchanged,
+        problems=problems,
+        unavailable=unavailable,
+        kept=kept,
+        kept_keys=kept_keys,
+        kept_unavailable=sum(1 for k in unseen if k in kept_keys or k.startswith(kept)),
+        to_delete=[rows[k] for k in under_root if k not in seen and not k.startswith(kept)],
+    )
+
+
+def _problem_rows(
+    problems: list[tuple[Path, str]], found: set[bytes], keep: set[bytes], rows: dict[bytes, db.FileRow]
+) -> tuple[set[bytes], dict[bytes, tuple[Path, str]]]:
+    """What the scan could not read (broken symlinks, special files, unreadable caption files or folders)
+    becomes skipped rows, so ``mmsearch status`` lists them. Returns the keys of all of them (not gone)
+    and the rows to write: the rows of ``keep`` (an indexed file behind a link now broken or not followed)
+    stay as they are, and so do rows already recording the same reason."""
+    reasons: dict[bytes, tuple[Path, list[str]]] = {}
+    for path, reason in problems:
+        key = db.path_key(path)
+        if key not in found:  # a media file's own row says more than a problem about it
+            reasons.setdefault(key, (path, []))[1].append(reason)
+    to_write = {}
+    for key, (path, why) in reasons.items():
+        row = rows.get(key)
+        if key in keep and row is not None and row.status == "ok":
+            continue
+        if row is not None and row.status == "skipped" and row.reason == "; ".join(why):
+            continue  # recorded by an earlier run: no write, so a no-op re-index stays cheap
+        to_write[key] = (path, "; ".join(why))
+    return set(reasons), to_write
 
 
 def unavailable_folders(
@@ -307,9 +396,9 @@ R = TypeVar("R")
 STREAM_BATCH = 8
 
 
-def image_batch_size(embedder: Any) -> int:
+def image_batch_size(embedder: Embedder) -> int:
     """How many images ingestion hands the embedder at once (benchmarks time the model alone the same way)."""
-    streams = getattr(embedder, "image_streams", 1)
+    streams = embedder.image_streams
     return (
         int(embedder.batch_size)
         if streams == 1
@@ -435,16 +524,6 @@ class _Run:
         self.existing = store.catalog.files_by_key()
         self._files_written = 0  # rows of `existing` are current until this run writes a file row
 
-    def _load_vectors(self, *kinds: str) -> None:
-        """Load these kinds' FAISS indexes before a transaction changes their vectors.
-
-        The file matches the catalog before the change, so the change is then applied in memory. Loaded
-        only after the commit, the file would be one generation behind: the store would rebuild the whole
-        index from SQLite (retraining an IVF index) and rewrite it, on every run that adds anything.
-        """
-        for kind in kinds:
-            self.store.vectors(kind)
-
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
@@ -460,60 +539,34 @@ class _Run:
         return self._transcriber
 
     # --- files --------------------------------------------------------------------------------
-    def record_problems(
-        self, problems: list[tuple[Path, str]], found: set[bytes], keep: set[bytes] | None = None
-    ) -> set[bytes]:
-        """Record what the scan could not read (broken symlinks, special files, unreadable caption files
-        or folders) as skipped rows, so ``mmsearch status`` lists them; returns their keys. The rows of
-        ``keep`` (an indexed file behind a link now broken or not followed) are left as they are."""
-        reasons: dict[bytes, tuple[Path, list[str]]] = {}
-        for path, reason in problems:
-            key = db.path_key(path)
-            if key not in found:  # a media file's own row says more than a problem about it
-                reasons.setdefault(key, (path, []))[1].append(reason)
-        keys = set(reasons)
-        for key in (keep or set()) & keys:
-            row = self.existing.get(key)
-            if row is not None and row.status == "ok":
-                del reasons[key]
-        if not reasons:
-            return keys
-        with self.store.catalog.begin() as conn:
-            for key, (path, why) in reasons.items():
-                row = self.existing.get(key)
-                if row is not None and row.status == "skipped" and row.reason == "; ".join(why):
-                    continue  # recorded by an earlier run: no write, so a no-op re-index stays cheap
+    def record_problems(self, problems: dict[bytes, tuple[Path, str]]) -> None:
+        """Write the skipped rows of what the scan could not read (see :func:`plan_run`)."""
+        if not problems:
+            return
+        with self.store.write() as tx:
+            for path, reason in problems.values():
                 # size/mtime -1: never matches a real file, so a fixed file is hashed on the next run.
-                f = FoundFile(path, kind_of(path) or "other", -1, -1)
-                self._write_file(conn, f, None, None, "; ".join(why))
-        return keys
+                self._write_file(tx, FoundFile(path, kind_of(path) or "other", -1, -1), None, None, reason)
 
-    def hash_new_files(self, found: list[FoundFile]) -> dict[str, list[FoundFile]]:
+    def hash_new_files(self, todo: list[FoundFile]) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
-        todo = []
-        for f in found:
-            row = self.existing.get(db.path_key(f.path))
-            if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
-                self.report.unchanged += 1
-            else:
-                todo.append(f)
         pending: dict[str, list[FoundFile]] = {}
-        with self.store.catalog.begin() as conn:
+        with self.store.write() as tx:
             for i, f in enumerate(todo):
                 self.tick("hash", i, len(todo))
                 if f.size == 0:
-                    self._skip(conn, f, None, "empty file")
+                    self._skip(tx, f, None, "empty file")
                     continue
                 try:
                     sha = sha256_file(f.path)
                 except OSError as e:
                     # size -1: a permission or I/O problem may be fixed without touching the file's
                     # mtime, so this file is tried again on every run.
-                    self._skip(conn, replace(f, size=-1), None, f"unreadable: {e.strerror or e}")
+                    self._skip(tx, replace(f, size=-1), None, f"unreadable: {e.strerror or e}")
                     continue
-                media_id = _media_of_kind(conn, sha, f.kind)
+                media_id = db.media_of_kind(tx.conn, sha, f.kind)
                 if media_id is not None:
-                    self._write_file(conn, f, sha, media_id)
+                    self._write_file(tx, f, sha, media_id)
                     self.report.linked += 1
                 else:
                     pending.setdefault(sha, []).append(f)
@@ -521,30 +574,23 @@ class _Run:
         return pending
 
     def _write_file(
-        self, conn: Connection, f: FoundFile, sha: str | None, media_id: int | None, reason: str | None = None
+        self, tx: WriteUnit, f: FoundFile, sha: str | None, media_id: int | None, reason: str | None = None
     ) -> None:
-        from sqlalchemy.dialects.sqlite import insert
-
-        key = db.path_key(f.path)
-        values = {
-            "path_key": key,
-            "path": db.display_path(key),
-            "kind": f.kind,
-            "size": f.size,
-            "mtime_ns": f.mtime_ns,
-            "sha256": sha,
-            "media_id": media_id,
-            "status": "skipped" if reason else "ok",
-            "reason": None if reason is None else db.storable(reason),  # may quote a non-UTF-8 name
-            "updated_at": time.time(),
-        }
-        stmt = insert(db.files).values(**values)
-        conn.execute(stmt.on_conflict_do_update(index_elements=[db.files.c.path_key], set_=values))
+        db.write_file(
+            tx.conn,
+            f.path,
+            kind=f.kind,
+            size=f.size,
+            mtime_ns=f.mtime_ns,
+            sha256=sha,
+            media_id=media_id,
+            reason=reason,
+        )
         self._files_written += 1
 
-    def _skip(self, conn: Connection, f: FoundFile, sha: str | None, reason: str) -> None:
+    def _skip(self, tx: WriteUnit, f: FoundFile, sha: str | None, reason: str) -> None:
         log.info("skipping %s: %s", f.path, reason)
-        self._write_file(conn, f, sha, None, reason)
+        self._write_file(tx, f, sha, None, reason)
         self.report.skipped.append((str(f.path), reason))
 
     # --- images -------------------------------------------------------------------------------
@@ -554,14 +600,14 @@ class _Run:
         emb = self.embedder
         # With several model streams (ONNX sessions), that many batches are embedded at once, each whole
         # on one stream, and committed one at a time, in order.
-        streams = getattr(emb, "image_streams", 1)
+        streams = emb.image_streams
         bs = image_batch_size(emb)
 
         def decode(item: tuple[str, list[FoundFile]]) -> _Decoded:
             sha, group = item
             try:
                 # Decode JPEGs at reduced scale: a 1600x1200 photo for a 256-px model decodes at 400x300.
-                image = load_image(group[0].path, draft_size=getattr(emb, "input_size", None))
+                image = load_image(group[0].path, draft_size=emb.input_size)
                 return sha, group, emb.preprocess_image(image), None
             except BadMediaError as e:
                 return sha, group, None, str(e)
@@ -598,32 +644,24 @@ class _Run:
         # numpy, not torch.stack: torch copies with its OpenMP threads, which then spin waiting for more work
         # on the cores the model streams and the decoders need (the tensors are CPU tensors: no copy here).
         stacked = np.stack([np.asarray(t) for t in tensors])
-        submit = getattr(self.embedder, "submit_image_tensors", None)
-        if submit is not None:
-            return submit(stacked)
-        done: Future[np.ndarray] = Future()
-        done.set_result(self.embedder.embed_image_tensors(stacked))
-        return done
+        return self.embedder.submit_image_tensors(stacked)
 
     def _commit_images(self, batch: list[_Decoded], vectors: np.ndarray | None) -> None:
         good = [(sha, g, t) for sha, g, t, err in batch if err is None]
-        if vectors is not None:
-            self._load_vectors("image")
-        with self.store.catalog.begin() as conn:
+        with self.store.write(*(("image",) if vectors is not None else ())) as tx:
             media_ids = []
             for sha, group, _ in good:
-                res = conn.execute(db.media.insert().values(sha256=sha, kind="image"))
-                mid = db.inserted_id(res)
+                mid = db.add_image_media(tx.conn, sha)
                 media_ids.append(mid)
                 for f in group:
-                    self._write_file(conn, f, sha, mid)
-            ids = db.add_embeddings(conn, "image", vectors, media_ids) if vectors is not None else []
+                    self._write_file(tx, f, sha, mid)
+            if vectors is not None:
+                tx.added("image", db.add_embeddings(tx.conn, "image", vectors, media_ids), vectors)
             for sha, group, _, err in batch:
                 if err is not None:
                     for f in group:
-                        self._skip(conn, f, sha, err)
+                        self._skip(tx, f, sha, err)
         if vectors is not None:
-            self.store.apply("image", (np.asarray(ids, np.int64), vectors), None)
             self.report.images_embedded += len(good)
 
     # --- audio --------------------------------------------------------------------------------
@@ -642,9 +680,9 @@ class _Run:
                 log.exception("transcription failed for %s", f.path)
                 transcript, reason = None, f"transcription failed: {type(e).__name__}: {e}"
             if transcript is None or reason is not None:
-                with self.store.catalog.begin() as conn:
+                with self.store.write() as tx:
                     for g in group:
-                        self._skip(conn, g, sha, reason or "no speech detected")
+                        self._skip(tx, g, sha, reason or "no speech detected")
                 continue
             self._commit_audio(group, sha, transcript)
         self.tick("audio", len(groups), len(groups))
@@ -656,28 +694,18 @@ class _Run:
             texts.append(transcript.text)
             spans.append((-1, transcript.segments[0].start, transcript.segments[-1].end))
         vectors = self.embedder.embed_texts(texts)
-        self._load_vectors("segment")
-        with self.store.catalog.begin() as conn:
-            res = conn.execute(
-                db.media.insert().values(
-                    sha256=sha,
-                    kind="audio",
-                    duration=transcript.duration,
-                    language=transcript.language,
-                    transcript=transcript.text,
-                )
+        with self.store.write("segment") as tx:
+            mid, seg_ids = db.add_transcript(
+                tx.conn,
+                sha,
+                duration=transcript.duration,
+                language=transcript.language,
+                text=transcript.text,
+                spans=[(idx, start, end, text) for text, (idx, start, end) in zip(texts, spans, strict=True)],
             )
-            mid = db.inserted_id(res)
-            seg_ids = []
-            for text, (idx, start, end) in zip(texts, spans, strict=True):
-                r = conn.execute(
-                    db.segments.insert().values(media_id=mid, idx=idx, start=start, end=end, text=text)
-                )
-                seg_ids.append(db.inserted_id(r))
-            ids = db.add_embeddings(conn, "segment", vectors, seg_ids)
+            tx.added("segment", db.add_embeddings(tx.conn, "segment", vectors, seg_ids), vectors)
             for f in group:
-                self._write_file(conn, f, sha, mid)
-        self.store.apply("segment", (np.asarray(ids, np.int64), vectors), None)
+                self._write_file(tx, f, sha, mid)
         self.report.audio_transcribed += 1
         self.report.segments_embedded += len(texts)
 
@@ -714,8 +742,6 @@ class _Run:
                 else:
                     to_remove.append(cid)
             to_add.extend((row.id, c) for c, n in desired.items() for _ in range(n))
-        if to_remove or to_add:
-            self._load_vectors("caption")
         # Additions go first, so that the captions of a renamed or moved image are still in the catalog
         # when their texts are looked up (a crash in between leaves extra captions the next run removes).
         bs = 256
@@ -723,21 +749,16 @@ class _Run:
             self.tick("captions", i, len(to_add))
             chunk = to_add[i : i + bs]
             vectors = self._caption_vectors([c.text for _, c in chunk])
-            with self.store.catalog.begin() as conn:
-                cids = []
-                for fid, c in chunk:
-                    r = conn.execute(db.captions.insert().values(file_id=fid, source=c.source, text=c.text))
-                    cids.append(db.inserted_id(r))
-                ids = db.add_embeddings(conn, "caption", vectors, cids)
-            self.store.apply("caption", (np.asarray(ids, np.int64), vectors), None)
+            with self.store.write("caption") as tx:
+                cids = db.add_captions(tx.conn, [(fid, c.source, c.text) for fid, c in chunk])
+                tx.added("caption", db.add_embeddings(tx.conn, "caption", vectors, cids), vectors)
             self.report.captions_added += len(chunk)
         if to_add:
             self.tick("captions", len(to_add), len(to_add))
         if to_remove:
-            with self.store.catalog.begin() as conn:
-                removed = db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(to_remove))
-                conn.execute(db.captions.delete().where(db.captions.c.id.in_(to_remove)))
-            self.store.apply("caption", None, np.asarray(removed.get("caption", []), np.int64))
+            with self.store.write("caption") as tx:
+                removed = db.remove_captions(tx.conn, to_remove)
+                tx.removed("caption", removed.get("caption", []))
             self.report.captions_removed += len(to_remove)
 
     def _caption_vectors(self, texts: list[str]) -> np.ndarray:
@@ -750,10 +771,6 @@ class _Run:
             self.report.captions_embedded += len(new)
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
-    def _any(self, query: Any) -> bool:
-        with self.store.catalog.read() as conn:
-            return conn.execute(query).first() is not None
-
     def rows_under(self, root: Path) -> dict[bytes, db.FileRow]:
         prefix = db.path_key(root).rstrip(b"/") + b"/"
         if self._files_written:  # re-read only when this run changed the files table
@@ -762,43 +779,18 @@ class _Run:
         return {k: r for k, r in self.existing.items() if k.startswith(prefix)}
 
     # --- deletions ----------------------------------------------------------------------------
-    def remove_missing(self, root: Path, seen: set[bytes], kept: tuple[bytes, ...] = ()) -> None:
-        """Forget files under ``root`` that are gone (except under ``kept`` folder prefixes), then content
-        no file refers to any more."""
-        gone = [r for k, r in self.rows_under(root).items() if k not in seen and not k.startswith(kept)]
-        used = select(db.files.c.media_id).where(db.files.c.media_id.is_not(None))
-        if gone or self._any(select(db.media.c.id).where(db.media.c.id.not_in(used)).limit(1)):
-            self._load_vectors(*db.VECTOR_KINDS)
-        removed: dict[str, list[int]] = {}
-        with self.store.catalog.begin() as conn:
+    def remove_missing(self, gone: list[db.FileRow]) -> None:
+        """Forget files that are gone, then content no file refers to any more."""
+        changes = bool(gone) or self.store.catalog.has_orphan_media()
+        with self.store.write(*(db.VECTOR_KINDS if changes else ())) as tx:
             if gone:
-                ids = [r.id for r in gone]
-                cap_ids = select(db.captions.c.id).where(db.captions.c.file_id.in_(ids))
-                _merge(removed, db.delete_embeddings(conn, db.embeddings.c.caption_id.in_(cap_ids)))
-                conn.execute(db.captions.delete().where(db.captions.c.file_id.in_(ids)))
-                conn.execute(db.files.delete().where(db.files.c.id.in_(ids)))
-            orphan_rows = conn.execute(
-                select(db.media.c.id, db.media.c.sha256).where(db.media.c.id.not_in(used))
-            )
-            orphans, orphan_shas = [], set()
-            for mid, sha in orphan_rows:
-                orphans.append(int(mid))
-                orphan_shas.add(sha)
-            if orphans:
-                seg_ids = select(db.segments.c.id).where(db.segments.c.media_id.in_(orphans))
-                _merge(removed, db.delete_embeddings(conn, db.embeddings.c.media_id.in_(orphans)))
-                _merge(removed, db.delete_embeddings(conn, db.embeddings.c.segment_id.in_(seg_ids)))
-                conn.execute(db.segments.delete().where(db.segments.c.media_id.in_(orphans)))
-                conn.execute(db.media.delete().where(db.media.c.id.in_(orphans)))
-        for kind, ids_ in removed.items():
-            self.store.apply(kind, None, np.asarray(ids_, np.int64))
+                for kind, ids in db.remove_files(tx.conn, [r.id for r in gone]).items():
+                    tx.removed(kind, ids)
+            removed, orphan_shas = db.remove_orphan_media(tx.conn)
+            for kind, ids in removed.items():
+                tx.removed(kind, ids)
         self.store.drop_thumbnails(orphan_shas)  # after the commit: a crash before it keeps them, harmlessly
         self.report.files_removed += len(gone)
-
-
-def _media_of_kind(conn: Connection, sha: str, kind: str) -> int | None:
-    row = conn.execute(select(db.media.c.id).where(db.media.c.sha256 == sha, db.media.c.kind == kind)).first()
-    return int(row[0]) if row else None
 
 
 def _take(it: Iterator[T], n: int) -> list[T]:
@@ -808,8 +800,3 @@ def _take(it: Iterator[T], n: int) -> list[T]:
         if len(out) == n:
             break
     return out
-
-
-def _merge(into: dict[str, list[int]], more: dict[str, list[int]]) -> None:
-    for kind, ids in more.items():
-        into.setdefault(kind, []).extend(ids)

@@ -260,6 +260,11 @@ class ClipEmbedder:
         return _normalise(feats)
 
     @property
+    def has_onnx_image_tower(self) -> bool:
+        """Whether images are embedded by the ONNX Runtime tower (see :meth:`use_onnx_image_tower`)."""
+        return self._onnx_tower is not None
+
+    @property
     def image_streams(self) -> int:
         """How many image batches :meth:`submit_image_tensors` runs at once (ONNX sessions; 1 on torch)."""
         return self._onnx_tower.streams if self._onnx_tower is not None else 1

@@ -29,9 +29,10 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from mmsearch.db import PRIVATE_FILE_MODE, SCHEMA_VERSION, VECTOR_KINDS, Catalog
 from mmsearch.errors import IndexLockedError, IndexNotFoundError, MmsearchError
 from mmsearch.scan import INDEX_MARKER
 from mmsearch.vectors import VectorIndex, needs_rebuild
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,44 @@ PRIVATE_FOLDER_MODE = 0o700
 CHECKPOINT_SECONDS = 60.0
 #: ... and spends at most 1/CHECKPOINT_COST_FACTOR of the run's time saving them (large indexes).
 CHECKPOINT_COST_FACTOR = 10.0
+
+
+@dataclass
+class WriteUnit:
+    """One transaction of a writer, opened by :meth:`Store.write`: ``conn`` is the transaction; the caller
+    records the vectors it changed with :meth:`added` and :meth:`removed`."""
+
+    conn: Connection
+    kinds: tuple[str, ...]
+    _added: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    _removed: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def added(self, kind: str, ids: Any, vectors: np.ndarray) -> None:
+        """Embeddings of ``kind`` inserted by this transaction (ids from :func:`db.add_embeddings`)."""
+        self._check(kind)
+        self._added.setdefault(kind, []).append((np.asarray(ids, np.int64), vectors))
+
+    def removed(self, kind: str, ids: Any) -> None:
+        """Embeddings of ``kind`` deleted by this transaction."""
+        self._check(kind)
+        self._removed.setdefault(kind, []).append(np.asarray(ids, np.int64))
+
+    def _check(self, kind: str) -> None:
+        if kind not in self.kinds:
+            # Its index was not loaded before the change: following it after the commit would rebuild it.
+            raise ValueError(f"store.write() was not told that this transaction changes {kind} vectors")
+
+    def changes(self) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]]:
+        """(kind, added, removed) for each kind changed, as :meth:`Store.apply` takes them."""
+        for kind in self.kinds:
+            if kind not in self._added and kind not in self._removed:
+                continue
+            adds = self._added.get(kind)
+            added = (
+                (np.concatenate([i for i, _ in adds]), np.concatenate([v for _, v in adds])) if adds else None
+            )
+            rems = self._removed.get(kind)
+            yield kind, added, np.concatenate(rems) if rems else None
 
 
 @dataclass
@@ -252,6 +294,24 @@ class Store:
         else:
             self._catch_up(kind)
         self._maybe_checkpoint()
+
+    @contextlib.contextmanager
+    def write(self, *kinds: str) -> Iterator[WriteUnit]:
+        """One write: a catalog transaction that changes the vectors of ``kinds`` (none: files only).
+
+        Those kinds' indexes are loaded first: the saved files then match the catalog before the change,
+        which is followed in memory after the commit (loaded only after it, a file would be a generation
+        behind and the whole index rebuilt from SQLite). On leaving, the transaction commits, then every
+        kind recorded with ``tx.added`` / ``tx.removed`` is brought in step (:meth:`apply`, which also
+        checkpoints the vector files now and then). An exception rolls everything back and applies nothing.
+        """
+        for kind in kinds:
+            self.vectors(kind)
+        with self.catalog.begin() as conn:
+            tx = WriteUnit(conn, kinds)
+            yield tx
+        for kind, added, removed in tx.changes():
+            self.apply(kind, added, removed)
 
     def checkpoint_vectors(self) -> None:
         """Save the FAISS files that changed, during a run: a reader opening the index then starts from

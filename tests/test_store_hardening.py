@@ -2,7 +2,7 @@
 rebuilding (11), creation under the lock (9), owner-only files (2).
 
 Most tests drive the store directly with synthetic vectors (no model): the catalog API and
-``Store.apply`` are the path ingest uses.
+``Store.write`` are the path ingest uses.
 """
 
 from __future__ import annotations
@@ -56,22 +56,17 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 def add_images(store: Store, n: int, rng: np.random.Generator) -> list[int]:
     """Commit ``n`` image media with their vectors, then mirror them as ingest does; returns the ids."""
     vecs = _unit(rng, n)
-    store.vectors("image")
-    with store.catalog.begin() as conn:
-        mids = []
-        for _ in range(n):
-            sha = rng.bytes(32).hex()
-            mids.append(db.inserted_id(conn.execute(db.media.insert().values(sha256=sha, kind="image"))))
-        ids = db.add_embeddings(conn, "image", vecs, mids)
-    store.apply("image", (np.asarray(ids, np.int64), vecs), None)
+    with store.write("image") as tx:
+        mids = [db.add_image_media(tx.conn, rng.bytes(32).hex()) for _ in range(n)]
+        ids = db.add_embeddings(tx.conn, "image", vecs, mids)
+        tx.added("image", ids, vecs)
     return ids
 
 
 def delete_images(store: Store, ids: list[int]) -> None:
-    store.vectors("image")
-    with store.catalog.begin() as conn:
-        removed = db.delete_embeddings(conn, db.embeddings.c.id.in_(ids))
-    store.apply("image", None, np.asarray(removed.get("image", []), np.int64))
+    with store.write("image") as tx:
+        removed = db.delete_embeddings(tx.conn, db.embeddings.c.id.in_(ids))
+        tx.removed("image", removed.get("image", []))
 
 
 def catalog_ids(store: Store, kind: str = "image") -> set[int]:
@@ -545,3 +540,38 @@ def test_an_older_index_is_made_owner_only_by_its_next_writer(tmp_path: Path, um
         assert _mode(folder) == _mode(folder / "vectors") == 0o700
     finally:
         writer.close()
+
+
+# --- the write unit (issue 15) -----------------------------------------------------------------------
+
+
+def test_a_write_unit_commits_then_follows_the_change_without_rebuilding(
+    writer: Store, count_builds: list[int]
+) -> None:
+    rng = np.random.default_rng(7)
+    ids = add_images(writer, 5, rng)
+    delete_images(writer, ids[:2])
+    added = add_images(writer, 3, rng)
+    assert count_builds == [0]  # the empty index, built once before the first change: then only followed
+    index = writer.vectors("image")
+    assert set(index.ids().tolist()) == catalog_ids(writer) == set(ids[2:]) | set(added)
+
+
+def test_a_failed_write_unit_changes_neither_the_catalog_nor_the_index(writer: Store) -> None:
+    rng = np.random.default_rng(8)
+    ids = add_images(writer, 3, rng)
+    with pytest.raises(RuntimeError), writer.write("image") as tx:
+        removed = db.delete_embeddings(tx.conn, db.embeddings.c.id.in_(ids))
+        tx.removed("image", removed["image"])
+        raise RuntimeError("stopped before the commit")
+    assert catalog_ids(writer) == set(ids)
+    assert set(writer.vectors("image").ids().tolist()) == set(ids)
+
+
+def test_a_write_unit_refuses_a_kind_it_was_not_told_of(writer: Store) -> None:
+    rng = np.random.default_rng(9)
+    vecs = _unit(rng, 1)
+    with pytest.raises(ValueError, match="caption"), writer.write("image") as tx:
+        mid = db.add_image_media(tx.conn, rng.bytes(32).hex())
+        tx.added("caption", db.add_embeddings(tx.conn, "image", vecs, [mid]), vecs)
+    assert catalog_ids(writer) == set()  # rolled back
