@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from mmsearch import constants
 from mmsearch.errors import BadMediaError, BadQueryError, ConfigError, ModelMismatchError
 from mmsearch.identity import ModelSpec, describe_identity, same_model
 from mmsearch.images import QUERY_MAX_PIXELS, load_image
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INDEX = Path("indexes") / "default"
 IMAGE_TOWERS = ("onnx-int8", "onnx-fp32", "torch")
 DEFAULT_SPEECH = {"backend": "faster-whisper", "model": None, "language": None}
 # Devices a model can be put on: torch's names (pick_device) that faster-whisper also understands or
@@ -52,7 +52,7 @@ _SPEECH_OPTIONS = {"speech_backend": "backend", "speech_model": "model", "langua
 
 
 def default_index_path() -> Path:
-    return Path(os.environ.get("MMSEARCH_INDEX", DEFAULT_INDEX))
+    return constants.default_index_path()
 
 
 class Index:

@@ -29,7 +29,6 @@ from mmsearch.errors import BadMediaError
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
 # Sample rates of real recordings: telephone 8 kHz up to studio 192 kHz.
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 # Only light imports at module level: `mmsearch query` with a warm server never loads typer, rich, numpy or
 # torch.
-from mmsearch import render
+from mmsearch import constants, render
 from mmsearch.client import TARGET_NAMES as TARGETS
+from mmsearch.constants import MAX_K
 from mmsearch.errors import MmsearchError
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
     from mmsearch import IngestReport
     from mmsearch.client import Server
-
-MAX_K = 10_000  # mmsearch.search.MAX_K, without importing numpy
 
 
 def main() -> None:
@@ -141,7 +140,7 @@ def _server_may_answer(
 ) -> bool:
     # A server searches with the index's own model on its own device: options that choose either mean "here".
     # It also caps k (client.SERVER_MAX_K) where a local search allows up to MAX_K.
-    from mmsearch.client import SERVER_MAX_K
+    from mmsearch.constants import SERVER_MAX_K
 
     chosen_here = model is not None or pretrained is not None or checkpoint is not None or device != "auto"
     return not local and not chosen_here and k <= SERVER_MAX_K
@@ -184,8 +183,7 @@ def _answered_by_server(
 
 
 def _default_index_path() -> Path:
-    # Same as mmsearch.api.default_index_path, without importing the engine.
-    return Path(os.environ.get("MMSEARCH_INDEX", Path("indexes") / "default"))
+    return constants.default_index_path()
 
 
 # --- the typer application -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsearch import discovery
+from mmsearch.constants import TARGETS
 from mmsearch.discovery import SERVER_FILE, SERVER_LOG, read_server_file
 from mmsearch.errors import BadQueryError, MmsearchError
 
@@ -47,12 +48,8 @@ __all__ = [
     "wait_for_server",
 ]
 
-# The keys of mmsearch.search.TARGETS, repeated here so the CLI can validate without importing numpy
-# (a test checks the two agree).
-TARGET_NAMES = ("images", "texts", "captions", "audio", "all")
+TARGET_NAMES = tuple(TARGETS)
 HEALTH_TIMEOUT = 0.5
-# Most results a server returns per query (mmsearch.routes uses this); a larger -k is answered locally.
-SERVER_MAX_K = 200
 DEFAULT_IDLE_MINUTES = 15.0
 
 # Loopback needs no proxy, and an http_proxy in the environment must not see local queries.

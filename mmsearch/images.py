@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 # Pillow opens only the formats we index; anything else (EPS, PSD, ...) is never handed to a decoder.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # Decoded images are shrunk to this longest side before the model transform; CLIP inputs are 224-384 px,
 # so this bounds memory for huge photos without changing what the model sees.
 DEFAULT_MAX_SIDE = 1024

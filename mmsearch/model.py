@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -27,6 +26,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from mmsearch.constants import hub_offline
 from mmsearch.errors import MmsearchError, WeightsUnavailableError
 from mmsearch.identity import RANDOM, ModelSpec, describe_identity, sha256_file
 
@@ -63,7 +63,7 @@ def pick_device(device: str = "auto") -> torch.device:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     # huggingface_hub retries for ~45 s before giving up when there is no network; one quick probe
     # lets us fail with a clear message instead.
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()

@@ -24,7 +24,7 @@ from typing import IO, Any, TypeVar
 from mmsearch import access, db, discovery
 from mmsearch.access import Activity, Gate, Guard, token_cookie
 from mmsearch.api import Index
-from mmsearch.client import SERVER_MAX_K
+from mmsearch.constants import SERVER_MAX_K
 from mmsearch.errors import (
     BadQueryError,
     IndexNotFoundError,

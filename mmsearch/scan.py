@@ -33,11 +33,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmsearch.images import IMAGE_SUFFIXES
+from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
 CAPTION_SUFFIX = ".txt"
 MANIFESTS = ("captions.jsonl", "captions.csv")
 MAX_CAPTION_FILE_BYTES = 1 << 20

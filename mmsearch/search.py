@@ -9,18 +9,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mmsearch import db
+from mmsearch.constants import MAX_K, TARGETS
 from mmsearch.errors import BadQueryError
 from mmsearch.store import Store
 
-# What a user asks for → which vector indexes answer. "texts" are captions and transcript segments.
-TARGETS: dict[str, tuple[str, ...]] = {
-    "images": ("image",),
-    "texts": ("caption", "segment"),
-    "captions": ("caption",),
-    "audio": ("segment",),
-    "all": ("image", "caption", "segment"),
-}
-MAX_K = 10_000
+__all__ = ["MAX_K", "TARGETS", "Hit", "kinds_for", "search_vector"]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmsearch.audio import SAMPLE_RATE, TimeBudget, iter_pcm_chunks
+from mmsearch.constants import hub_offline
 from mmsearch.errors import MissingDependencyError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -198,13 +199,6 @@ def _transcribe_windows(
 # ---------------------------------------------------------------------------------------------- network
 
 
-def _env_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def _unreachable(url: str) -> str | None:
     """None if an HTTP server answers at ``url`` within a few seconds, else the reason it did not."""
     try:
@@ -304,7 +298,7 @@ def _download_ct2(fw: Any, name: str) -> Path | str:
         return Path(fw.download_model(name, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here only means "not cached"
         pass
-    if _env_offline():
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     if (why := _unreachable(hf_constants.ENDPOINT)) is not None:
         return f"the Hugging Face Hub ({hf_constants.ENDPOINT}) is unreachable: {why}"
@@ -513,7 +507,7 @@ def _resolve_pt(whisper: Any, model: str | None, language: str | None) -> tuple[
     cached = _cache_home() / "whisper" / os.path.basename(url)  # where load_model looks by default
     if cached.is_file():
         return name, name  # load_model checks its SHA-256 and uses it without the network
-    if _env_offline():
+    if hub_offline():
         reason: str | None = "HF_HUB_OFFLINE is set"
     else:
         reason = _unreachable(url)

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 from mmsearch.errors import MissingDependencyError
 
 try:
@@ -21,10 +22,8 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_AUDIO_BYTES = 50 * 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file itself
 # Suffixes kept on uploaded temp files (decoders sniff content; the suffix only helps them guess).
-UPLOAD_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-    | {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".webm", ".aac"}
-)
+# Beyond the indexed formats: what browsers record a voice query as.
+UPLOAD_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | {".oga", ".mp4", ".webm", ".aac"}
 
 
 class _TooLarge(Exception):

@@ -1,0 +1,41 @@
+"""Names and limits shared by several modules, defined once. Standard library only: the CLI's fast path to a
+running server imports this without numpy, torch or SQLAlchemy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# What a user asks for -> which vector indexes answer. "texts" are captions and transcript segments.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "images": ("image",),
+    "texts": ("caption", "segment"),
+    "captions": ("caption",),
+    "audio": ("segment",),
+    "all": ("image", "caption", "segment"),
+}
+#: Most results one local search returns.
+MAX_K = 10_000
+#: Most results a server returns per query; `mmsearch query` answers a larger -k locally.
+SERVER_MAX_K = 200
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
+
+#: Where an index lives when neither --index nor $MMSEARCH_INDEX says.
+DEFAULT_INDEX = Path("indexes") / "default"
+INDEX_ENV = "MMSEARCH_INDEX"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def default_index_path() -> Path:
+    return Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
+
+
+def hub_offline() -> bool:
+    """Whether the user told Hugging Face libraries to stay offline (``HF_HUB_OFFLINE`` or
+    ``TRANSFORMERS_OFFLINE`` set to 1/true/yes/on): then no model hub is probed or contacted."""
+    return any(
+        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
