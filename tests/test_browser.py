@@ -29,6 +29,8 @@ from tests._speech import speech_wav
 from tests.conftest import solid
 from tests.test_server import start
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real headless Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 EVIL_CAPTION = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"

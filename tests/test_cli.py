@@ -73,6 +73,7 @@ def test_query_json_in_process(built: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_query_table_and_status_as_subprocess(built: Path, folder: Path) -> None:
     table = mmsearch("query", "a blue thing", "--index", str(built), "-t", "texts", "-k", "2")
     assert table.returncode == 0, table.stderr
@@ -120,6 +121,7 @@ def test_bad_command_lines_give_one_clear_line(built: Path, args: list[str], mes
     assert message in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_missing_index_and_missing_weights(tmp_path: Path, folder: Path) -> None:
     result = mmsearch("query", "x", "--index", str(tmp_path / "nothing"))
     assert (
@@ -222,6 +224,7 @@ finally:
         (["-k", "201", "--json"], ["typer", "numpy"]),  # above it: answered here, not refused by the server
     ],
 )
+@pytest.mark.slow
 def test_fast_path_imports_neither_typer_nor_the_engine(
     served: Path, args: list[str], loaded: list[str]
 ) -> None:

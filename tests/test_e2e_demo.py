@@ -17,7 +17,7 @@ import pytest
 import mmsearch
 from mmsearch.demo import world
 
-pytestmark = pytest.mark.speech
+pytestmark = [pytest.mark.speech, pytest.mark.slow]  # the demo model and Whisper end to end
 
 
 @pytest.fixture(scope="module")

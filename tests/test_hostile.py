@@ -189,6 +189,7 @@ def _run(args: list[str], *, drop_dac: bool = False, timeout: float = 900) -> tu
         return proc.returncode, text[0], text[1], usage.ru_maxrss / 1024
 
 
+@pytest.mark.slow
 def test_hostile_folder_end_to_end(tmp_path: Path) -> None:
     # Baseline: a benign folder through the same models (the image tower and Whisper get loaded). It also
     # exports the tiny model's ONNX tower into the session cache, so that one-time cost is in neither run.
@@ -250,6 +251,7 @@ def test_hostile_folder_end_to_end(tmp_path: Path) -> None:
     assert captions == {"a good caption", "latin-1 caption: caf\xe9"}
 
 
+@pytest.mark.slow
 def test_huge_image_and_long_audio_are_decoded_in_bounded_memory(tmp_path: Path) -> None:
     """Peak RSS of a process decoding a 81 Mpx JPEG (243 MB as RGB) and streaming 2 h of audio."""
     Image.new("L", (HUGE_SIDE, HUGE_SIDE), 90).save(tmp_path / "huge.jpg", quality=30)
@@ -276,6 +278,7 @@ print(im.size[0], im.size[1], image_mb, peak() - base, seconds)
     assert float(audio_mb) < 150, audio_mb  # decoded whole it would be 460 MB
 
 
+@pytest.mark.slow
 def test_bad_command_lines_and_query_files(tmp_path: Path) -> None:
     """One clear line and a non-zero exit, never a traceback (more cases in test_cli.py)."""
     zygote = Zygote()

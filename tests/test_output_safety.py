@@ -117,6 +117,7 @@ def no_payload_in(stderr: bytes) -> None:
 
 
 # --- item 6 and 7 through the real command -------------------------------------------------------------
+@pytest.mark.slow
 def test_index_prints_every_hostile_name_escaped(built: Built) -> None:
     assert built.run.returncode == 0, built.run.stderr.decode("utf-8", "replace")
     out = text_of(built.run.stdout)
@@ -126,6 +127,7 @@ def test_index_prints_every_hostile_name_escaped(built: Built) -> None:
     assert f"  skipped {os.fsdecode(os.path.dirname(built.root))}/{ROOT_SHOWN}/{BROKEN_SHOWN}: " in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["json", "terminal"])
 def test_index_json_and_terminal_output(built: Built, tmp_path: Path, mode: str) -> None:
     if mode == "json":
@@ -145,6 +147,7 @@ def test_index_json_and_terminal_output(built: Built, tmp_path: Path, mode: str)
         no_payload_in(result.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [STRICT, ASCII, TERMINAL], ids=["plain", "ascii", "terminal"])
 def test_status_prints_skipped_names_escaped(built: Built, env: dict[str, str]) -> None:
     result = mmsearch("status", "--index", str(built.index), env=env)
@@ -158,6 +161,7 @@ def test_status_prints_skipped_names_escaped(built: Built, env: dict[str, str]) 
     text_of(result.stderr)
 
 
+@pytest.mark.slow
 def test_status_json_has_no_surrogates_and_no_raw_controls(built: Built) -> None:
     result = mmsearch("status", "--index", str(built.index), "--json", env=STRICT)
     assert result.returncode == 0 and result.stdout.isascii()
@@ -165,6 +169,7 @@ def test_status_json_has_no_surrogates_and_no_raw_controls(built: Built) -> None
     assert [s["path"] for s in skipped] == [os.path.join(built.root, BROKEN).decode("utf-8", "replace")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [STRICT, LOCALE, ASCII], ids=["strict", "locale", "ascii"])
 def test_plain_query_keeps_one_line_of_five_columns_per_hit(built: Built, env: dict[str, str]) -> None:
     result = mmsearch("query", "a thing", "-t", "all", "--index", str(built.index), env=env)
@@ -184,6 +189,7 @@ def test_plain_query_keeps_one_line_of_five_columns_per_hit(built: Built, env: d
     text_of(result.stderr)
 
 
+@pytest.mark.slow
 def test_query_table_on_a_terminal_escapes_names_and_captions(built: Built) -> None:
     result = mmsearch("query", "a thing", "-t", "all", "--index", str(built.index), env=TERMINAL)
     assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
@@ -207,6 +213,7 @@ def check_query_json(built: Built, result: subprocess.CompletedProcess[bytes]) -
     assert {h["text"] for h in hits if h["kind"] == "caption"} == {SIDECAR_CAPTION, MANIFEST_CAPTION}
 
 
+@pytest.mark.slow
 def test_query_json_carries_display_path_and_exact_bytes(built: Built) -> None:
     result = mmsearch("query", "a thing", "-t", "all", "--index", str(built.index), "--json", env=STRICT)
     check_query_json(built, result)
@@ -222,6 +229,7 @@ def served(built: Built) -> Iterator[Path]:
     thread.join(30)
 
 
+@pytest.mark.slow
 def test_query_through_a_running_server(built: Built, served: Path) -> None:
     """The fast path (no typer) prints hostile names as safely; a server that fails is not fatal."""
     as_json = mmsearch("query", "a thing", "-t", "all", "--index", str(served), "--json", env=STRICT)
@@ -236,6 +244,7 @@ def test_query_through_a_running_server(built: Built, served: Path) -> None:
 
 
 # --- a failing server: searched locally instead ------------------------------------------------------
+@pytest.mark.slow
 def test_a_server_error_falls_back_to_searching_here(
     built: Built, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -468,6 +468,7 @@ def test_idle_server_exits_and_removes_its_file(srv: Running) -> None:
         assert client.find_server(index) is None
 
 
+@pytest.mark.slow
 def test_background_server_is_started_reused_and_exits_when_idle(srv: Running, tmp_path: Path) -> None:
     """What `mmsearch query --serve` does: a detached `python -m mmsearch.server` on a free port."""
     index = tmp_path / "index"

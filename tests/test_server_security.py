@@ -461,6 +461,7 @@ spec.loader.exec_module(module)
 """
 
 
+@pytest.mark.slow
 def test_background_server_ignores_modules_in_the_callers_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

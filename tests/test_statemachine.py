@@ -18,11 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tests.test_crash import Zygote, check_matches_folder, check_whole
+
+pytestmark = pytest.mark.slow  # Hypothesis explores many index states
 
 _zygote: Zygote | None = None
 
