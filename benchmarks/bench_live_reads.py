@@ -140,14 +140,14 @@ def measure(
         q = queries[i % len(queries)]
         i += 1
         t0 = time.perf_counter()
-        before = store._live.get("image")
+        before = store._live.get((store.model, "image"))
         store.refresh()
         store.vectors("image")
         t1 = time.perf_counter()
         hits = search_vector(store, q, "images", K)
         t2 = time.perf_counter()
         assert hits, "no hits"
-        rebuilt += store._live.get("image") is not before and mode == "rebuild"
+        rebuilt += store._live.get((store.model, "image")) is not before and mode == "rebuild"
         refreshes.append(t1 - t0)
         latencies.append(t2 - t0)
     stop.set()

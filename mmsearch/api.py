@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -17,16 +18,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmsearch import constants
-from mmsearch.errors import BadMediaError, BadQueryError, ConfigError, ModelMismatchError
-from mmsearch.identity import ModelSpec, describe_identity, same_model
+from mmsearch import constants, db
+from mmsearch.errors import (
+    ActiveModelChanged,
+    BadMediaError,
+    BadQueryError,
+    ConfigError,
+    MmsearchError,
+    ModelMismatchError,
+)
+from mmsearch.identity import ModelSpec, describe_identity, model_key, registered, same_model
 from mmsearch.images import QUERY_MAX_PIXELS, load_image
 from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
+from mmsearch.reembed import ReembedReport, activate, fill, start_target
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mmsearch.model import ClipEmbedder
+    from mmsearch.retranscribe import RetranscribeReport
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,10 @@ WHISPER_LANGUAGES = frozenset((
 _SPEECH_OPTIONS = {"speech_backend": "backend", "speech_model": "model", "language": "language"}
 
 
+# How many times a query is embedded again when the active model changed meanwhile (see _search_embedded).
+_SWITCH_RETRIES = 3
+
+
 def default_index_path() -> Path:
     return constants.default_index_path()
 
@@ -63,7 +79,8 @@ class Index:
         self.device = check_device(device)
         # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
         self.image_tower = check_image_tower(image_tower)
-        self._embedder: ClipEmbedder | None = None
+        #: Loaded embedders by model key: the active model's, and a target's while re-embedding.
+        self._embedders: dict[str, ClipEmbedder] = {}
         self._transcriber: Any = None
         self._query_transcriber: Any = None
 
@@ -93,7 +110,7 @@ class Index:
         embedder = load_embedder(ModelSpec(model, pretrained, checkpoint), device=device)
         store = Store.create(Path(path), {"model": embedder.identity, "speech": speech})
         index = cls(store, device=device, image_tower=image_tower)
-        index._embedder = embedder
+        index._embedders[store.model] = embedder
         return index
 
     @classmethod
@@ -133,17 +150,31 @@ class Index:
 
     # --- models -------------------------------------------------------------------------------
     @property
+    def _embedder(self) -> ClipEmbedder | None:
+        """The active model's embedder if loaded."""
+        return self._embedders.get(self.store.model)
+
+    @property
     def embedder(self) -> ClipEmbedder:
-        if self._embedder is None:
+        """The active model's embedder (it follows an activation by another process)."""
+        return self.embedder_for(self.store.follow_active())
+
+    def embedder_for(self, key: str) -> ClipEmbedder:
+        """The embedder of a model registered in the index (loaded once; others but the active one and
+        this one are let go)."""
+        if key not in self._embedders:
             from mmsearch.model import load_embedder
 
-            identity = self.store.config["model"]
-            self._embedder = load_embedder(ModelSpec.from_identity(identity), device=self.device)
-            if not same_model(identity, self._embedder.identity):
+            identity = self.store.identity_of(key)
+            embedder = load_embedder(ModelSpec.from_identity(identity), device=self.device)
+            if not same_model(identity, embedder.identity):
                 raise ModelMismatchError(
                     f"the weights found for {identity['name']} differ from those the index was built with"
                 )
-        return self._embedder
+            keep = {key, self.store.model}
+            self._embedders = {k: e for k, e in self._embedders.items() if k in keep}
+            self._embedders[key] = embedder
+        return self._embedders[key]
 
     @property
     def transcriber(self) -> Any:
@@ -198,7 +229,8 @@ class Index:
         ``IngestReport.unavailable``."""
         self.store.lock_for_writing()
         try:
-            return ingest(
+            self.store.follow_active()
+            report = ingest(
                 self.store,
                 Path(folder).expanduser(),
                 embedder=self._indexing_embedder,
@@ -208,26 +240,157 @@ class Index:
                 follow_links=follow_links,
                 prune=prune,
             )
+            target = self.store.catalog.target_model()
+            if target is not None:  # a model being embedded (see reembed): new content gets its vectors too
+                done = fill(
+                    self.store,
+                    target,
+                    lambda: self._indexing_embedder(target),
+                    progress=progress,
+                    workers=workers,
+                )
+                report.target_embedded = done.embedded
+                report.skipped.extend(done.skipped)
+            return report
         finally:
             self.store.unlock()
 
-    def _indexing_embedder(self) -> ClipEmbedder:
-        """The embedder, with the faster ONNX image tower when indexing on the CPU (queries keep torch:
-        a one-off export costs far more than the few images a query embeds)."""
-        embedder = self.embedder
+    def _indexing_embedder(self, key: str | None = None) -> ClipEmbedder:
+        """The embedder of ``key`` (default: the active model), with the faster ONNX image tower when
+        indexing on the CPU (queries keep torch: a one-off export costs far more than the few images a
+        query embeds)."""
+        embedder = self.embedder_for(key or self.store.model)
         if self.image_tower != "torch" and not embedder.has_onnx_image_tower:
             embedder.use_onnx_image_tower(quantize=self.image_tower == "onnx-int8")
         return embedder
 
+    # --- model upgrades -----------------------------------------------------------------------
+    def reembed(
+        self,
+        spec: ModelSpec,
+        *,
+        progress: Progress | None = None,
+        keep_old: bool = False,
+        workers: int = 2,
+    ) -> ReembedReport:
+        """Embed every image, caption and segment with the model ``spec`` names, then make it the active one.
+
+        Resumable: the model is registered as the *target*, and its vectors are committed in batches, so
+        running this again after an interruption embeds only what it lacks. Meanwhile searches answer from
+        the active model; the switch is one transaction. ``keep_old``: keep the previous model's vectors,
+        for :meth:`activate` (a rollback); otherwise they are deleted after the switch."""
+        from mmsearch.model import load_embedder
+
+        self.store.lock_for_writing()
+        try:
+            self.store.follow_active()
+            key = model_key(spec.expected_identity())
+            if key not in self._embedders:
+                embedder = load_embedder(spec, device=self.device)
+                key = model_key(embedder.identity)
+                self._embedders[key] = embedder
+            identity = registered(self._embedders[key].identity)
+            started = start_target(self.store, key, identity)
+            report = fill(
+                self.store, key, lambda: self._indexing_embedder(key), progress=progress, workers=workers
+            )
+            report.started = started
+            report.activated, report.removed_model = activate(self.store, key, keep_old=keep_old)
+            return report
+        finally:
+            self.store.unlock()
+
+    def retranscribe(
+        self,
+        speech_model: str | None,
+        *,
+        speech_backend: str | None = None,
+        language: str | None = None,
+        progress: Progress | None = None,
+    ) -> RetranscribeReport:
+        """Transcribe every recording again with other speech settings (those not named stay the index's),
+        swapping each recording's transcript and segment vectors in one transaction; resumable like
+        :meth:`reembed`. The index's speech settings become the new ones once every recording is done."""
+        from mmsearch.retranscribe import retranscribe
+        from mmsearch.transcribe import load_transcriber
+
+        current = self._speech_settings()
+        settings = check_speech_settings(
+            speech_backend or current["backend"], speech_model, language if language else current["language"]
+        )
+        loaded: list[Any] = []
+
+        def transcriber() -> Any:
+            if not loaded:
+                loaded.append(
+                    load_transcriber(
+                        settings["backend"],
+                        settings["model"],
+                        language=settings["language"],
+                        device=self.device,
+                    )
+                )
+            return loaded[0]
+
+        self.store.lock_for_writing()
+        try:
+            self.store.follow_active()
+            models = [self.store.model, *filter(None, [self.store.catalog.target_model()])]
+            embedders = {key: functools.partial(self.embedder_for, key) for key in models}
+            report = retranscribe(self.store, settings, transcriber, embedders, progress=progress)
+            if report.switched:
+                self._transcriber = loaded[0] if loaded else None
+                self._query_transcriber = None
+            return report
+        finally:
+            self.store.unlock()
+
+    def activate(self, spec: ModelSpec) -> str:
+        """Make a model the index holds every vector of (kept by ``reembed(keep_old=True)``) the active
+        one: instant, no model is loaded. Returns its key."""
+        key = model_key(spec.expected_identity())
+        self.store.lock_for_writing()
+        try:
+            self.store.follow_active()
+            if key not in self.store.catalog.models():
+                raise ConfigError(
+                    f"the index holds no vectors of {describe_identity(spec.expected_identity())}: "
+                    "embed them first with reembed"
+                )
+            if not activate(self.store, key, keep_old=True)[0]:
+                raise MmsearchError(
+                    f"the index does not hold every vector of {describe_identity(spec.expected_identity())}: "
+                    "run reembed with it to complete them"
+                )
+            return key
+        finally:
+            self.store.unlock()
+
     # --- search -------------------------------------------------------------------------------
-    def search_vector(self, vector: np.ndarray, *, target: str = "images", k: int = 10) -> list[Hit]:
-        return search_vector(self.store, vector, target, k)
+    def search_vector(
+        self, vector: np.ndarray, *, target: str = "images", k: int = 10, model: str | None = None
+    ) -> list[Hit]:
+        """Search with a vector of the active model (``model``: the key of the model that made it, checked
+        against the active one, see :func:`search_vector`)."""
+        return search_vector(self.store, vector, target, k, model=model)
+
+    def _search_embedded(self, embed: Callable[[ClipEmbedder], np.ndarray], target: str, k: int) -> list[Hit]:
+        """Embed a query with the active model and search that model's vectors: if another model becomes
+        active in between, the query is embedded again by the new one (never searched across models)."""
+        for _ in range(_SWITCH_RETRIES):
+            model = self.store.follow_active()
+            vector = embed(self.embedder_for(model))
+            try:
+                return search_vector(self.store, vector, target, k, model=model)
+            except ActiveModelChanged:
+                continue
+        raise MmsearchError("the index's active model keeps changing: try again")
 
     def search_text(self, text: str, *, target: str = "images", k: int = 10) -> list[Hit]:
         text = text.strip()
         if not text:
             raise BadQueryError("the query text is empty")
-        return self.search_vector(self.embedder.embed_texts([text])[0], target=target, k=k)
+        return self._search_embedded(lambda emb: emb.embed_texts([text])[0], target, k)
 
     def search_image(
         self, image: str | Path | Image.Image, *, target: str = "texts", k: int = 10
@@ -240,7 +403,8 @@ class Index:
                 image = load_image(path, max_pixels=QUERY_MAX_PIXELS)
             except BadMediaError as e:
                 raise BadQueryError(f"cannot read query image {path}: {e}") from e
-        return self.search_vector(self.embedder.embed_images([image.convert("RGB")])[0], target=target, k=k)
+        rgb = image.convert("RGB")
+        return self._search_embedded(lambda emb: emb.embed_images([rgb])[0], target, k)
 
     def transcribe_query(self, audio: str | Path) -> str:
         """What the spoken query says (the text that :meth:`search_audio` searches with). A recording longer
@@ -264,16 +428,40 @@ class Index:
 
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        self.store.follow_active()
         counts = self.store.catalog.counts()
         return {
             "index": str(self.path),
             "model": self.model_identity,
+            "models": self.models(),
             "speech": self.store.config.get("speech"),
+            # Speech settings a retranscription is bringing the transcripts to, if one is under way.
+            "speech_target": self.store.catalog.get_meta(db.SPEECH_TARGET_META),
             "schema_version": self.store.config.get("schema_version"),
             **counts,
             # Files kept because their folder could not be seen by the last run (see add_folder's prune).
             "unavailable": unavailable_summary(self.store),
         }
+
+    def models(self) -> list[dict[str, Any]]:
+        """Each model the index holds vectors of: its key, identity, whether it is active (searched) or the
+        target (being embedded), and its coverage: vectors per kind against the items of each kind."""
+        catalog = self.store.catalog
+        active, target = self.store.model, catalog.target_model()
+        coverage, items = catalog.coverage(), catalog.item_counts()
+        registry = catalog.models() or {active: self.model_identity}
+        return [
+            {
+                "key": key,
+                "name": describe_identity(identity),
+                "identity": identity,
+                "active": key == active,
+                "target": key == target,
+                "vectors": {kind: coverage.get(key, {}).get(kind, 0) for kind in items},
+                "items": items,
+            }
+            for key, identity in registry.items()
+        ]
 
     def skipped(self) -> list[dict[str, str]]:
         return [{"path": p, "reason": r} for p, r in self.store.catalog.skipped()]
@@ -363,5 +551,6 @@ def _check_same_model(identity: dict[str, Any], spec: ModelSpec) -> None:
     if not same_model(asked, identity):
         raise ModelMismatchError(
             f"this index was built with {describe_identity(identity)}, but {describe_identity(asked)} "
-            "was asked for; an index is searched with its own model (omit --model, or build a new index)"
+            "was asked for; an index is searched with its own model (omit --model, or switch the index to the "
+            "other one with `mmsearch reembed --model ...`)"
         )

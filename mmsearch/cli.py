@@ -440,6 +440,11 @@ def _typer_app() -> "typer.Typer":
         _line(
             f"content {stats['media']} distinct, {stats['captions']} captions, {stats['segments']} transcript segments"
         )
+        if len(stats.get("models", [])) > 1:  # coverage of each model while the index changes model
+            for m in stats["models"]:
+                role = "active" if m["active"] else "target" if m["target"] else "kept"
+                have = ", ".join(f"{m['vectors'][k]}/{m['items'][k]} {k}" for k in sorted(m["items"]))
+                _line(f"model   {m['name']} [{role}]: {have}")
         if skipped:
             _line(f"skipped {len(skipped)}:")
             for s in skipped:
@@ -448,6 +453,129 @@ def _typer_app() -> "typer.Typer":
             _line(f"kept    {u['files_kept']} files under {u['root']} that the last run could not see:")
             for f in u["folders"]:
                 _line(f"  {f['path']}: {f['reason']}")
+
+    @app.command()
+    def reembed(
+        model: Annotated[
+            str,
+            typer.Option(
+                "--model",
+                "-m",
+                help="The new model: an OpenCLIP architecture, a model-config .json, or 'demo'",
+            ),
+        ],
+        pretrained: PretrainedOpt = None,
+        checkpoint: CheckpointOpt = None,
+        index_dir: IndexOpt = None,
+        keep_old: Annotated[
+            bool,
+            typer.Option("--keep-old", help="Keep the previous model's vectors (for `mmsearch activate`)."),
+        ] = False,
+        device: DeviceOpt = "auto",
+        workers: Annotated[int, typer.Option(min=1, max=64, help="Decoding threads")] = 2,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Embed the whole index with another model while it keeps answering, then switch to it (resumable:
+        run it again after an interruption)."""
+        from mmsearch import Index, default_index_path
+        from mmsearch.identity import ModelSpec
+
+        with Index.open(index_dir or default_index_path(), device=device) as idx:
+            try:
+                with _progress(enabled=not as_json) as tick:
+                    report = idx.reembed(
+                        ModelSpec(model, pretrained, checkpoint),
+                        progress=tick,
+                        keep_old=keep_old,
+                        workers=workers,
+                    )
+            except KeyboardInterrupt:
+                _err().print(
+                    "interrupted: the vectors committed so far are kept; run the same command again to resume",
+                    markup=False,
+                )
+                raise typer.Exit(130) from None
+        if as_json:
+            _print_json(report.as_dict())
+            return
+        _line(
+            f"re-embedded {report.images} images, {report.captions} captions, {report.segments} segments "
+            f"with {report.model} in {report.seconds:.1f}s"
+        )
+        for path, reason in report.skipped:
+            _line(f"  skipped {path}: {reason}")
+        if report.activated:
+            kept = "" if report.removed_model else " (previous vectors kept: `mmsearch activate` rolls back)"
+            _line(f"{report.model} is now the active model{kept}")
+        else:
+            _line(
+                f"{report.stale} items changed since they were indexed: run `mmsearch index` on their folders, "
+                "then this command again"
+            )
+            raise typer.Exit(1)
+
+    @app.command()
+    def retranscribe(
+        speech_model: Annotated[str, typer.Option("--speech-model", help="Whisper model name or local path")],
+        speech_backend: Annotated[
+            str | None, typer.Option(help="faster-whisper or openai-whisper [default: the index's]")
+        ] = None,
+        language: Annotated[
+            str | None, typer.Option(help="Spoken language code [default: the index's]")
+        ] = None,
+        index_dir: IndexOpt = None,
+        device: DeviceOpt = "auto",
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Transcribe every recording again with another speech model while the index keeps answering
+        (resumable: run it again after an interruption)."""
+        from mmsearch import Index, default_index_path
+
+        with Index.open(index_dir or default_index_path(), device=device) as idx:
+            try:
+                with _progress(enabled=not as_json) as tick:
+                    report = idx.retranscribe(
+                        speech_model, speech_backend=speech_backend, language=language, progress=tick
+                    )
+            except KeyboardInterrupt:
+                _err().print(
+                    "interrupted: the transcripts swapped so far are kept; run the same command again to resume",
+                    markup=False,
+                )
+                raise typer.Exit(130) from None
+        if as_json:
+            _print_json(report.as_dict())
+            return
+        _line(
+            f"transcribed {report.transcribed} recordings again ({report.segments} segments) in {report.seconds:.1f}s"
+        )
+        for path, reason in report.kept:
+            _line(f"  kept the old transcript of {path}: {reason}")
+        if not report.switched:
+            _line(
+                f"{report.stale} recordings changed since they were indexed: run `mmsearch index` on their "
+                "folders, then this command again"
+            )
+            raise typer.Exit(1)
+
+    @app.command()
+    def activate(
+        model: Annotated[str, typer.Option("--model", "-m", help="A model the index holds every vector of")],
+        pretrained: PretrainedOpt = None,
+        checkpoint: CheckpointOpt = None,
+        index_dir: IndexOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Search with another model the index holds (kept by `reembed --keep-old`): instant."""
+        from mmsearch import Index, default_index_path
+        from mmsearch.identity import ModelSpec
+
+        with Index.open(index_dir or default_index_path()) as idx:
+            key = idx.activate(ModelSpec(model, pretrained, checkpoint))
+        if as_json:
+            _print_json({"index": str(idx.path), "active": key})
+        else:
+            _line(f"{key} is now the active model")
 
     @app.command()
     def demo(

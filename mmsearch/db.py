@@ -41,6 +41,7 @@ from sqlalchemy import (
     null,
     select,
     text,
+    true,
 )
 from sqlalchemy.exc import OperationalError
 
@@ -64,6 +65,8 @@ media = Table(
     Column("duration", Float),
     Column("language", String(16)),
     Column("transcript", Text),
+    # The speech settings that made the transcript (speech_key; NULL: made before they were recorded).
+    Column("speech", String),
     sqlite_autoincrement=True,
 )
 
@@ -116,6 +119,8 @@ embeddings = Table(
     Column("caption_id", Integer, ForeignKey("captions.id"), index=True),
     Column("segment_id", Integer, ForeignKey("segments.id"), index=True),
     Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+    # The model that made the vector (identity.model_key): an index holds several while it changes model.
+    Column("model", String, nullable=False),
     sqlite_autoincrement=True,
 )
 
@@ -128,14 +133,16 @@ deletions = Table(
     Column("seq", Integer, primary_key=True),
     Column("kind", String(8), nullable=False),
     Column("embedding_id", Integer, nullable=False),
+    Column("model", String),  # (schema 4)
     sqlite_autoincrement=True,
 )
 
-# How many embeddings each kind holds, kept by triggers (see _migration_3): the check a reader makes after
-# following a change, which counting a million index rows would make cost more than the change itself.
+# How many embeddings each (model, kind) holds, kept by triggers (see _migration_4): the check a reader
+# makes after following a change, which counting a million index rows would make cost more than the change.
 vector_counts = Table(
     "vector_counts",
     metadata,
+    Column("model", String, primary_key=True),
     Column("kind", String(8), primary_key=True),
     Column("n", Integer, nullable=False),
 )
@@ -144,7 +151,8 @@ VECTOR_KINDS = ("image", "caption", "segment")
 
 
 def _migration_1(conn: Connection) -> None:
-    metadata.create_all(conn)
+    # The tables of version 1 (in their current shape); later migrations add the others.
+    metadata.create_all(conn, tables=[meta, media, files, captions, segments, embeddings])
 
 
 def _migration_2(conn: Connection) -> None:
@@ -155,12 +163,20 @@ def _migration_2(conn: Connection) -> None:
 # The tables whose ids leave the catalog (FAISS ids, /api/media/{id} links, thumbnails cached by id):
 # AUTOINCREMENT, so an id is never given to another row, even after the newest row was deleted.
 _ID_TABLES = ("media", "files", "captions", "segments", "embeddings")
-_TRIGGERS = (
+_TRIGGERS_V3 = (
     "CREATE TRIGGER IF NOT EXISTS embedding_deleted AFTER DELETE ON embeddings BEGIN "
     "INSERT INTO deletions (kind, embedding_id) VALUES (old.kind, old.id); "
     "UPDATE vector_counts SET n = n - 1 WHERE kind = old.kind; END",
     "CREATE TRIGGER IF NOT EXISTS embedding_added AFTER INSERT ON embeddings BEGIN "
     "UPDATE vector_counts SET n = n + 1 WHERE kind = new.kind; END",
+)
+_TRIGGERS = (
+    "CREATE TRIGGER embedding_deleted AFTER DELETE ON embeddings BEGIN "
+    "INSERT INTO deletions (kind, embedding_id, model) VALUES (old.kind, old.id, old.model); "
+    "UPDATE vector_counts SET n = n - 1 WHERE model = old.model AND kind = old.kind; END",
+    "CREATE TRIGGER embedding_added AFTER INSERT ON embeddings BEGIN "
+    "INSERT OR IGNORE INTO vector_counts (model, kind, n) VALUES (new.model, new.kind, 0); "
+    "UPDATE vector_counts SET n = n + 1 WHERE model = new.model AND kind = new.kind; END",
 )
 
 
@@ -204,24 +220,112 @@ def _migration_3(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {table}__v3 RENAME TO {table}"))
         for index_sql in indexes:
             conn.execute(text(index_sql))
-    deletions.create(conn, checkfirst=True)
-    vector_counts.create(conn, checkfirst=True)
+    # The version-3 shapes of the two tables (migration 4 brings them to the current ones).
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS deletions (seq INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "
+            "kind VARCHAR(8) NOT NULL, embedding_id INTEGER NOT NULL)"
+        )
+    )
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS vector_counts (kind VARCHAR(8) NOT NULL PRIMARY KEY, n INTEGER NOT NULL)"
+        )
+    )
+    if {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vector_counts)")} != {"kind", "n"}:
+        return  # a current catalog migrated again (its version lowered by hand): nothing to do
     conn.execute(
         text("INSERT OR REPLACE INTO vector_counts SELECT kind, count(*) FROM embeddings GROUP BY kind")
     )
     for kind in VECTOR_KINDS:
         conn.execute(text("INSERT OR IGNORE INTO vector_counts VALUES (:kind, 0)"), {"kind": kind})
-    for trigger in _TRIGGERS:
+    for trigger in _TRIGGERS_V3:
         conn.execute(text(trigger))
 
 
+#: ``Connection.info`` key: the model identity in the index's description, for migration 4.
+MIGRATION_MODEL = "mmsearch.model_identity"
+#: Catalog meta keys: the registered models (key -> identity), the one searched, the one being embedded.
+MODELS_META = "models"
+#: The speech settings a retranscription is bringing every transcript to (see mmsearch.retranscribe).
+SPEECH_TARGET_META = "speech.target"
+ACTIVE_META = "model.active"
+TARGET_META = "model.target"
+# The per-kind meta keys that became per (model, kind) in schema 4.
+_SLOT_PREFIXES = ("generation", "faiss", "deletions_pruned")
+
+
+def _migration_4(conn: Connection) -> None:
+    """Each embedding names its model: the existing ones get the index's model (``MIGRATION_MODEL``),
+    which becomes the registered, active one; counts, log and meta keys become per (model, kind).
+
+    Saved FAISS files stay where they are: their records (``faiss.MODEL.KIND``) name them (``file``)."""
+    from mmsearch.identity import model_key, registered
+
+    identity: dict[str, Any] | None = conn.info.get(MIGRATION_MODEL)
+    key = model_key(identity) if identity else None
+    columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(embeddings)")}
+    if "model" not in columns:
+        conn.execute(text("ALTER TABLE embeddings ADD COLUMN model VARCHAR NOT NULL DEFAULT ''"))
+    if conn.execute(select(embeddings.c.id).where(embeddings.c.model == "").limit(1)).first() is not None:
+        if key is None:
+            raise MmsearchError("cannot migrate the catalog: the index's model is not known")
+        conn.execute(embeddings.update().where(embeddings.c.model == "").values(model=key))
+    conn.execute(
+        text("CREATE INDEX IF NOT EXISTS ix_embeddings_model_kind_id ON embeddings (model, kind, id)")
+    )
+    if "model" not in {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(deletions)")}:
+        conn.execute(text("ALTER TABLE deletions ADD COLUMN model VARCHAR"))
+        if key is not None:
+            conn.execute(deletions.update().values(model=key))
+    conn.execute(text("DROP TABLE IF EXISTS vector_counts"))
+    vector_counts.create(conn)
+    conn.execute(
+        text(
+            "INSERT INTO vector_counts (model, kind, n) "
+            "SELECT model, kind, count(*) FROM embeddings GROUP BY model, kind"
+        )
+    )
+    conn.execute(text("DROP TRIGGER IF EXISTS embedding_deleted"))
+    conn.execute(text("DROP TRIGGER IF EXISTS embedding_added"))
+    for trigger in _TRIGGERS:
+        conn.execute(text(trigger))
+    if key is None:
+        return
+    for prefix in _SLOT_PREFIXES:
+        for kind in VECTOR_KINDS:
+            old = _get_meta(conn, f"{prefix}.{kind}")
+            if old is None:
+                continue
+            if prefix == "faiss":
+                old = json.dumps({**json.loads(old), "file": f"{kind}.faiss"})  # the flat layout
+            _set_meta(conn, f"{prefix}.{key}.{kind}", old)
+            conn.execute(meta.delete().where(meta.c.key == f"{prefix}.{kind}"))
+    if _get_meta(conn, ACTIVE_META) is None:
+        register_model(conn, key, registered(identity or {}))
+        _set_meta(conn, ACTIVE_META, json.dumps(key))
+
+
+def _migration_5(conn: Connection) -> None:
+    """Each transcript names the speech settings that made it (see mmsearch.retranscribe)."""
+    if "speech" not in {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(media)")}:
+        conn.execute(text("ALTER TABLE media ADD COLUMN speech VARCHAR"))
+
+
 # Append only: each entry brings a database at version i to version i+1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot
 # be migrated, may be at. Migration 2 only adds an index; migration 3 adds AUTOINCREMENT (which only
 # matters to inserts) and the deletion log, which a reader of an older catalog does without: it rebuilds a
 # vector index whose generation changed instead of applying the log (see Catalog.has_deletion_log).
+# Migration 4 names each embedding's model: an older catalog holds one model's, keyed by kind alone.
 READABLE_FROM = 1
 
 
@@ -257,8 +361,10 @@ PRIVATE_FILE_MODE = 0o600
 
 
 class Catalog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, model_identity: dict[str, Any] | None = None) -> None:
         self.path = path
+        #: The model of the index's description: what migration 4 gives the existing embeddings.
+        self.model_identity = model_identity
         #: True when the disk was too full to open the catalog normally: it can be searched, not written.
         self.read_only = False
         #: The schema version the catalog is at once opened (older than SCHEMA_VERSION only read-only).
@@ -278,6 +384,19 @@ class Catalog:
     def has_deletion_log(self) -> bool:
         """Whether deleted embeddings are logged (schema 3): a reader of an older catalog rebuilds instead."""
         return self.schema_version >= 3
+
+    @property
+    def has_models(self) -> bool:
+        """Whether each embedding names its model (schema 4); an older catalog holds one model's."""
+        return self.schema_version >= 4
+
+    def slot(self, prefix: str, kind: str, model: str) -> str:
+        """The meta key of one (model, kind)'s ``prefix`` (generation, faiss, deletions_pruned)."""
+        return f"{prefix}.{model}.{kind}" if self.has_models else f"{prefix}.{kind}"
+
+    def of_model(self, model: str, table: Table = embeddings) -> Any:
+        """The condition selecting ``model``'s rows of ``table`` (every row in an older catalog)."""
+        return table.c.model == model if self.has_models else true()
 
     def _can_read_while_full(self) -> bool:
         """On a full disk SQLite cannot create the WAL index (-shm) a normal open needs. Without a WAL
@@ -334,6 +453,7 @@ class Catalog:
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # we say BEGIN and COMMIT
             conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.info[MIGRATION_MODEL] = self.model_identity
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
@@ -355,6 +475,7 @@ class Catalog:
                         conn.exec_driver_sql("ROLLBACK")  # (SQLite may have rolled back already)
                     raise
             finally:
+                conn.info.pop(MIGRATION_MODEL, None)
                 conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
     def close(self) -> None:
@@ -388,10 +509,57 @@ class Catalog:
         with self.begin() as conn:
             _set_meta(conn, key, json.dumps(value))
 
-    def generation(self, kind: str) -> int:
-        """Bumped by every transaction that changes embeddings of ``kind``; a FAISS file records the one
-        it reflects, so a stale file is known without reading it."""
-        return int(self.get_meta(f"generation.{kind}", 0))
+    def generation(self, kind: str, model: str | None = None) -> int:
+        """Bumped by every transaction that changes embeddings of ``kind`` of ``model`` (default: the active
+        one); a FAISS file records the one it reflects, so a stale file is known without reading it."""
+        return int(self.get_meta(self.slot("generation", kind, model or self.active_model() or ""), 0))
+
+    # --- models -------------------------------------------------------------------------------
+    def active_model(self) -> str | None:
+        """The key of the model searched (None in a catalog older than schema 4: its only model)."""
+        return self.get_meta(ACTIVE_META) if self.has_models else None
+
+    def target_model(self) -> str | None:
+        """The key of the model being embedded to replace the active one, if any."""
+        return self.get_meta(TARGET_META) if self.has_models else None
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Every registered model: key -> identity."""
+        return dict(self.get_meta(MODELS_META, {})) if self.has_models else {}
+
+    def coverage(self) -> dict[str, dict[str, int]]:
+        """How many vectors each model holds, by kind."""
+        out: dict[str, dict[str, int]] = {}
+        if not self.has_models:
+            return out
+        with self.read() as conn:
+            for model, kind, n in conn.execute(
+                select(vector_counts.c.model, vector_counts.c.kind, vector_counts.c.n)
+            ):
+                if n:
+                    out.setdefault(model, {})[kind] = int(n)
+        return out
+
+    def item_counts(self) -> dict[str, int]:
+        """How many items each kind has to embed: image content with a live file, captions, segments."""
+        live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
+        with self.read() as conn:
+            return {
+                "image": conn.execute(
+                    select(func.count()).select_from(media).where(media.c.kind == "image", live)
+                ).scalar_one(),
+                "caption": conn.execute(select(func.count()).select_from(captions)).scalar_one(),
+                "segment": conn.execute(select(func.count()).select_from(segments)).scalar_one(),
+            }
+
+    def missing(self, model: str, kind: str, limit: int | None = None) -> list[int]:
+        """The items of ``kind`` (image: media ids of live image content; caption, segment: their ids) that
+        have no vector of ``model``, in id order."""
+        q = missing_query(model, kind)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.read() as conn:
+            return [int(i) for i in conn.execute(q).scalars()]
 
     # --- files --------------------------------------------------------------------------------
     def files_by_key(self) -> dict[bytes, FileRow]:
@@ -423,8 +591,9 @@ class Catalog:
                     out.setdefault(fid, []).append((cid, source, txt))
         return out
 
-    def caption_vectors(self, texts: Sequence[str], dim: int) -> dict[str, np.ndarray]:
-        """Text -> the vector of a caption already stored with exactly that text, for the texts that have one."""
+    def caption_vectors(self, texts: Sequence[str], dim: int, model: str) -> dict[str, np.ndarray]:
+        """Text -> ``model``'s vector of a caption already stored with exactly that text, for the texts that
+        have one."""
         out: dict[str, np.ndarray] = {}
         with self.read() as conn:
             for chunk in _chunks(sorted(set(texts)), 900):
@@ -433,7 +602,7 @@ class Catalog:
                 first = (
                     select(captions.c.text, func.min(embeddings.c.id).label("eid"))
                     .join(embeddings, embeddings.c.caption_id == captions.c.id)
-                    .where(captions.c.text.in_(chunk))
+                    .where(captions.c.text.in_(chunk), self.of_model(model))
                     .group_by(captions.c.text)
                     .subquery()
                 )
@@ -460,8 +629,13 @@ class Catalog:
             counts["files"] = {f"{kind}_{status}": n for kind, status, n in by}
             for name, table in (("media", media), ("captions", captions), ("segments", segments)):
                 counts[name] = conn.execute(select(func.count()).select_from(table)).scalar_one()
-            vec = conn.execute(select(embeddings.c.kind, func.count()).group_by(embeddings.c.kind)).all()
-            counts["vectors"] = {kind: n for kind, n in vec}
+            active = json.loads(_get_meta(conn, ACTIVE_META) or "null") if self.has_models else None
+            vec = conn.execute(
+                select(embeddings.c.kind, func.count())
+                .where(true() if active is None else self.of_model(active))
+                .group_by(embeddings.c.kind)
+            ).all()
+            counts["vectors"] = {kind: n for kind, n in vec}  # the active model's
         return counts
 
     def skipped(self) -> list[tuple[str, str]]:
@@ -473,21 +647,23 @@ class Catalog:
         return [(p, r) for p, r in rows]
 
     # --- vectors ------------------------------------------------------------------------------
-    def load_vectors(self, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """All (ids, vectors) of one kind, ordered by id: what a FAISS index is rebuilt from."""
+    def load_vectors(self, kind: str, dim: int, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors) of one kind of one model, ordered by id: what a FAISS index is rebuilt from."""
         with self.snapshot() as conn:
-            return _read_vectors(conn, kind, dim, after_id=0)
+            return _read_vectors(conn, kind, dim, after_id=0, model=self.of_model(model))
 
-    def vector_state(self, kind: str, dim: int) -> VectorState:
-        """All vectors of one kind with the positions they reflect, read in one snapshot."""
+    def vector_state(self, kind: str, dim: int, model: str) -> VectorState:
+        """All vectors of one (model, kind) with the positions they reflect, read in one snapshot."""
         with self.snapshot() as conn:
-            position = self._position(conn, kind)
-            ids, vecs = _read_vectors(conn, kind, dim, after_id=0)
+            position = self._position(conn, kind, model)
+            ids, vecs = _read_vectors(conn, kind, dim, after_id=0, model=self.of_model(model))
         return VectorState(
             position.generation, max(int(ids.max(initial=0)), position.max_id), position.seq, ids, vecs
         )
 
-    def vector_delta(self, kind: str, dim: int, *, after_id: int, after_seq: int) -> VectorDelta | None:
+    def vector_delta(
+        self, kind: str, dim: int, model: str, *, after_id: int, after_seq: int
+    ) -> VectorDelta | None:
         """What changed in one kind's vectors since an index reflecting (``after_id``, ``after_seq``), read
         in one snapshot: the embeddings added with a larger id, the ids deleted with a larger log seq.
 
@@ -497,20 +673,24 @@ class Catalog:
         if not self.has_deletion_log:
             return None
         with self.snapshot() as conn:
-            pruned = int(json.loads(_get_meta(conn, f"deletions_pruned.{kind}") or "0"))
+            pruned = int(json.loads(_get_meta(conn, self.slot("deletions_pruned", kind, model)) or "0"))
             if pruned > after_seq:
                 return None
-            position = self._position(conn, kind)
-            ids, vecs = _read_vectors(conn, kind, dim, after_id=after_id)
+            position = self._position(conn, kind, model)
+            ids, vecs = _read_vectors(conn, kind, dim, after_id=after_id, model=self.of_model(model))
             removed = np.fromiter(
                 conn.execute(
                     select(deletions.c.embedding_id).where(
-                        deletions.c.kind == kind, deletions.c.seq > after_seq
+                        deletions.c.kind == kind, deletions.c.seq > after_seq, self.of_model(model, deletions)
                     )
                 ).scalars(),
                 np.int64,
             )
-            count = conn.execute(select(vector_counts.c.n).where(vector_counts.c.kind == kind)).scalar()
+            count = conn.execute(
+                select(vector_counts.c.n).where(
+                    vector_counts.c.kind == kind, self.of_model(model, vector_counts)
+                )
+            ).scalar()
         return VectorDelta(
             position.generation,
             max(after_id, int(ids.max(initial=0))),
@@ -521,34 +701,41 @@ class Catalog:
             int(count or 0),
         )
 
-    def vector_position(self, kind: str) -> VectorState:
-        """Where the catalog stands for one kind (generation, largest id, last deletion seq), no vectors."""
+    def vector_position(self, kind: str, model: str) -> VectorState:
+        """Where the catalog stands for one (model, kind): generation, largest id, last deletion seq."""
         with self.snapshot() as conn:
-            position = self._position(conn, kind)
-            max_id = conn.execute(select(func.max(embeddings.c.id)).where(embeddings.c.kind == kind)).scalar()
+            position = self._position(conn, kind, model)
+            max_id = conn.execute(
+                select(func.max(embeddings.c.id)).where(embeddings.c.kind == kind, self.of_model(model))
+            ).scalar()
         return VectorState(
             position.generation, int(max_id or 0), position.seq, position.ids, position.vectors
         )
 
-    def _position(self, conn: Connection, kind: str) -> VectorState:
-        """The generation of ``kind`` and the last deletion-log seq (vectors left empty)."""
-        generation = int(json.loads(_get_meta(conn, f"generation.{kind}") or "0"))
+    def _position(self, conn: Connection, kind: str, model: str) -> VectorState:
+        """The generation of (``model``, ``kind``) and the last deletion-log seq (vectors left empty)."""
+        generation = int(json.loads(_get_meta(conn, self.slot("generation", kind, model)) or "0"))
         seq = 0
         if self.has_deletion_log:
             row = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'deletions'")).first()
             seq = int(row[0]) if row else 0
         return VectorState(generation, 0, seq, np.empty(0, np.int64), np.empty((0, 0), np.float32))
 
-    def record_saved_vectors(self, kind: str, record: dict[str, Any]) -> None:
+    def record_saved_vectors(self, kind: str, model: str, record: dict[str, Any]) -> None:
         """Record a FAISS file just saved (its checksum, size and the positions it reflects) and prune the
         deletion-log rows it reflects; one transaction."""
         with self.begin() as conn:
-            _set_meta(conn, f"faiss.{kind}", json.dumps(record))
+            _set_meta(conn, self.slot("faiss", kind, model), json.dumps(record))
             seq = int(record["seq"])
             if self.has_deletion_log and seq:
-                conn.execute(deletions.delete().where(deletions.c.kind == kind, deletions.c.seq <= seq))
-                pruned = int(json.loads(_get_meta(conn, f"deletions_pruned.{kind}") or "0"))
-                _set_meta(conn, f"deletions_pruned.{kind}", json.dumps(max(pruned, seq)))
+                conn.execute(
+                    deletions.delete().where(
+                        deletions.c.kind == kind, deletions.c.seq <= seq, self.of_model(model, deletions)
+                    )
+                )
+                key = self.slot("deletions_pruned", kind, model)
+                pruned = int(json.loads(_get_meta(conn, key) or "0"))
+                _set_meta(conn, key, json.dumps(max(pruned, seq)))
 
     def vectors_for(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -586,9 +773,12 @@ class VectorDelta:
     count: int
 
 
-def _read_vectors(conn: Connection, kind: str, dim: int, *, after_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of one kind with an id above ``after_id``, ordered by id."""
-    where = (embeddings.c.kind == kind) & (embeddings.c.id > after_id)
+def _read_vectors(
+    conn: Connection, kind: str, dim: int, *, after_id: int, model: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of one kind with an id above ``after_id``, ordered by id; ``model``: the condition
+    selecting one model's (:meth:`Catalog.of_model`)."""
+    where = (embeddings.c.kind == kind) & (embeddings.c.id > after_id) & model
     n = conn.execute(select(func.count()).where(where)).scalar_one() if after_id == 0 else None
     ids_list: list[int] = []
     chunks: list[bytes] = []
@@ -678,24 +868,42 @@ def inserted_id(result: Any) -> int:
     return int(key[0])
 
 
-def add_embeddings(conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int]) -> list[int]:
-    """Insert vectors of one kind; ``refs`` are media, caption or segment ids. Returns the new ids."""
-    ref_col = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}[kind]
+def add_embeddings(
+    conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int], model: str | None = None
+) -> list[int]:
+    """Insert vectors of one kind made by ``model`` (default: the active one); ``refs`` are media, caption
+    or segment ids. Returns the new ids."""
+    ref_col = REF_COLUMNS[kind]
+    model = model or active_model(conn)
     ids = []
     for vec, ref in zip(vectors, refs, strict=True):
         res = conn.execute(
             embeddings.insert().values(
-                kind=kind, vector=np.ascontiguousarray(vec, np.float32).tobytes(), **{ref_col: ref}
+                kind=kind,
+                model=model,
+                vector=np.ascontiguousarray(vec, np.float32).tobytes(),
+                **{ref_col: ref},
             )
         )
         ids.append(inserted_id(res))
     if ids:
-        bump_generation(conn, kind)
+        bump_generation(conn, kind, model)
     return ids
 
 
-def bump_generation(conn: Connection, kind: str) -> None:
-    key = f"generation.{kind}"
+#: The column of an embedding naming its item, by kind.
+REF_COLUMNS = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}
+
+
+def active_model(conn: Connection) -> str:
+    key = _get_meta(conn, ACTIVE_META)
+    if key is None:
+        raise MmsearchError("the catalog has no active model")
+    return str(json.loads(key))
+
+
+def bump_generation(conn: Connection, kind: str, model: str) -> None:
+    key = f"generation.{model}.{kind}"
     row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
     _set_meta(conn, key, json.dumps(int(json.loads(row[0])) + 1 if row else 1))
 
@@ -703,12 +911,17 @@ def bump_generation(conn: Connection, kind: str) -> None:
 def delete_embeddings(conn: Connection, where: Any) -> dict[str, list[int]]:
     """Delete the embeddings matching ``where``; returns their ids by kind (to remove from FAISS)."""
     removed: dict[str, list[int]] = {}
-    for eid, kind in conn.execute(select(embeddings.c.id, embeddings.c.kind).where(where)):
+    slots: set[tuple[str, str]] = set()
+    for eid, kind, model in conn.execute(
+        select(embeddings.c.id, embeddings.c.kind, embeddings.c.model).where(where)
+    ):
         removed.setdefault(kind, []).append(int(eid))
-    for kind, ids in removed.items():
+        slots.add((model, kind))
+    for ids in removed.values():
         for chunk in _chunks(ids, 900):
             conn.execute(embeddings.delete().where(embeddings.c.id.in_(chunk)))
-        bump_generation(conn, kind)
+    for model, kind in slots:
+        bump_generation(conn, kind, model)
     return removed
 
 
@@ -765,21 +978,72 @@ def add_transcript(
     language: str | None,
     text: str,
     spans: Sequence[tuple[int, float, float, str]],
+    speech: str | None = None,
 ) -> tuple[int, list[int]]:
-    """Record a recording's content and its transcript segments ``(idx, start, end, text)``; returns the
-    media id and the segment ids, in the order of ``spans``."""
+    """Record a recording's content and its transcript segments ``(idx, start, end, text)`` made by the
+    speech settings ``speech`` (a speech_key); returns the media id and the segment ids, in the order of
+    ``spans``."""
     mid = inserted_id(
         conn.execute(
             media.insert().values(
-                sha256=sha256, kind="audio", duration=duration, language=language, transcript=text
+                sha256=sha256,
+                kind="audio",
+                duration=duration,
+                language=language,
+                transcript=text,
+                speech=speech,
             )
         )
     )
+    return mid, _add_segments(conn, mid, spans)
+
+
+def _add_segments(conn: Connection, mid: int, spans: Sequence[tuple[int, float, float, str]]) -> list[int]:
     seg_ids = []
     for idx, start, end, seg_text in spans:
         r = conn.execute(segments.insert().values(media_id=mid, idx=idx, start=start, end=end, text=seg_text))
         seg_ids.append(inserted_id(r))
-    return mid, seg_ids
+    return seg_ids
+
+
+def replace_transcript(
+    conn: Connection,
+    media_id: int,
+    *,
+    duration: float,
+    language: str | None,
+    text: str,
+    spans: Sequence[tuple[int, float, float, str]],
+    speech: str,
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Replace a recording's transcript and segments (their vectors of every model deleted); returns the
+    embedding ids deleted, by kind, and the new segment ids."""
+    old = select(segments.c.id).where(segments.c.media_id == media_id)
+    removed = delete_embeddings(conn, embeddings.c.segment_id.in_(old))
+    conn.execute(segments.delete().where(segments.c.media_id == media_id))
+    conn.execute(
+        media.update()
+        .where(media.c.id == media_id)
+        .values(duration=duration, language=language, transcript=text, speech=speech)
+    )
+    return removed, _add_segments(conn, media_id, spans)
+
+
+def mark_transcribed(conn: Connection, media_id: int, speech: str) -> None:
+    """Record that ``speech`` settings were tried on a recording (its transcript kept as it was)."""
+    conn.execute(media.update().where(media.c.id == media_id).values(speech=speech))
+
+
+def recordings_not_by(catalog: Catalog, speech: str) -> list[int]:
+    """The recordings (audio content with a live file) whose transcript other speech settings made."""
+    live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
+    q = (
+        select(media.c.id)
+        .where(media.c.kind == "audio", live, (media.c.speech.is_(None)) | (media.c.speech != speech))
+        .order_by(media.c.id)
+    )
+    with catalog.read() as conn:
+        return [int(i) for i in conn.execute(q).scalars()]
 
 
 def add_captions(conn: Connection, rows: Sequence[tuple[int, str, str]]) -> list[int]:
@@ -975,3 +1239,98 @@ def segments_of(catalog: Catalog, media_id: int, limit: int) -> list[tuple[float
     )
     with catalog.read() as conn:
         return [(start, end, said) for start, end, said in conn.execute(q)]
+
+
+# --- models: several in one index while it changes model (see mmsearch.reembed) ------------------------
+
+
+def missing_query(model: str, kind: str) -> Any:
+    """The ids of the items of ``kind`` without a vector of ``model``: image content with a live file,
+    captions, transcript segments."""
+    has = (
+        select(embeddings.c.id)
+        .where(embeddings.c.model == model, embeddings.c.kind == kind)
+        .where(getattr(embeddings.c, REF_COLUMNS[kind]) == _ITEM_ID[kind])
+        .exists()
+    )
+    if kind == "image":
+        live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
+        return select(media.c.id).where(media.c.kind == "image", live, ~has).order_by(media.c.id)
+    table = captions if kind == "caption" else segments
+    return select(table.c.id).where(~has).order_by(table.c.id)
+
+
+_ITEM_ID = {"image": media.c.id, "caption": captions.c.id, "segment": segments.c.id}
+
+
+def register_model(conn: Connection, key: str, identity: dict[str, Any]) -> None:
+    """Record a model's identity under its key (kept while the index holds its vectors)."""
+    models = json.loads(_get_meta(conn, MODELS_META) or "{}")
+    models[key] = identity
+    _set_meta(conn, MODELS_META, json.dumps(models))
+
+
+def set_target(conn: Connection, key: str | None) -> None:
+    """Name the model being embedded for every item (None: no model is)."""
+    if key is None:
+        conn.execute(meta.delete().where(meta.c.key == TARGET_META))
+    else:
+        _set_meta(conn, TARGET_META, json.dumps(key))
+
+
+def set_active(conn: Connection, key: str) -> None:
+    """Make ``key`` the model searched: readers switch to it after this transaction commits."""
+    _set_meta(conn, ACTIVE_META, json.dumps(key))
+
+
+def forget_model(conn: Connection, key: str) -> dict[str, list[int]]:
+    """Delete a model's vectors and its registration; returns the embedding ids deleted, by kind."""
+    removed = delete_embeddings(conn, embeddings.c.model == key)
+    # Its deletion-log rows go too (no file of it will be saved to prune them); a reader still following
+    # it is sent back to a saved file or a rebuild (generations stay: they only ever grow).
+    seq = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'deletions'")).scalar()
+    conn.execute(deletions.delete().where(deletions.c.model == key))
+    for kind in VECTOR_KINDS:
+        _set_meta(conn, f"deletions_pruned.{key}.{kind}", json.dumps(int(seq or 0)))
+    models = json.loads(_get_meta(conn, MODELS_META) or "{}")
+    models.pop(key, None)
+    _set_meta(conn, MODELS_META, json.dumps(models))
+    conn.execute(meta.delete().where(meta.c.key.like(f"faiss.{key}.%")))
+    return removed
+
+
+def live_files_of(catalog: Catalog, media_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+    """media id -> its live files (lowest id first): where content is read from again."""
+    out: dict[int, list[FileRow]] = {}
+    cols = [files.c.id, files.c.path_key, files.c.kind, files.c.size, files.c.mtime_ns, files.c.sha256]
+    cols += [files.c.media_id, files.c.status, files.c.reason]
+    with catalog.read() as conn:
+        for chunk in _chunks(list(media_ids), 900):
+            q = select(*cols).where(files.c.media_id.in_(chunk), files.c.status == "ok").order_by(files.c.id)
+            for row in conn.execute(q):
+                out.setdefault(int(row.media_id), []).append(FileRow(*row))
+    return out
+
+
+def texts_of(catalog: Catalog, kind: str, ids: Sequence[int]) -> dict[int, str]:
+    """Caption or segment id -> its text."""
+    table = captions if kind == "caption" else segments
+    out: dict[int, str] = {}
+    with catalog.read() as conn:
+        for chunk in _chunks(list(ids), 900):
+            for i, txt in conn.execute(select(table.c.id, table.c.text).where(table.c.id.in_(chunk))):
+                out[int(i)] = txt
+    return out
+
+
+def caption_ids_of(conn: Connection, file_ids: Sequence[int]) -> list[int]:
+    """The ids of the captions of these files."""
+    return [
+        int(i) for i in conn.execute(select(captions.c.id).where(captions.c.file_id.in_(file_ids))).scalars()
+    ]
+
+
+def target_in(conn: Connection) -> str | None:
+    """The target model's key as this transaction sees it."""
+    value = _get_meta(conn, TARGET_META)
+    return None if value is None else str(json.loads(value))

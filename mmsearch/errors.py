@@ -46,3 +46,7 @@ class BadQueryError(MmsearchError):
 
 class ConfigError(MmsearchError):
     """A setting given for an index is invalid or conflicts with the index's own; the message says which."""
+
+
+class ActiveModelChanged(MmsearchError):
+    """Another model became active between embedding a query and searching with it: embed it again."""

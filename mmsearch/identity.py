@@ -6,6 +6,8 @@ Kept free of torch/open_clip so that opening an index, checking its model and pr
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -89,3 +91,24 @@ def same_model(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if a.get("checkpoint_sha256") or b.get("checkpoint_sha256"):
         return a.get("checkpoint_sha256") == b.get("checkpoint_sha256")
     return a.get("pretrained") == b.get("pretrained")
+
+
+def model_key(identity: dict[str, Any]) -> str:
+    """A short, file-name-safe key naming a model in the catalog and under ``vectors/``: equal for two
+    identities :func:`same_model` calls equal (architecture and weights), different otherwise."""
+    weights = identity.get("checkpoint_sha256") or identity.get("pretrained")
+    basis = json.dumps([identity.get("arch") or identity.get("name"), weights])
+    digest = hashlib.sha256(basis.encode()).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", Path(str(identity.get("name") or "model")).stem).strip("-.")
+    return f"{slug[:32] or 'model'}-{digest}"
+
+
+def registered(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity as the catalog records it: information-only fields (the image tower used) left out."""
+    return {k: v for k, v in identity.items() if k != "image_tower"}
+
+
+def speech_key(settings: dict[str, Any]) -> str:
+    """A key naming the speech settings a transcript was made with (backend, model, language)."""
+    basis = [settings.get("backend") or "faster-whisper", settings.get("model"), settings.get("language")]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:12]

@@ -37,7 +37,7 @@ import numpy as np
 
 from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
-from mmsearch.identity import sha256_file
+from mmsearch.identity import sha256_file, speech_key
 from mmsearch.images import load_image
 from mmsearch.scan import (
     BROKEN_LINK_REASON,
@@ -111,6 +111,8 @@ class IngestReport:
     # catalog files kept under them; removed only with prune=True.
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     kept_unavailable: int = 0
+    # Items embedded by the model being re-embedded to (see mmsearch.reembed), when one is.
+    target_embedded: int = 0
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -688,11 +690,7 @@ class _Run:
         self.tick("audio", len(groups), len(groups))
 
     def _commit_audio(self, group: list[FoundFile], sha: str, transcript: Any) -> None:
-        texts = [s.text for s in transcript.segments]
-        spans = [(i, s.start, s.end) for i, s in enumerate(transcript.segments)]
-        if len(texts) > 1 and transcript.duration <= WHOLE_TRANSCRIPT_MAX_SECONDS:
-            texts.append(transcript.text)
-            spans.append((-1, transcript.segments[0].start, transcript.segments[-1].end))
+        texts, spans = transcript_spans(transcript)
         vectors = self.embedder.embed_texts(texts)
         with self.store.write("segment") as tx:
             mid, seg_ids = db.add_transcript(
@@ -701,7 +699,8 @@ class _Run:
                 duration=transcript.duration,
                 language=transcript.language,
                 text=transcript.text,
-                spans=[(idx, start, end, text) for text, (idx, start, end) in zip(texts, spans, strict=True)],
+                spans=spans,
+                speech=speech_key(self.store.config.get("speech") or {}),
             )
             tx.added("segment", db.add_embeddings(tx.conn, "segment", vectors, seg_ids), vectors)
             for f in group:
@@ -764,7 +763,7 @@ class _Run:
     def _caption_vectors(self, texts: list[str]) -> np.ndarray:
         """One vector per text: a text already in the catalog keeps its vector (one index, one model: the
         text tower would give the same one), the rest are embedded once each."""
-        known = self.store.catalog.caption_vectors(texts, self.store.dim)
+        known = self.store.catalog.caption_vectors(texts, self.store.dim, self.store.model)
         new = list(dict.fromkeys(t for t in texts if t not in known))
         if new:
             known.update(zip(new, self.embedder.embed_texts(new), strict=True))
@@ -791,6 +790,17 @@ class _Run:
                 tx.removed(kind, ids)
         self.store.drop_thumbnails(orphan_shas)  # after the commit: a crash before it keeps them, harmlessly
         self.report.files_removed += len(gone)
+
+
+def transcript_spans(transcript: Any) -> tuple[list[str], list[tuple[int, float, float, str]]]:
+    """The texts to embed of a transcript and its segment rows ``(idx, start, end, text)``: one per
+    segment, and the whole transcript (idx -1) when it is short and has several segments."""
+    texts = [s.text for s in transcript.segments]
+    spans = [(i, s.start, s.end, s.text) for i, s in enumerate(transcript.segments)]
+    if len(texts) > 1 and transcript.duration <= WHOLE_TRANSCRIPT_MAX_SECONDS:
+        texts.append(transcript.text)
+        spans.append((-1, transcript.segments[0].start, transcript.segments[-1].end, transcript.text))
+    return texts, spans
 
 
 def _take(it: Iterator[T], n: int) -> list[T]:

@@ -26,6 +26,7 @@ from mmsearch.access import Activity, Gate, Guard, token_cookie
 from mmsearch.api import Index
 from mmsearch.constants import SERVER_MAX_K
 from mmsearch.errors import (
+    ActiveModelChanged,
     BadQueryError,
     IndexNotFoundError,
     MissingDependencyError,
@@ -159,16 +160,20 @@ class Service:
                 with self._pending_lock:
                     batch, self._pending = self._pending[:TEXT_BATCH], self._pending[TEXT_BATCH:]
                 try:
-                    vectors = self.index.embedder.embed_texts([t for t, _ in batch])
+                    model = self.index.store.follow_active()
+                    vectors = self.index.embedder_for(model).embed_texts([t for t, _ in batch])
                 except Exception as e:  # every waiter gets the same error
                     for _, future in batch:
                         future.set_exception(e)
                     continue
                 for (_, future), vector in zip(batch, vectors, strict=True):
-                    future.set_result(vector)
-        vector = mine.result()
+                    future.set_result((model, vector))
+        model, vector = mine.result()
         with self.lock:
-            return self.index.search_vector(vector, target=target, k=k)
+            try:
+                return self.index.search_vector(vector, target=target, k=k, model=model)
+            except ActiveModelChanged:  # embedded by the model searched before an activation: again
+                return self.index.search_text(text, target=target, k=k)
 
     def file_row(self, file_id: int) -> db.FileDetails:
         row = db.file_details(self.index.store.catalog, file_id)

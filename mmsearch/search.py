@@ -10,7 +10,7 @@ import numpy as np
 
 from mmsearch import db
 from mmsearch.constants import MAX_K, TARGETS
-from mmsearch.errors import BadQueryError
+from mmsearch.errors import ActiveModelChanged, BadQueryError
 from mmsearch.store import Store
 
 __all__ = ["MAX_K", "TARGETS", "Hit", "kinds_for", "search_vector"]
@@ -51,18 +51,24 @@ def kinds_for(target: str) -> tuple[str, ...]:
         raise BadQueryError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})") from None
 
 
-def search_vector(store: Store, query: np.ndarray, target: str, k: int) -> list[Hit]:
-    """Top ``k`` items of ``target`` by cosine similarity to the L2-normalised ``query``."""
+def search_vector(
+    store: Store, query: np.ndarray, target: str, k: int, *, model: str | None = None
+) -> list[Hit]:
+    """Top ``k`` items of ``target`` by cosine similarity to the L2-normalised ``query``, among the active
+    model's vectors. ``model``: the model that embedded ``query``; :class:`ActiveModelChanged` if another
+    one is active by now (all kinds are searched in the one model's indexes, whatever commits meanwhile)."""
     if not 1 <= k <= MAX_K:
         raise BadQueryError(f"k must be between 1 and {MAX_K}")
     kinds = kinds_for(target)
+    active = store.refresh()
+    if model is not None and model != active:
+        raise ActiveModelChanged(f"the index now searches model {active}, not {model}")
     q = np.ascontiguousarray(query, np.float32).reshape(1, -1)
-    if q.shape[1] != store.dim:
-        raise BadQueryError(f"query vector has dimension {q.shape[1]}, the index {store.dim}")
-    store.refresh()
+    if q.shape[1] != store.dim_of(active):
+        raise BadQueryError(f"query vector has dimension {q.shape[1]}, the index {store.dim_of(active)}")
     candidates: list[tuple[float, int]] = []
     for kind in kinds:
-        index = store.vectors(kind)
+        index = store.vectors(kind, active)
         if index.ntotal == 0:
             continue
         # Over-fetch: several image vectors can share a file, and an item may vanish between the

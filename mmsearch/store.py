@@ -4,7 +4,8 @@ Layout (the folder and everything in it owner-only: 0700 folders, 0600 files)::
 
     INDEX/mmsearch.json        format, schema, model identity, speech settings (human-readable)
     INDEX/catalog.sqlite       the source of truth (see db.py)
-    INDEX/vectors/KIND.faiss   one FAISS index per item kind, derived from the catalog
+    INDEX/vectors/MODEL/KIND.faiss  one FAISS index per model and item kind, derived from the catalog
+                               (an index made before models were named has its first one's at KIND.faiss)
     INDEX/write.lock           held by the one process allowed to write (and by the one creating the index)
     INDEX/thumbs/SHA-SIDE.jpg  thumbnails the server made, by content hash (dropped with their content)
 
@@ -15,7 +16,11 @@ checksum is what we trust); a file older than the catalog is brought up to date 
 position (ids are never reused, deletions are logged), or rebuilt when that change is unknown.
 
 A reader follows a writer the same way: after each commit it adds the embeddings with a larger id and
-removes the logged deletions, instead of rebuilding (and retraining) the whole index. A writer saves the
+removes the logged deletions, instead of rebuilding (and retraining) the whole index.
+
+An index may hold the vectors of several models (see :mod:`mmsearch.reembed`); one is *active*, named in
+the catalog, and only its vectors are searched. A reader notices an activation at its next
+:meth:`Store.refresh` and from then on searches only the new model's indexes. A writer saves the
 FAISS files now and then during a long run (:meth:`Store.checkpoint_vectors`), which lets it prune the log.
 """
 
@@ -38,6 +43,7 @@ import numpy as np
 
 from mmsearch.db import PRIVATE_FILE_MODE, SCHEMA_VERSION, VECTOR_KINDS, Catalog, VectorDelta, storage_errors
 from mmsearch.errors import IndexLockedError, IndexNotFoundError, MmsearchError
+from mmsearch.identity import model_key
 from mmsearch.scan import INDEX_MARKER
 from mmsearch.vectors import VectorIndex, needs_rebuild
 
@@ -63,7 +69,8 @@ CHECKPOINT_COST_FACTOR = 10.0
 @dataclass
 class WriteUnit:
     """One transaction of a writer, opened by :meth:`Store.write`: ``conn`` is the transaction; the caller
-    records the vectors it changed with :meth:`added` and :meth:`removed`."""
+    records the vectors it changed with :meth:`added` and :meth:`removed` (of any model: every loaded
+    index of a changed kind follows the commit)."""
 
     conn: Connection
     kinds: tuple[str, ...]
@@ -119,9 +126,15 @@ class Store:
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
         self.folder = folder
         self.config = config
-        self.catalog = Catalog(folder / CATALOG)  # runs any pending migrations
-        self.dim = int(config["model"]["dim"])
-        self._live: dict[str, _Live] = {}
+        self.catalog = Catalog(folder / CATALOG, config.get("model"))  # runs any pending migrations
+        #: The key of the model searched (see :meth:`follow_active`).
+        self.model = self.catalog.active_model() or model_key(config["model"])
+        self._models = self.catalog.models() or {self.model: dict(config["model"])}
+        if self.model in self._models and model_key(config["model"]) != self.model:
+            # Activated by a writer that stopped before rewriting mmsearch.json: the catalog decides (the
+            # next writer rewrites the description).
+            self.config["model"] = dict(self._models[self.model])
+        self._live: dict[tuple[str, str], _Live] = {}
         self._lock_fd: int | None = None
         #: Drop and rebuild an index on every change instead of following it (the behaviour before the
         #: deletion log; kept for the live-reads benchmark).
@@ -181,6 +194,43 @@ class Store:
         self.unlock()
         self.catalog.close()
 
+    @property
+    def dim(self) -> int:
+        """The dimension of the active model's vectors."""
+        return self.dim_of(self.model)
+
+    def dim_of(self, model: str) -> int:
+        if model not in self._models:
+            self._models = self.catalog.models() or self._models
+        return int(self._models[model]["dim"])
+
+    def follow_active(self) -> str:
+        """Switch to the model the catalog names active if it changed (another process activated one):
+        the previous model's in-memory indexes are dropped, never searched again. Returns its key."""
+        active = self.catalog.active_model()
+        if active is not None and active != self.model:
+            self._models = self.catalog.models()
+            log.info("the index now searches model %s (was %s)", active, self.model)
+            self.model = active
+            self.config["model"] = dict(self._models[active])
+            if self._lock_fd is None:  # a writer keeps what it loaded: it may be embedding either model
+                self._live = {slot: live for slot, live in self._live.items() if slot[0] == active}
+        return self.model
+
+    def identity_of(self, model: str) -> dict[str, Any]:
+        """The identity of a registered model."""
+        if model not in self._models:
+            self._models = self.catalog.models() or self._models
+        if model not in self._models:
+            raise MmsearchError(f"model {model} is not registered in the index")
+        return dict(self._models[model])
+
+    def describe_active_model(self) -> None:
+        """Make mmsearch.json name the active model (the torch-free identity checks read it); writer only."""
+        on_disk = json.loads((self.folder / INDEX_MARKER).read_text()).get("model", {})
+        if model_key(on_disk) != self.model:
+            self.update_config(model=self.identity_of(self.model))
+
     def update_config(self, **changes: Any) -> None:
         self.config.update(changes)
         with storage_errors(self.folder):
@@ -225,6 +275,8 @@ class Store:
                 # The catalog was migrated on open; the folder's description follows, by the writer only
                 # (a reader rewriting mmsearch.json could undo a writer's change to it).
                 self.update_config(schema_version=SCHEMA_VERSION)
+            self.follow_active()
+            self.describe_active_model()
             self._make_owner_only()
         except BaseException:
             os.close(fd)  # releases the lock: a writer that cannot start must not block the next one
@@ -244,7 +296,10 @@ class Store:
         paths.append((self.folder / THUMBS, PRIVATE_FOLDER_MODE))
         for name in (CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm", INDEX_MARKER, LOCK):
             paths.append((self.folder / name, PRIVATE_FILE_MODE))
-        paths.extend((self._faiss_path(kind), PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
+        paths.extend((self.folder / VECTORS / f"{kind}.faiss", PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
+        for model in self._models:
+            paths.append((self.folder / VECTORS / model, PRIVATE_FOLDER_MODE))
+            paths.extend((self._faiss_path(kind, model), PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
         for path, mode in paths:
             try:
                 st = os.lstat(path)
@@ -258,23 +313,28 @@ class Store:
                 log.warning("cannot make %s owner-only: %s", path, e)
 
     # --- vectors ------------------------------------------------------------------------------
-    def vectors(self, kind: str) -> VectorIndex:
-        """The index of one kind, consistent with the catalog's committed state."""
-        if kind not in self._live:
-            self._live[kind] = self._open(kind)
-        return self._live[kind].index
+    def vectors(self, kind: str, model: str | None = None) -> VectorIndex:
+        """The index of one kind of ``model`` (default: the active one), consistent with the catalog's
+        committed state when it was loaded or last followed (:meth:`refresh`)."""
+        slot = (model or self.model, kind)
+        if slot not in self._live:
+            self._live[slot] = self._open(slot)
+        return self._live[slot].index
 
-    def refresh(self) -> None:
-        """Bring in-memory indexes up to the catalog's committed state (a writer committed since)."""
-        for kind in list(self._live):
-            if self._live[kind].generation == self.catalog.generation(kind):
+    def refresh(self) -> str:
+        """Bring in-memory indexes up to the catalog's committed state (a writer committed since), after
+        switching to the active model if another became active (:meth:`follow_active`); returns its key."""
+        active = self.follow_active()
+        for slot in list(self._live):
+            if self._live[slot].generation == self.catalog.generation(slot[1], slot[0]):
                 continue
             if self.rebuild_on_refresh:
-                del self._live[kind]  # rebuilt from SQLite by the next vectors()
+                del self._live[slot]  # rebuilt from SQLite by the next vectors()
                 continue
-            self._catch_up(kind)
+            self._catch_up(slot)
             if self._lock_fd is None:
-                self._adopt_retrained(kind)
+                self._adopt_retrained(slot)
+        return active
 
     def apply(
         self,
@@ -289,15 +349,17 @@ class Store:
         log), as every reader does; ``added`` and ``removed`` are what the caller changed and need not be
         passed.
         """
-        if kind not in self._live:
+        loaded = [slot for slot in self._live if slot[1] == kind]
+        if not loaded:
             self.vectors(kind)  # loaded after the commit, so it already holds the change
-        else:
-            self._catch_up(kind)
+        for slot in loaded:
+            self._catch_up(slot)
         self._maybe_checkpoint()
 
     @contextlib.contextmanager
-    def write(self, *kinds: str) -> Iterator[WriteUnit]:
-        """One write: a catalog transaction that changes the vectors of ``kinds`` (none: files only).
+    def write(self, *kinds: str, model: str | None = None) -> Iterator[WriteUnit]:
+        """One write: a catalog transaction that changes the vectors of ``kinds`` of ``model`` (default: the
+        active one; none: files only).
 
         Those kinds' indexes are loaded first: the saved files then match the catalog before the change,
         which is followed in memory after the commit (loaded only after it, a file would be a generation
@@ -306,7 +368,7 @@ class Store:
         checkpoints the vector files now and then). An exception rolls everything back and applies nothing.
         """
         for kind in kinds:
-            self.vectors(kind)
+            self.vectors(kind, model)
         with self.catalog.begin() as conn:
             tx = WriteUnit(conn, kinds)
             yield tx
@@ -337,59 +399,77 @@ class Store:
             self.checkpoint_vectors()
 
     def _save_all(self) -> None:
-        for kind in VECTOR_KINDS:
-            self.vectors(kind)
-            if self._live[kind].generation != self.catalog.generation(kind):
-                self._catch_up(kind)  # changed by a caller that did not apply() it
-            live = self._live[kind]
+        slots = [(self.model, kind) for kind in VECTOR_KINDS]
+        slots += [slot for slot in self._live if slot not in slots and slot[0] in self._models]
+        for slot in slots:
+            model, kind = slot
+            self.vectors(kind, model)
+            if self._live[slot].generation != self.catalog.generation(kind, model):
+                self._catch_up(slot)  # changed by a caller that did not apply() it
+            live = self._live[slot]
             if needs_rebuild(live.index):
-                live = self._live[kind] = self._rebuild(kind)  # saved if we hold the lock
-            record = self.catalog.get_meta(f"faiss.{kind}")
-            if record and record.get("sha256") == live.sha and self._faiss_path(kind).exists():
+                live = self._live[slot] = self._rebuild(slot)  # saved if we hold the lock
+            record = self.catalog.get_meta(self.catalog.slot("faiss", kind, model))
+            if record and record.get("sha256") == live.sha and self._faiss_path(kind, model, record).exists():
                 continue  # the saved file is this index
-            self._save(kind, live)
+            self._save(slot, live)
 
-    def _catch_up(self, kind: str) -> None:
-        live = self._live[kind]
-        delta = self.catalog.vector_delta(kind, self.dim, after_id=live.max_id, after_seq=live.seq)
+    def forget_vectors(self, model: str) -> None:
+        """Drop a model's in-memory indexes and saved files (after its vectors left the catalog)."""
+        for slot in [slot for slot in self._live if slot[0] == model]:
+            del self._live[slot]
+        self._models.pop(model, None)
+        with contextlib.suppress(OSError):
+            for kind in VECTOR_KINDS:
+                self._faiss_path(kind, model).unlink(missing_ok=True)
+            (self.folder / VECTORS / model).rmdir()
+
+    def _catch_up(self, slot: tuple[str, str]) -> None:
+        live = self._live[slot]
+        model, kind = slot
+        delta = self.catalog.vector_delta(
+            kind, self.dim_of(model), model, after_id=live.max_id, after_seq=live.seq
+        )
         if delta is None:  # the change is no longer (or not) logged: start again from the saved file
-            self._live[kind] = self._open(kind)
+            self._live[slot] = self._open(slot)
         elif not _apply_delta(live, delta):
             log.warning("the %s vectors differ from the catalog after following it: rebuilding them", kind)
-            self._live[kind] = self._rebuild(kind)
+            self._live[slot] = self._rebuild(slot)
 
-    def _adopt_retrained(self, kind: str) -> None:
+    def _adopt_retrained(self, slot: tuple[str, str]) -> None:
         """A reader's index grown past its type (an IVF trained on far fewer vectors, a flat index past
         FLAT_MAX) is replaced by the writer's saved file once that was retrained: loading it trains nothing."""
-        live = self._live[kind]
+        live = self._live[slot]
         if not needs_rebuild(live.index):
             return
-        record = self.catalog.get_meta(f"faiss.{kind}")
+        record = self.catalog.get_meta(self.catalog.slot("faiss", slot[1], slot[0]))
         if not record or record.get("sha256") in (live.sha, live.seen_sha):
             return
         live.seen_sha = record.get("sha256")
         if (record.get("spec"), record.get("trained_n")) == (live.index.spec, live.index.trained_n):
             return  # the writer has not retrained it yet
-        saved = self._open_saved(kind)
+        saved = self._open_saved(slot)
         if saved is not None:
-            self._live[kind] = saved
+            self._live[slot] = saved
 
-    def _open(self, kind: str) -> _Live:
-        return self._open_saved(kind) or self._rebuild(kind)
+    def _open(self, slot: tuple[str, str]) -> _Live:
+        return self._open_saved(slot) or self._rebuild(slot)
 
-    def _open_saved(self, kind: str) -> _Live | None:
+    def _open_saved(self, slot: tuple[str, str]) -> _Live | None:
         """The saved file brought up to the catalog's state, or None when it cannot be (then rebuild)."""
-        record = self.catalog.get_meta(f"faiss.{kind}")
-        path = self._faiss_path(kind)
+        model, kind = slot
+        record = self.catalog.get_meta(self.catalog.slot("faiss", kind, model))
+        path = self._faiss_path(kind, model, record)
+        dim = self.dim_of(model)
         if not record:
             if path.exists():
                 log.info("vector file %s is not recorded in the catalog: rebuilding it", path)
             return None
-        index = VectorIndex.load(path, sha256=record["sha256"], ntotal=record["ntotal"], dim=self.dim)
+        index = VectorIndex.load(path, sha256=record["sha256"], ntotal=record["ntotal"], dim=dim)
         if index is None:
             log.warning("vector file %s is missing or corrupt: rebuilding it from the catalog", path)
             return None
-        position = self.catalog.vector_position(kind)
+        position = self.catalog.vector_position(kind, model)
         if record.get("generation") == position.generation:  # the file is the catalog's current state
             return _Live(index, position.generation, position.max_id, position.seq, sha=record["sha256"])
         if "max_id" not in record or "seq" not in record:  # saved before positions were recorded
@@ -398,7 +478,7 @@ class Store:
         live = _Live(
             index, int(record["generation"]), int(record["max_id"]), int(record["seq"]), sha=record["sha256"]
         )
-        delta = self.catalog.vector_delta(kind, self.dim, after_id=live.max_id, after_seq=live.seq)
+        delta = self.catalog.vector_delta(kind, dim, model, after_id=live.max_id, after_seq=live.seq)
         if delta is None:
             log.info("vector file %s is older than the deletion log: rebuilding it from the catalog", path)
             return None
@@ -407,21 +487,27 @@ class Store:
             return None
         return live
 
-    def _rebuild(self, kind: str) -> _Live:
-        state = self.catalog.vector_state(kind, self.dim)
+    def _rebuild(self, slot: tuple[str, str]) -> _Live:
+        model, kind = slot
+        dim = self.dim_of(model)
+        state = self.catalog.vector_state(kind, dim, model)
         live = _Live(
-            VectorIndex.build(self.dim, state.ids, state.vectors), state.generation, state.max_id, state.seq
+            VectorIndex.build(dim, state.ids, state.vectors), state.generation, state.max_id, state.seq
         )
         if self._lock_fd is not None:
-            self._save(kind, live)
+            self._save(slot, live)
         return live
 
-    def _save(self, kind: str, live: _Live) -> None:
+    def _save(self, slot: tuple[str, str], live: _Live) -> None:
         # On a full disk the save leaves the previous file and its record in place; the record's position
         # is older than the catalog, so the next open follows the change since, or rebuilds.
+        model, kind = slot
+        old = self.catalog.get_meta(self.catalog.slot("faiss", kind, model))
+        path = self._faiss_path(kind, model)
         with storage_errors(self.folder):
             _private_folder(self.folder / VECTORS)  # deleted by hand: made again owner-only, not by FAISS
-            sha, ntotal = live.index.save(self._faiss_path(kind))
+            _private_folder(path.parent)
+            sha, ntotal = live.index.save(path)
         record = {
             "sha256": sha,
             "ntotal": ntotal,
@@ -431,11 +517,22 @@ class Store:
             "spec": live.index.spec,
             "trained_n": live.index.trained_n,
         }
-        self.catalog.record_saved_vectors(kind, record)
+        if self.catalog.has_models:
+            record["file"] = str(path.relative_to(self.folder / VECTORS))
+        self.catalog.record_saved_vectors(kind, model, record)
         live.sha = sha
+        if old and old.get("file") not in (None, record.get("file")):  # the flat layout of older indexes
+            with contextlib.suppress(OSError):
+                (self.folder / VECTORS / old["file"]).unlink()
 
-    def _faiss_path(self, kind: str) -> Path:
-        return self.folder / VECTORS / f"{kind}.faiss"
+    def _faiss_path(self, kind: str, model: str, record: dict[str, Any] | None = None) -> Path:
+        """Where (model, kind)'s FAISS file is: as its record says, else vectors/MODEL/KIND.faiss (in a
+        catalog older than schema 4, vectors/KIND.faiss)."""
+        if record and record.get("file"):
+            return self.folder / VECTORS / str(record["file"])
+        if not self.catalog.has_models:
+            return self.folder / VECTORS / f"{kind}.faiss"
+        return self.folder / VECTORS / model / f"{kind}.faiss"
 
 
 def _apply_delta(live: _Live, delta: VectorDelta) -> bool:

@@ -45,6 +45,8 @@ from mmsearch.errors import IndexLockedError
 from tests.conftest import TINY_MODEL
 from tests.test_ingest import assert_consistent
 
+pytestmark = pytest.mark.slow  # kill -9 rounds and real subprocess runs
+
 ROOT = Path(__file__).resolve().parents[1]
 KILL_ROUNDS = 20  # SIGKILLs that must land inside a run (rounds where the run finished first do not count)
 
@@ -455,7 +457,7 @@ def check_matches_folder(index: Path, root: Path) -> None:
     with mmsearch.Index.open(index) as idx:
         assert_consistent(idx)
         for kind in db.VECTOR_KINDS:  # the saved FAISS files are current: no rebuild needed on open
-            record = idx.store.catalog.get_meta(f"faiss.{kind}")
+            record = idx.store.catalog.get_meta(f"faiss.{idx.store.model}.{kind}")
             assert record["generation"] == idx.store.catalog.generation(kind), kind
         q = np.random.default_rng(0).standard_normal(idx.store.dim).astype(np.float32)
         hits = idx.search_vector(q / np.linalg.norm(q), target="all", k=50)
@@ -484,9 +486,10 @@ def assert_progress_committed(job: Job, index: Path, start: Snapshot, after: Sna
             meta = dict(con.execute("SELECT key, value FROM meta"))
         finally:
             con.close()
+        model = json.loads(meta["model.active"])
         for kind in db.VECTOR_KINDS:
-            assert json.loads(meta[f"faiss.{kind}"])["generation"] == json.loads(
-                meta.get(f"generation.{kind}", "0")
+            assert json.loads(meta[f"faiss.{model}.{kind}"])["generation"] == json.loads(
+                meta.get(f"generation.{model}.{kind}", "0")
             )
 
 

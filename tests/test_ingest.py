@@ -17,15 +17,14 @@ from tests.conftest import TINY_MODEL, solid
 
 
 def assert_consistent(idx: mmsearch.Index) -> None:
-    """FAISS ids == live SQLite embedding rows, per kind, and every embedding maps to a live file."""
+    """FAISS ids == live SQLite embedding rows, per kind (of the active model), and every embedding maps
+    to a live file."""
     store = idx.store
     store.refresh()
     with store.catalog.read() as conn:
         for kind in db.VECTOR_KINDS:
-            rows = {
-                int(i)
-                for (i,) in conn.execute(select(db.embeddings.c.id).where(db.embeddings.c.kind == kind))
-            }
+            of_kind = (db.embeddings.c.kind == kind) & (db.embeddings.c.model == store.model)
+            rows = {int(i) for (i,) in conn.execute(select(db.embeddings.c.id).where(of_kind))}
             assert set(store.vectors(kind).ids().tolist()) == rows, kind
         all_ids = [int(i) for (i,) in conn.execute(select(db.embeddings.c.id))]
         orphans = conn.execute(

@@ -13,6 +13,7 @@ import pytest
 import mmsearch
 from mmsearch import db
 from mmsearch.errors import IndexLockedError, MmsearchError, ModelMismatchError
+from mmsearch.identity import model_key
 from tests.conftest import TINY_MODEL, solid
 from tests.test_ingest import assert_consistent
 
@@ -27,21 +28,28 @@ def built(tmp_path: Path) -> Path:
     return tmp_path / "idx"
 
 
+def _image_faiss(index: Path) -> Path:
+    return (
+        index
+        / "vectors"
+        / model_key(json.loads((index / "mmsearch.json").read_text())["model"])
+        / "image.faiss"
+    )
+
+
 def test_index_folder_describes_itself(built: Path) -> None:
     config = json.loads((built / "mmsearch.json").read_text())
     assert config["format"] == "mmsearch-index" and config["schema_version"] == db.SCHEMA_VERSION
     assert config["model"]["arch"] == "tiny-clip" and config["model"]["dim"] == 32
-    assert sorted(p.name for p in (built / "vectors").iterdir()) == [
-        "caption.faiss",
-        "image.faiss",
-        "segment.faiss",
-    ]
+    (model_folder,) = (built / "vectors").iterdir()  # vectors/MODEL/KIND.faiss
+    assert model_folder.name == model_key(config["model"])
+    assert sorted(p.name for p in model_folder.iterdir()) == ["caption.faiss", "image.faiss", "segment.faiss"]
     assert (built / "catalog.sqlite").is_file()
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip", "truncate", "garbage"])
 def test_damaged_faiss_file_is_rebuilt_from_sqlite(built: Path, damage: str) -> None:
-    path = built / "vectors" / "image.faiss"
+    path = _image_faiss(built)
     with mmsearch.Index.open(built) as idx:
         expected = [(h.path, h.score) for h in idx.search_text("caption 3", k=6)]
     data = path.read_bytes()
@@ -59,11 +67,11 @@ def test_damaged_faiss_file_is_rebuilt_from_sqlite(built: Path, damage: str) -> 
 
 
 def test_stale_faiss_file_is_not_trusted(built: Path, tmp_path: Path) -> None:
-    old = (built / "vectors" / "image.faiss").read_bytes()
+    old = _image_faiss(built).read_bytes()
     solid(tmp_path / "m" / "new.png", "black")
     with mmsearch.Index.open(built) as idx:
         idx.add_folder(tmp_path / "m")
-    (built / "vectors" / "image.faiss").write_bytes(old)  # an older, internally valid file
+    _image_faiss(built).write_bytes(old)  # an older, internally valid file
     with mmsearch.Index.open(built) as idx:
         assert idx.store.vectors("image").ntotal == 7
         assert_consistent(idx)

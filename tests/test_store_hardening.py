@@ -240,7 +240,8 @@ def test_a_version_2_catalog_is_migrated_keeps_its_data_and_never_reuses_ids(tmp
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         for table, rows in rows_before.items():
-            assert con.execute(f"SELECT * FROM {table} WHERE id <= 3 ORDER BY id").fetchall() == rows
+            now = con.execute(f"SELECT * FROM {table} WHERE id <= 3 ORDER BY id").fetchall()
+            assert [row[: len(rows[0])] for row in now] == rows  # (embeddings gained a model column)
             sql = con.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
             assert "AUTOINCREMENT" in sql
         assert indexes_before <= set(
@@ -400,7 +401,7 @@ def test_a_long_run_saves_its_vectors_and_prunes_the_log(
     monkeypatch.setattr(store_mod, "CHECKPOINT_SECONDS", 0.0)
     writer._next_checkpoint = 0.0  # as if a minute had passed
     delete_images(writer, ids[:4])  # apply() checkpoints
-    record = writer.catalog.get_meta("faiss.image")
+    record = writer.catalog.get_meta(f"faiss.{writer.model}.image")
     assert record["generation"] == writer.catalog.generation("image") and record["ntotal"] == 6
     with writer.catalog.read() as conn:
         assert conn.execute(select(db.deletions.c.seq)).first() is None
@@ -508,8 +509,8 @@ def test_an_index_folder_is_created_owner_only(tmp_path: Path, umask_022: None) 
         for name in ("catalog.sqlite-wal", "catalog.sqlite-shm", "mmsearch.json", "write.lock"):
             assert _mode(folder / name) == 0o600, name
         for kind in db.VECTOR_KINDS:
-            assert _mode(folder / "vectors" / f"{kind}.faiss") == 0o600, kind
-        for path in (folder, folder / "vectors", thumbs):
+            assert _mode(folder / "vectors" / store.model / f"{kind}.faiss") == 0o600, kind
+        for path in (folder, folder / "vectors", folder / "vectors" / store.model, thumbs):
             assert _mode(path) == 0o700, path
         store.update_config(note="rewritten")
         assert _mode(folder / "mmsearch.json") == 0o600
@@ -524,7 +525,11 @@ def test_an_older_index_is_made_owner_only_by_its_next_writer(tmp_path: Path, um
     add_images(store, 3, np.random.default_rng(13))
     store.save_vectors()
     store.close()
-    loose = [folder / "catalog.sqlite", folder / "mmsearch.json", folder / "vectors" / "image.faiss"]
+    loose = [
+        folder / "catalog.sqlite",
+        folder / "mmsearch.json",
+        folder / "vectors" / store.model / "image.faiss",
+    ]
     for path in loose:
         os.chmod(path, 0o644)
     for path in (folder, folder / "vectors"):
