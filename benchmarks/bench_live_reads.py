@@ -32,6 +32,8 @@ import numpy as np
 from _machine import cpu_model, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _synthetic import insert_images  # noqa: E402
+
 from mmsearch import db  # noqa: E402
 from mmsearch.search import search_vector  # noqa: E402
 from mmsearch.store import Store  # noqa: E402
@@ -46,36 +48,6 @@ def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, spread: flo
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def insert(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
-    """Media, file and embedding rows for ``vecs`` (the catalog rows a real image has); returns their ids."""
-    shas = [f"{first + i:064x}" for i in range(len(vecs))]
-    conn.execute(db.media.insert(), [{"sha256": s, "kind": "image"} for s in shas])
-    rows = conn.execute(
-        db.media.select()
-        .with_only_columns(db.media.c.id, db.media.c.sha256)
-        .where(db.media.c.sha256.in_(shas))
-    ).all()
-    mid = {s: m for m, s in rows}
-    conn.execute(
-        db.files.insert(),
-        [
-            {
-                "path_key": f"/synthetic/{first + i:08d}.jpg".encode(),
-                "path": f"/synthetic/{first + i:08d}.jpg",
-                "kind": "image",
-                "size": 1,
-                "mtime_ns": 0,
-                "sha256": s,
-                "media_id": mid[s],
-                "status": "ok",
-                "updated_at": 0.0,
-            }
-            for i, s in enumerate(shas)
-        ],
-    )
-    return db.add_embeddings(conn, "image", vecs, [mid[s] for s in shas])
-
-
 def build(folder: Path, n: int, centres: np.ndarray) -> float:
     t0 = time.perf_counter()
     store = Store.create(folder, {"model": {"name": "synthetic", "dim": DIM}})
@@ -83,7 +55,7 @@ def build(folder: Path, n: int, centres: np.ndarray) -> float:
     rng = np.random.default_rng(1)
     with store.catalog.begin() as conn:
         for s in range(0, n, 20_000):
-            insert(conn, clustered(rng, centres, min(20_000, n - s)), s)
+            insert_images(conn, clustered(rng, centres, min(20_000, n - s)), s)
     store.save_vectors()  # builds and saves the FAISS index (IVF above FLAT_MAX)
     store.close()
     return time.perf_counter() - t0
@@ -99,7 +71,7 @@ def writer(
     while not stop.is_set():
         t0 = time.monotonic()
         with store.catalog.begin() as conn:
-            insert(conn, clustered(rng, centres, batch), serial)
+            insert_images(conn, clustered(rng, centres, batch), serial)
             gone = (
                 conn.execute(
                     db.embeddings.select()

@@ -75,10 +75,10 @@ def machine() -> dict[str, Any]:
 def build_index(dest: Path, n_vectors: int, n_images: int, model: str) -> Path:
     """An index with ``n_images`` real images (ingested normally) and ``n_vectors`` synthetic ones."""
     import numpy as np
+    from _synthetic import insert_images
     from PIL import Image, ImageDraw
 
     import mmsearch
-    from mmsearch import db
 
     media = dest / "media"
     media.mkdir(parents=True)
@@ -100,44 +100,9 @@ def build_index(dest: Path, n_vectors: int, n_images: int, model: str) -> Path:
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         store.lock_for_writing()
         try:
-            now = time.time()
             with store.catalog.begin() as conn:
-                chunk = 5000
-                for start in range(0, n_vectors, chunk):
-                    stop = min(start + chunk, n_vectors)
-                    shas = [f"{i:064x}" for i in range(start + 1, stop + 1)]
-                    conn.execute(db.media.insert(), [{"sha256": s, "kind": "image"} for s in shas])
-                    rows = conn.execute(
-                        db.media.select()
-                        .with_only_columns(db.media.c.id, db.media.c.sha256)
-                        .where(db.media.c.sha256.in_(shas))
-                    ).all()
-                    mid = {s: m for m, s in rows}
-                    conn.execute(
-                        db.files.insert(),
-                        [
-                            {
-                                "path_key": f"/synthetic/{i:07d}.jpg".encode(),
-                                "path": f"/synthetic/{i:07d}.jpg",
-                                "kind": "image",
-                                "size": 1,
-                                "mtime_ns": 0,
-                                "sha256": s,
-                                "media_id": mid[s],
-                                "status": "ok",
-                                "updated_at": now,
-                            }
-                            for i, s in zip(range(start, stop), shas, strict=True)
-                        ],
-                    )
-                    conn.execute(
-                        db.embeddings.insert(),
-                        [
-                            {"kind": "image", "media_id": mid[s], "vector": vecs[i].tobytes()}
-                            for i, s in zip(range(start, stop), shas, strict=True)
-                        ],
-                    )
-                db.bump_generation(conn, "image")
+                for start in range(0, n_vectors, 5000):
+                    insert_images(conn, vecs[start : start + 5000], start + 1)
             store.refresh()
             store.save_vectors()
         finally:
