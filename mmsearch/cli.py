@@ -305,12 +305,7 @@ def _typer_app() -> "typer.Typer":
                             )
                         )
             except KeyboardInterrupt:
-                # typer turns KeyboardInterrupt into a silent exit 130; say what happened to the work.
-                _err().print(
-                    "interrupted: work committed so far is kept; run the same command again to resume",
-                    markup=False,
-                )
-                raise typer.Exit(130) from None
+                _interrupted("work committed so far is kept")
             if as_json:
                 _print_json({"index": str(idx.path), "runs": [r.as_dict() for r in reports]})
             else:
@@ -490,11 +485,7 @@ def _typer_app() -> "typer.Typer":
                         workers=workers,
                     )
             except KeyboardInterrupt:
-                _err().print(
-                    "interrupted: the vectors committed so far are kept; run the same command again to resume",
-                    markup=False,
-                )
-                raise typer.Exit(130) from None
+                _interrupted("the vectors committed so far are kept")
         if as_json:
             _print_json(report.as_dict())
             return
@@ -538,11 +529,7 @@ def _typer_app() -> "typer.Typer":
                         speech_model, speech_backend=speech_backend, language=language, progress=tick
                     )
             except KeyboardInterrupt:
-                _err().print(
-                    "interrupted: the transcripts swapped so far are kept; run the same command again to resume",
-                    markup=False,
-                )
-                raise typer.Exit(130) from None
+                _interrupted("the transcripts swapped so far are kept")
         if as_json:
             _print_json(report.as_dict())
             return
@@ -705,6 +692,14 @@ def _print_hits(hits: list[dict[str, Any]]) -> None:
     for row in render.hit_rows(hits):  # cells already render.printable()
         table.add_row(*(_escape(c) for c in row))
     _out().print(table)
+
+
+def _interrupted(kept: str) -> NoReturn:
+    """Ctrl-C during a resumable command: say what happened to the work (typer would exit 130 silently)."""
+    import typer
+
+    _err().print(f"interrupted: {kept}; run the same command again to resume", markup=False)
+    raise typer.Exit(130) from None
 
 
 def _print_report(r: "IngestReport") -> None:
