@@ -509,6 +509,10 @@ class Catalog:
         with self.begin() as conn:
             _set_meta(conn, key, json.dumps(value))
 
+    def delete_meta(self, key: str) -> None:
+        with self.begin() as conn:
+            conn.execute(meta.delete().where(meta.c.key == key))
+
     def generation(self, kind: str, model: str | None = None) -> int:
         """Bumped by every transaction that changes embeddings of ``kind`` of ``model`` (default: the active
         one); a FAISS file records the one it reflects, so a stale file is known without reading it."""

@@ -670,17 +670,7 @@ class _Run:
     def transcribe_audio(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
         for i, (sha, group) in enumerate(groups):
             self.tick("audio", i, len(groups))
-            f = group[0]
-            try:
-                transcript = self.transcriber.transcribe(f.path)
-                reason = None if transcript.segments else "no speech detected"
-            except BadMediaError as e:
-                transcript, reason = None, str(e)
-            except MmsearchError:
-                raise  # missing weights or dependency: the whole run cannot go on
-            except Exception as e:  # a decoder library failing on one file must not stop the run
-                log.exception("transcription failed for %s", f.path)
-                transcript, reason = None, f"transcription failed: {type(e).__name__}: {e}"
+            transcript, reason = transcribe_file(self.transcriber, group[0].path)
             if transcript is None or reason is not None:
                 with self.store.write() as tx:
                     for g in group:
@@ -790,6 +780,36 @@ class _Run:
                 tx.removed(kind, ids)
         self.store.drop_thumbnails(orphan_shas)  # after the commit: a crash before it keeps them, harmlessly
         self.report.files_removed += len(gone)
+
+
+def transcribe_file(transcriber: Any, path: Path) -> tuple[Any, str | None]:
+    """``(transcript, None)``, or ``(transcript or None, reason)`` when the file has no speech or cannot be
+    transcribed: one bad file is skipped with its reason, never raised; a missing model or dependency
+    (:class:`MmsearchError`) stops the run."""
+    try:
+        transcript = transcriber.transcribe(path)
+    except BadMediaError as e:
+        return None, str(e)
+    except MmsearchError:
+        raise
+    except Exception as e:  # a decoder library failing on one file must not stop the run
+        log.exception("transcription failed for %s", path)
+        return None, f"transcription failed: {type(e).__name__}: {e}"
+    return transcript, None if transcript.segments else "no speech detected"
+
+
+def unchanged_file(rows: list[db.FileRow]) -> Path | None:
+    """The first of ``rows``' files still holding the bytes that were indexed (same size and mtime), or
+    None when every one changed or went (the next ``index`` run hashes them again)."""
+    for row in rows:
+        path = Path(os.fsdecode(row.path_key))
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns):
+            return path
+    return None
 
 
 def transcript_spans(transcript: Any) -> tuple[list[str], list[tuple[int, float, float, str]]]:

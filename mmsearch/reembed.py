@@ -33,6 +33,7 @@ from mmsearch.ingest import (
     Progress,
     bounded_map,
     image_batch_size,
+    unchanged_file,
 )
 from mmsearch.store import Store
 
@@ -158,20 +159,14 @@ def _embed_images(
         """The content of one media from the first of its files unchanged since it was indexed (the
         same decoding as ingest); no tensor and no error when every file changed or went."""
         mid, rows = item
-        for row in rows:
-            path = Path(os.fsdecode(row.path_key))
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
-                continue  # other bytes now: the next `index` run hashes it again
-            try:
-                image = load_image(path, draft_size=emb.input_size)
-                return mid, rows, emb.preprocess_image(image), None
-            except BadMediaError as e:
-                return mid, rows, None, str(e)  # every file of it holds the same bytes
-        return mid, rows, None, None
+        path = unchanged_file(rows)
+        if path is None:
+            return mid, rows, None, None
+        try:
+            image = load_image(path, draft_size=emb.input_size)
+            return mid, rows, emb.preprocess_image(image), None
+        except BadMediaError as e:
+            return mid, rows, None, str(e)  # every file of it holds the same bytes
 
     def overran(item: tuple[int, list[db.FileRow]]) -> _Decoded:
         log.warning("gave up decoding %s after %g s", os.fsdecode(item[1][0].path_key), budget)

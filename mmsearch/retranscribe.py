@@ -13,17 +13,14 @@ transcribe new recordings with the old ones, and the next run of this brings the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mmsearch import db
-from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import speech_key
-from mmsearch.ingest import Embedder, Progress, transcript_spans
+from mmsearch.ingest import Embedder, Progress, transcribe_file, transcript_spans, unchanged_file
 from mmsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -67,20 +64,11 @@ def retranscribe(
     live = db.live_files_of(store.catalog, todo)
     for i, mid in enumerate(todo):
         tick("audio", i, len(todo))
-        path = _unchanged_file(live.get(mid, []))
+        path = unchanged_file(live.get(mid, []))
         if path is None:
             report.stale += 1
             continue
-        try:
-            transcript = transcriber().transcribe(path)
-            reason = None if transcript.segments else "no speech detected"
-        except BadMediaError as e:
-            transcript, reason = None, str(e)
-        except MmsearchError:
-            raise  # missing weights or dependency: the whole run cannot go on
-        except Exception as e:  # a decoder library failing on one file must not stop the run
-            log.exception("transcription failed for %s", path)
-            transcript, reason = None, f"transcription failed: {type(e).__name__}: {e}"
+        transcript, reason = transcribe_file(transcriber(), path)
         if transcript is None or reason is not None:
             with store.write() as tx:
                 db.mark_transcribed(tx.conn, mid, key)
@@ -107,20 +95,7 @@ def retranscribe(
     store.save_vectors()
     if report.stale == 0:
         store.update_config(speech=dict(settings))
-        with store.catalog.begin() as conn:
-            conn.execute(db.meta.delete().where(db.meta.c.key == db.SPEECH_TARGET_META))
+        store.catalog.delete_meta(db.SPEECH_TARGET_META)
         report.switched = True
     report.seconds = round(time.monotonic() - started, 3)
     return report
-
-
-def _unchanged_file(rows: list[db.FileRow]) -> Path | None:
-    for row in rows:
-        path = Path(os.fsdecode(row.path_key))
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns):
-            return path
-    return None
