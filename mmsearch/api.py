@@ -464,7 +464,8 @@ class Index:
         ]
 
     def skipped(self) -> list[dict[str, str]]:
-        return [{"path": p, "reason": r} for p, r in self.store.catalog.skipped()]
+        """Every file recorded as skipped: ``path`` (display form), ``path_b64`` (exact bytes), ``reason``."""
+        return [{**db.path_json(key), "reason": r} for key, r in self.store.catalog.skipped()]
 
 
 def open_or_create(path: str | Path, **kwargs: Any) -> Index:

@@ -9,6 +9,7 @@ Schema changes are numbered migrations (``MIGRATIONS``); ``meta.schema_version``
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -337,6 +338,12 @@ def display_path(key: bytes) -> str:
     return key.decode("utf-8", "replace")
 
 
+def path_json(key: bytes) -> dict[str, str]:
+    """A path for JSON: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and
+    ``path_b64``, the standard base64 of its exact bytes (file names need not be UTF-8)."""
+    return {"path": display_path(key), "path_b64": base64.b64encode(key).decode("ascii")}
+
+
 def storable(text: str) -> str:
     """``text`` as valid UTF-8 for a TEXT column: a non-UTF-8 file name inside it (decoded by Python with
     surrogate escapes) would make SQLite's driver raise UnicodeEncodeError."""
@@ -642,13 +649,16 @@ class Catalog:
             counts["vectors"] = {kind: n for kind, n in vec}  # the active model's
         return counts
 
-    def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of every file recorded as skipped, ordered by path (a skipped file has a reason)."""
+    def skipped(self) -> list[tuple[bytes, str]]:
+        """(exact path bytes, reason) of every file recorded as skipped, ordered by display path (a skipped
+        file has a reason)."""
         with self.read() as conn:
             rows = conn.execute(
-                select(files.c.path, files.c.reason).where(files.c.status == "skipped").order_by(files.c.path)
+                select(files.c.path_key, files.c.reason)
+                .where(files.c.status == "skipped")
+                .order_by(files.c.path)
             ).all()
-        return [(p, r) for p, r in rows]
+        return [(k, r) for k, r in rows]
 
     # --- vectors ------------------------------------------------------------------------------
     def load_vectors(self, kind: str, dim: int, model: str) -> tuple[np.ndarray, np.ndarray]:

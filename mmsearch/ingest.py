@@ -117,8 +117,8 @@ class IngestReport:
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
-        d["unavailable"] = [{"path": p, "reason": r} for p, r in self.unavailable]
+        d["skipped"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.skipped]
+        d["unavailable"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.unavailable]
         return d
 
 

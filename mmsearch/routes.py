@@ -10,7 +10,6 @@ one request at a time. Metadata, thumbnails and media need no model and are serv
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import threading
@@ -194,8 +193,7 @@ class Service:
         return {
             "id": row.id,
             "kind": row.kind,
-            "path": display(row.path),
-            "path_b64": base64.b64encode(row.path_key).decode("ascii"),
+            **db.path_json(row.path_key),
             "name": base_name(display(row.path)),
             "size": row.size,
             "width": row.width,

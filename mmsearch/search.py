@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 from dataclasses import asdict, dataclass
 
@@ -37,11 +36,7 @@ class Hit:
     def as_dict(self) -> dict[str, object]:
         """JSON-safe: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and
         ``path_b64``, the standard base64 of the path's exact bytes."""
-        d = asdict(self)
-        key = os.fsencode(self.path)
-        d["path"] = db.display_path(key)
-        d["path_b64"] = base64.b64encode(key).decode("ascii")
-        return d
+        return {**asdict(self), **db.path_json(os.fsencode(self.path))}
 
 
 def kinds_for(target: str) -> tuple[str, ...]:

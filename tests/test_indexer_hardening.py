@@ -4,6 +4,7 @@ tmpfs mount where the machine allows it; the only fake is the hang itself (a loa
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -326,8 +327,13 @@ def test_a_hung_decode_is_skipped_and_the_run_goes_on(
             r = result["r"]
             assert r.skipped == [(str(media / "hang.png"), "decoding took longer than 1 s")]
             assert r.images_embedded == 5
+            hang = str(media / "hang.png")
             assert idx.skipped() == [
-                {"path": str(media / "hang.png"), "reason": "decoding took longer than 1 s"}
+                {
+                    "path": hang,
+                    "path_b64": base64.b64encode(os.fsencode(hang)).decode(),
+                    "reason": "decoding took longer than 1 s",
+                }
             ]
             assert_consistent(idx)
         finally:

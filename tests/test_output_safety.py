@@ -138,6 +138,7 @@ def test_index_json_and_terminal_output(built: Built, tmp_path: Path, mode: str)
         broken = os.path.join(built.root, BROKEN).decode("utf-8", "replace")
         assert run["root"] == built.root.decode("utf-8", "replace")
         assert [s["path"] for s in run["skipped"]] == [broken]  # display form, no surrogate
+        assert [base64.b64decode(s["path_b64"]) for s in run["skipped"]] == [os.path.join(built.root, BROKEN)]
         text_of(result.stderr)
     else:
         result = mmsearch(*index_args(built.root, tmp_path / "idx"), env=TERMINAL)
@@ -167,6 +168,9 @@ def test_status_json_has_no_surrogates_and_no_raw_controls(built: Built) -> None
     assert result.returncode == 0 and result.stdout.isascii()
     skipped = json.loads(result.stdout)["skipped"]
     assert [s["path"] for s in skipped] == [os.path.join(built.root, BROKEN).decode("utf-8", "replace")]
+    assert [base64.b64decode(s["path_b64"]) for s in skipped] == [
+        os.path.join(built.root, BROKEN)
+    ]  # exact bytes
 
 
 @pytest.mark.slow
