@@ -1,25 +1,12 @@
 """Faster image embedding on CPU: the visual tower exported to ONNX and run by ONNX Runtime.
 
-What wins, measured by ``benchmarks/bench_model_speed.py`` on this 2-core AMD EPYC (AVX2, no VNNI), batch
-32, model alone, all variants interleaved in one run (figures in ``benchmarks/results/model_speed.json``;
-"per CPU-second" is the steadier figure on this shared machine, whose load was 10-12 during the run):
-
-================  =======================  =======================  ======================
-ViT-B-32-256      per CPU-s vs torch eager  wall vs torch eager      cosine to fp32 (min)
-================  =======================  =======================  ======================
-ONNX int8 (this)  2.04×                     1.93×                    0.99954
-ONNX fp32         1.20×                     1.23×                    1.00000
-================  =======================  =======================  ======================
-
-(ViT-B-32 at 224 px: int8 2.31× / 2.14×, cosine 0.99952.) On the demo model, text→image precision@1 is the
-same with the int8 and the fp32 tower (0.8903 on 611 queries). Torch eager does ~4.4 images per CPU-second
-on ViT-B-32-256, int8 ONNX ~9: about 18 img/s on two free cores. The int8 matrix products run ~1.8× faster
-than fp32 ones, close to what AVX2 allows (``vpmaddubsw`` does twice the multiply-adds of an fp32 FMA).
-
-Nothing on the torch side is worth keeping, so there is no torch setting here: channels-last 1.03×,
-``torch.compile`` 1.02× (after 3 minutes of compiling), bf16 autocast 0.11× (no native bf16 on AVX2), torch's
-own dynamic int8 (deprecated ``torch.ao``) 1.24×. One torch thread instead of two did more work per
-CPU-second (1.31×) on the loaded machine, which says more about the load than about an idle machine.
+Why ONNX int8: ``benchmarks/bench_model_speed.py`` times every variant of the image tower in one run, model
+alone, and writes the figures with the machine they ran on to ``benchmarks/results/model_speed.json`` (the
+README quotes them). int8 ONNX Runtime is the fastest variant that keeps the vectors: 2× torch eager on AVX2,
+several times on AVX-512 VNNI, at cosine ≥ 0.9995 to fp32 and the same demo retrieval. The int8 matrix
+products are what gain (``vpmaddubsw`` / VNNI do more multiply-adds per instruction than an fp32 FMA).
+Nothing on the torch side gained enough to keep a setting for it (channels-last, ``torch.compile``, bf16
+autocast without native bf16, torch's deprecated dynamic int8).
 
 Quantisation recipe, and why:
 
@@ -30,16 +17,11 @@ Quantisation recipe, and why:
   0.992 on ViT-B-32; with 7-bit weights it is 0.9996, at the same speed. With VNNI there is no saturation
   and the lost bit costs little;
 * per-tensor scales: per-channel scales raised the cosine only from 0.99964 to 0.99979 on ViT-B-32 but made
-  quantisation 3.5× slower (~50 s instead of ~14 s here). u8 weights (u8×u8) were 8 % slower.
+  quantisation 3.5× slower. u8 weights (u8×u8) were 8 % slower.
 
-Spinning ORT worker threads are off: with them on, int8 ran 1.2× slower on this loaded machine, and during
-ingestion that spinning would take CPU from the decode workers. Batch size does not matter for int8 speed
-(1 to 64 images: 9.0-9.3 images per CPU-second).
-
-On an AVX-512 VNNI CPU (the same 2-core VM kind, 2026-11-28) the picture changes in degree, not in kind:
-int8 90.9 img/s against torch eager 13.5 (6.7×) and ONNX fp32 36.2 (2.5×), at the same cosine; one session
-per core and the export-friendly graph then add only 1-3 %. Batches of 4-8 images per session ran 105 img/s,
-32 ran 93: ingestion hands each session 8 (``mmsearch.ingest.STREAM_BATCH``).
+Spinning ORT worker threads are off: on a loaded machine they made int8 slower, and during ingestion they
+would take CPU from the decode workers. Batch size barely matters for int8 speed; small calls stay in cache,
+so ingestion hands each session 8 images (``mmsearch.ingest.STREAM_BATCH``).
 
 The exported file is cached per ``key`` (architecture + weights + recipe) and written atomically. Every fresh
 export is checked against the torch model on a probe batch before it is kept.

@@ -392,9 +392,9 @@ def unavailable_summary(store: Store) -> list[dict[str, Any]]:
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Images per model call when several streams run side by side. One int8 ViT-B-32-256 session on one core
-# here: 105 img/s at 4-8 images a call, 102 at 16, 93 at 32 (smaller calls stay in cache); small batches
-# also leave less of a run's tail to one stream while the others idle.
+# Images per model call when several streams run side by side: an int8 session runs small calls a little
+# faster than large ones (they stay in cache; bench_model_speed.py), and small batches leave less of a
+# run's tail to one stream while the others idle.
 STREAM_BATCH = 8
 
 

@@ -173,9 +173,8 @@ class ClipEmbedder:
         log.info("loaded %s on %s (dim %d)", describe_identity(self.identity), self.device, self.dim)
 
     def use_onnx_image_tower(self, *, quantize: bool = True, cache_dir: Path | None = None) -> bool:
-        """Embed images with the ONNX Runtime tower (CPU only): int8 dynamic quantisation measured 1.9-2.1x
-        torch eager on ViT-B-32 with AVX2 and 6.7x with AVX-512 VNNI, at cosine 0.9995 to fp32
-        (benchmarks/results/model_speed.json).
+        """Embed images with the ONNX Runtime tower (CPU only): int8 dynamic quantisation, several times torch
+        eager at cosine 0.9995 to fp32 (figures per machine: benchmarks/results/model_speed.json).
         False, with the reason logged, when unavailable; images then stay on torch."""
         if self.device.type != "cpu":
             return False  # CUDA/MPS: torch with autocast is the fast path

@@ -9,8 +9,8 @@ of ``nn.MultiheadAttention`` (6.2 %). During the export this module swaps in the
 * self-attention = one ``MatMul`` for q/k/v, one permute into heads, two batched ``MatMul`` and a
   ``Softmax``, one permute back.
 
-Measured on this 2-core machine, int8, two 1-thread sessions, same run: 19.7 vs 17.9 img/s (1.10x); cosine
-to the torch model 0.9996, as before. The swap is reversible and applies only to the shapes it was written
+``benchmarks/bench_model_speed.py`` measures what the swap buys (the stock graph is one of its rows); the
+cosine to the torch model is unchanged. The swap is reversible and applies only to the shapes it was written
 for (checked by :func:`applicable`); the exported file is still checked against the untouched torch model
 on a probe batch, and any other architecture exports as it is.
 """

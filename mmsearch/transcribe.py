@@ -395,8 +395,8 @@ def _pipeline_class(fw: Any) -> type:
 def _encode_one_by_one(model: Any, ctranslate2: Any, features: np.ndarray) -> Any:
     """WhisperModel.encode, one 30 s chunk at a time; the batch is reassembled for batched decoding.
 
-    On CPU a batch of 8 chunks through the encoder took 5-10 % more CPU time than 8 single chunks here
-    (likely its attention maps, 8 x 6 heads x 1500 x 1500 floats per layer, falling out of cache).
+    On CPU a batch of 8 chunks through the encoder costs more CPU time than 8 single chunks (5-10 % in
+    bench_speech.py runs; likely its attention maps, 8 x 6 heads x 1500 x 1500 floats per layer, falling out of cache).
     Decoding, where batching does pay (2.5x less CPU time than one chunk at a time), stays batched.
     """
     encode = type(model).encode
