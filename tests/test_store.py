@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mmsearch
-from mmsearch import db
+from mmsearch import catalog_errors, db
 from mmsearch.errors import IndexLockedError, MmsearchError, ModelMismatchError
 from mmsearch.identity import model_key
 from tests.conftest import TINY_MODEL, solid
@@ -158,7 +158,7 @@ def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
         raise MmsearchError("database or disk is full")
 
     monkeypatch.setattr(db.Catalog, "_migrate", full)
-    monkeypatch.setattr(db, "_free_bytes", lambda path: 0)
+    monkeypatch.setattr(catalog_errors, "_free_bytes", lambda path: 0)
     with mmsearch.Index.open(built) as idx:
         assert idx.store.catalog.read_only
         assert idx.search_text("caption 3", target="captions", k=1)[0].text == "caption 3"

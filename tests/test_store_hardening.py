@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 import mmsearch
-from mmsearch import db, vectors
+from mmsearch import catalog_errors, db, vectors
 from mmsearch import store as store_mod
 from mmsearch.errors import MmsearchError
 from mmsearch.search import search_vector
@@ -278,7 +278,7 @@ def test_a_version_2_catalog_on_a_full_disk_is_searchable_read_only(
         raise MmsearchError("database or disk is full")
 
     monkeypatch.setattr(db.Catalog, "_migrate", full)
-    monkeypatch.setattr(db, "_free_bytes", lambda path: 0)
+    monkeypatch.setattr(catalog_errors, "_free_bytes", lambda path: 0)
     store = Store.open(folder)
     try:
         assert store.catalog.read_only and db.READABLE_FROM <= 2

@@ -1,0 +1,167 @@
+"""Reads of the catalog's items: what a search hit, a file's page and a rerun of a model or of speech need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    func,
+    null,
+    select,
+)
+
+from mmsearch.catalog import Catalog, FileRow, _chunks
+from mmsearch.schema import (
+    VECTOR_KINDS,
+    captions,
+    embeddings,
+    files,
+    media,
+    segments,
+)
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """What a search hit shows: the embedding's item and the (first live) file it belongs to."""
+
+    id: int
+    kind: str
+    file_id: int
+    path_key: bytes
+    text: str | None
+    start: float | None
+    end: float | None
+    media_id: int | None
+
+
+def resolve_items(
+    catalog: Catalog, ids: Sequence[int], kinds: Sequence[str] = VECTOR_KINDS
+) -> dict[int, ItemRow]:
+    """The items of these embedding ids that are of one of ``kinds`` (the kinds searched: an id found in
+    one kind's index is never shown as an item of another)."""
+    e, f, c, s = embeddings, files, captions, segments
+    f2 = files.alias("f2")
+
+    def first_file(media_id_col: Any) -> Any:
+        # The lowest live file id of this media, looked up through the files.media_id index per row,
+        # instead of grouping the whole files table on every query (seconds at 100k files).
+        return (
+            select(func.min(f2.c.id))
+            .where(f2.c.media_id == media_id_col, f2.c.status == "ok")
+            .scalar_subquery()
+        )
+
+    out: dict[int, ItemRow] = {}
+    with catalog.read() as conn:
+        for chunk in _chunks([int(i) for i in ids], 900):
+            image_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id)
+                .select_from(e)
+                .join(f, f.c.id == first_file(e.c.media_id))
+                .where(e.c.id.in_(chunk), e.c.kind == "image")
+            )
+            caption_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id)
+                .join(c, c.c.id == e.c.caption_id)
+                .join(f, f.c.id == c.c.file_id)
+                .where(e.c.id.in_(chunk), e.c.kind == "caption")
+            )
+            segment_q = (
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id)
+                .select_from(e)
+                .join(s, s.c.id == e.c.segment_id)
+                .join(f, f.c.id == first_file(s.c.media_id))
+                .where(e.c.id.in_(chunk), e.c.kind == "segment")
+            )
+            for kind, q in (("image", image_q), ("caption", caption_q), ("segment", segment_q)):
+                if kind not in kinds:
+                    continue
+                for row in conn.execute(q):
+                    out[int(row[0])] = ItemRow(*row)
+    return out
+
+
+# --- item details: what the server shows of one file --------------------------------------------------
+@dataclass(frozen=True)
+class FileDetails:
+    """A live file and its content's metadata: what the server shows, and checks before serving it."""
+
+    id: int
+    path_key: bytes  # the exact path bytes
+    path: str  # display form
+    kind: str  # image | audio
+    size: int
+    mtime_ns: int
+    media_id: int
+    sha256: str  # of the content
+    width: int | None
+    height: int | None
+    duration: float | None
+    language: str | None
+    transcript: str | None
+
+
+def file_details(catalog: Catalog, file_id: int) -> FileDetails | None:
+    """File ``file_id`` with its content's metadata, or None unless it is in the catalog and live."""
+    f, m = files, media
+    q = (
+        select(f.c.id, f.c.path_key, f.c.path, f.c.kind, f.c.size, f.c.mtime_ns, f.c.media_id, m.c.sha256)
+        .add_columns(m.c.width, m.c.height, m.c.duration, m.c.language, m.c.transcript)
+        .join(m, m.c.id == f.c.media_id)
+        .where(f.c.id == file_id, f.c.status == "ok")
+    )
+    with catalog.read() as conn:
+        row = conn.execute(q).first()
+    return None if row is None else FileDetails(*row)
+
+
+def segments_of(catalog: Catalog, media_id: int, limit: int) -> list[tuple[float, float, str]]:
+    """The first ``limit`` transcript segments of content ``media_id`` in time order: (start, end, text)."""
+    s = segments
+    q = (
+        select(s.c.start, s.c.end, s.c.text)
+        .where(s.c.media_id == media_id)
+        .order_by(s.c.start, s.c.idx)
+        .limit(limit)
+    )
+    with catalog.read() as conn:
+        return [(start, end, said) for start, end, said in conn.execute(q)]
+
+
+def live_files_of(catalog: Catalog, media_ids: Sequence[int]) -> dict[int, list[FileRow]]:
+    """media id -> its live files (lowest id first): where content is read from again."""
+    out: dict[int, list[FileRow]] = {}
+    cols = [files.c.id, files.c.path_key, files.c.kind, files.c.size, files.c.mtime_ns, files.c.sha256]
+    cols += [files.c.media_id, files.c.status, files.c.reason]
+    with catalog.read() as conn:
+        for chunk in _chunks(list(media_ids), 900):
+            q = select(*cols).where(files.c.media_id.in_(chunk), files.c.status == "ok").order_by(files.c.id)
+            for row in conn.execute(q):
+                out.setdefault(int(row.media_id), []).append(FileRow(*row))
+    return out
+
+
+def texts_of(catalog: Catalog, kind: str, ids: Sequence[int]) -> dict[int, str]:
+    """Caption or segment id -> its text."""
+    table = captions if kind == "caption" else segments
+    out: dict[int, str] = {}
+    with catalog.read() as conn:
+        for chunk in _chunks(list(ids), 900):
+            for i, txt in conn.execute(select(table.c.id, table.c.text).where(table.c.id.in_(chunk))):
+                out[int(i)] = txt
+    return out
+
+
+def recordings_not_by(catalog: Catalog, speech: str) -> list[int]:
+    """The recordings (audio content with a live file) whose transcript other speech settings made."""
+    live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
+    q = (
+        select(media.c.id)
+        .where(media.c.kind == "audio", live, (media.c.speech.is_(None)) | (media.c.speech != speech))
+        .order_by(media.c.id)
+    )
+    with catalog.read() as conn:
+        return [int(i) for i in conn.execute(q).scalars()]

@@ -1,0 +1,300 @@
+"""The catalog's named writes, each run inside the caller's transaction (``with catalog.begin() as conn``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    Connection,
+    select,
+    text,
+)
+
+from mmsearch.catalog import _chunks, _media_in_use
+from mmsearch.errors import MmsearchError
+from mmsearch.schema import (
+    ACTIVE_META,
+    MODELS_META,
+    REF_COLUMNS,
+    TARGET_META,
+    VECTOR_KINDS,
+    _get_meta,
+    _set_meta,
+    captions,
+    deletions,
+    display_path,
+    embeddings,
+    files,
+    media,
+    meta,
+    path_key,
+    segments,
+    storable,
+)
+
+
+def inserted_id(result: Any) -> int:
+    """The row id of a single-row INSERT."""
+    key = result.inserted_primary_key
+    if key is None:  # only for executemany/INSERT..SELECT, which we never use for this
+        raise RuntimeError("INSERT returned no primary key")
+    return int(key[0])
+
+
+def add_embeddings(
+    conn: Connection, kind: str, vectors: np.ndarray, refs: Sequence[int], model: str | None = None
+) -> list[int]:
+    """Insert vectors of one kind made by ``model`` (default: the active one); ``refs`` are media, caption
+    or segment ids. Returns the new ids."""
+    ref_col = REF_COLUMNS[kind]
+    model = model or active_model(conn)
+    ids = []
+    for vec, ref in zip(vectors, refs, strict=True):
+        res = conn.execute(
+            embeddings.insert().values(
+                kind=kind,
+                model=model,
+                vector=np.ascontiguousarray(vec, np.float32).tobytes(),
+                **{ref_col: ref},
+            )
+        )
+        ids.append(inserted_id(res))
+    if ids:
+        bump_generation(conn, kind, model)
+    return ids
+
+
+def active_model(conn: Connection) -> str:
+    key = _get_meta(conn, ACTIVE_META)
+    if key is None:
+        raise MmsearchError("the catalog has no active model")
+    return str(json.loads(key))
+
+
+def bump_generation(conn: Connection, kind: str, model: str) -> None:
+    key = f"generation.{model}.{kind}"
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    _set_meta(conn, key, json.dumps(int(json.loads(row[0])) + 1 if row else 1))
+
+
+def delete_embeddings(conn: Connection, where: Any) -> dict[str, list[int]]:
+    """Delete the embeddings matching ``where``; returns their ids by kind (to remove from FAISS)."""
+    removed: dict[str, list[int]] = {}
+    slots: set[tuple[str, str]] = set()
+    for eid, kind, model in conn.execute(
+        select(embeddings.c.id, embeddings.c.kind, embeddings.c.model).where(where)
+    ):
+        removed.setdefault(kind, []).append(int(eid))
+        slots.add((model, kind))
+    for ids in removed.values():
+        for chunk in _chunks(ids, 900):
+            conn.execute(embeddings.delete().where(embeddings.c.id.in_(chunk)))
+    for model, kind in slots:
+        bump_generation(conn, kind, model)
+    return removed
+
+
+# --- writes of an indexing run (each inside the caller's transaction) ----------------------------------
+
+
+def write_file(
+    conn: Connection,
+    path: Path,
+    *,
+    kind: str,
+    size: int,
+    mtime_ns: int,
+    sha256: str | None,
+    media_id: int | None,
+    reason: str | None = None,
+) -> None:
+    """Record a file as seen (``reason`` None) or skipped (why), replacing any row of the same path."""
+    from sqlalchemy.dialects.sqlite import insert
+
+    key = path_key(path)
+    values = {
+        "path_key": key,
+        "path": display_path(key),
+        "kind": kind,
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "sha256": sha256,
+        "media_id": media_id,
+        "status": "skipped" if reason else "ok",
+        "reason": None if reason is None else storable(reason),  # may quote a non-UTF-8 name
+        "updated_at": time.time(),
+    }
+    stmt = insert(files).values(**values)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[files.c.path_key], set_=values))
+
+
+def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
+    """The id of the content with this hash if the catalog holds it as ``kind``."""
+    row = conn.execute(select(media.c.id).where(media.c.sha256 == sha256, media.c.kind == kind)).first()
+    return int(row[0]) if row else None
+
+
+def add_image_media(conn: Connection, sha256: str) -> int:
+    """Record an image's content; returns its media id."""
+    return inserted_id(conn.execute(media.insert().values(sha256=sha256, kind="image")))
+
+
+def add_transcript(
+    conn: Connection,
+    sha256: str,
+    *,
+    duration: float,
+    language: str | None,
+    text: str,
+    spans: Sequence[tuple[int, float, float, str]],
+    speech: str | None = None,
+) -> tuple[int, list[int]]:
+    """Record a recording's content and its transcript segments ``(idx, start, end, text)`` made by the
+    speech settings ``speech`` (a speech_key); returns the media id and the segment ids, in the order of
+    ``spans``."""
+    mid = inserted_id(
+        conn.execute(
+            media.insert().values(
+                sha256=sha256,
+                kind="audio",
+                duration=duration,
+                language=language,
+                transcript=text,
+                speech=speech,
+            )
+        )
+    )
+    return mid, _add_segments(conn, mid, spans)
+
+
+def _add_segments(conn: Connection, mid: int, spans: Sequence[tuple[int, float, float, str]]) -> list[int]:
+    seg_ids = []
+    for idx, start, end, seg_text in spans:
+        r = conn.execute(segments.insert().values(media_id=mid, idx=idx, start=start, end=end, text=seg_text))
+        seg_ids.append(inserted_id(r))
+    return seg_ids
+
+
+def replace_transcript(
+    conn: Connection,
+    media_id: int,
+    *,
+    duration: float,
+    language: str | None,
+    text: str,
+    spans: Sequence[tuple[int, float, float, str]],
+    speech: str,
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Replace a recording's transcript and segments (their vectors of every model deleted); returns the
+    embedding ids deleted, by kind, and the new segment ids."""
+    old = select(segments.c.id).where(segments.c.media_id == media_id)
+    removed = delete_embeddings(conn, embeddings.c.segment_id.in_(old))
+    conn.execute(segments.delete().where(segments.c.media_id == media_id))
+    conn.execute(
+        media.update()
+        .where(media.c.id == media_id)
+        .values(duration=duration, language=language, transcript=text, speech=speech)
+    )
+    return removed, _add_segments(conn, media_id, spans)
+
+
+def mark_transcribed(conn: Connection, media_id: int, speech: str) -> None:
+    """Record that ``speech`` settings were tried on a recording (its transcript kept as it was)."""
+    conn.execute(media.update().where(media.c.id == media_id).values(speech=speech))
+
+
+def add_captions(conn: Connection, rows: Sequence[tuple[int, str, str]]) -> list[int]:
+    """Record captions ``(file id, source, text)``; returns their ids, in order."""
+    return [
+        inserted_id(conn.execute(captions.insert().values(file_id=fid, source=source, text=txt)))
+        for fid, source, txt in rows
+    ]
+
+
+def remove_captions(conn: Connection, caption_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Delete captions and their embeddings; returns the embedding ids deleted, by kind."""
+    removed = delete_embeddings(conn, embeddings.c.caption_id.in_(caption_ids))
+    conn.execute(captions.delete().where(captions.c.id.in_(caption_ids)))
+    return removed
+
+
+def remove_files(conn: Connection, file_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Forget files with their captions (their content stays: see :func:`remove_orphan_media`); returns
+    the embedding ids deleted, by kind."""
+    cap_ids = select(captions.c.id).where(captions.c.file_id.in_(file_ids))
+    removed = delete_embeddings(conn, embeddings.c.caption_id.in_(cap_ids))
+    conn.execute(captions.delete().where(captions.c.file_id.in_(file_ids)))
+    conn.execute(files.delete().where(files.c.id.in_(file_ids)))
+    return removed
+
+
+def remove_orphan_media(conn: Connection) -> tuple[dict[str, list[int]], set[str]]:
+    """Delete the content no file refers to any more, with its segments and embeddings; returns the
+    embedding ids deleted (by kind) and the content hashes that went."""
+    orphans, shas = [], set()
+    q = select(media.c.id, media.c.sha256).where(media.c.id.not_in(_media_in_use()))
+    for mid, sha in conn.execute(q):
+        orphans.append(int(mid))
+        shas.add(sha)
+    removed: dict[str, list[int]] = {}
+    if orphans:
+        seg_ids = select(segments.c.id).where(segments.c.media_id.in_(orphans))
+        for more in (
+            delete_embeddings(conn, embeddings.c.media_id.in_(orphans)),
+            delete_embeddings(conn, embeddings.c.segment_id.in_(seg_ids)),
+        ):
+            for kind, ids in more.items():
+                removed.setdefault(kind, []).extend(ids)
+        conn.execute(segments.delete().where(segments.c.media_id.in_(orphans)))
+        conn.execute(media.delete().where(media.c.id.in_(orphans)))
+    return removed, shas
+
+
+# --- models: several in one index while it changes model (see mmsearch.reembed) ------------------------
+
+
+def set_target(conn: Connection, key: str | None) -> None:
+    """Name the model being embedded for every item (None: no model is)."""
+    if key is None:
+        conn.execute(meta.delete().where(meta.c.key == TARGET_META))
+    else:
+        _set_meta(conn, TARGET_META, json.dumps(key))
+
+
+def set_active(conn: Connection, key: str) -> None:
+    """Make ``key`` the model searched: readers switch to it after this transaction commits."""
+    _set_meta(conn, ACTIVE_META, json.dumps(key))
+
+
+def forget_model(conn: Connection, key: str) -> dict[str, list[int]]:
+    """Delete a model's vectors and its registration; returns the embedding ids deleted, by kind."""
+    removed = delete_embeddings(conn, embeddings.c.model == key)
+    # Its deletion-log rows go too (no file of it will be saved to prune them); a reader still following
+    # it is sent back to a saved file or a rebuild (generations stay: they only ever grow).
+    seq = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'deletions'")).scalar()
+    conn.execute(deletions.delete().where(deletions.c.model == key))
+    for kind in VECTOR_KINDS:
+        _set_meta(conn, f"deletions_pruned.{key}.{kind}", json.dumps(int(seq or 0)))
+    models = json.loads(_get_meta(conn, MODELS_META) or "{}")
+    models.pop(key, None)
+    _set_meta(conn, MODELS_META, json.dumps(models))
+    conn.execute(meta.delete().where(meta.c.key.like(f"faiss.{key}.%")))
+    return removed
+
+
+def caption_ids_of(conn: Connection, file_ids: Sequence[int]) -> list[int]:
+    """The ids of the captions of these files."""
+    return [
+        int(i) for i in conn.execute(select(captions.c.id).where(captions.c.file_id.in_(file_ids))).scalars()
+    ]
+
+
+def target_in(conn: Connection) -> str | None:
+    """The target model's key as this transaction sees it."""
+    value = _get_meta(conn, TARGET_META)
+    return None if value is None else str(json.loads(value))

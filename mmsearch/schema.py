@@ -1,0 +1,351 @@
+"""The catalog's tables, the triggers that keep its deletion log and vector counts, its numbered migrations
+(``MIGRATIONS``; ``meta.schema_version`` says how many ran), its meta keys and how paths are stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+)
+
+from mmsearch.errors import MmsearchError
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String, primary_key=True), Column("value", Text, nullable=False))
+
+media = Table(
+    "media",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # image | audio
+    Column("width", Integer),
+    Column("height", Integer),
+    Column("duration", Float),
+    Column("language", String(16)),
+    Column("transcript", Text),
+    # The speech settings that made the transcript (speech_key; NULL: made before they were recorded).
+    Column("speech", String),
+    sqlite_autoincrement=True,
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # The exact bytes of the absolute path: file names need not be valid UTF-8.
+    Column("path_key", LargeBinary, nullable=False, unique=True),
+    Column("path", Text, nullable=False),  # for display (undecodable bytes replaced)
+    Column("kind", String(8), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("mtime_ns", Integer, nullable=False),
+    Column("sha256", String(64)),
+    Column("media_id", Integer, ForeignKey("media.id"), index=True),
+    Column("status", String(8), nullable=False),  # ok | skipped
+    Column("reason", Text),
+    Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+captions = Table(
+    "captions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("file_id", Integer, ForeignKey("files.id"), nullable=False, index=True),
+    Column("source", Text, nullable=False),
+    Column("text", Text, nullable=False, index=True),  # index: a known caption text reuses its vector
+    sqlite_autoincrement=True,
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("media_id", Integer, ForeignKey("media.id"), nullable=False, index=True),
+    Column("idx", Integer, nullable=False),  # -1: the whole (short) transcript
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("text", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+embeddings = Table(
+    "embeddings",
+    metadata,
+    Column("id", Integer, primary_key=True),  # the FAISS id
+    Column("kind", String(8), nullable=False, index=True),  # image | caption | segment
+    Column("media_id", Integer, ForeignKey("media.id"), index=True),
+    Column("caption_id", Integer, ForeignKey("captions.id"), index=True),
+    Column("segment_id", Integer, ForeignKey("segments.id"), index=True),
+    Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+    # The model that made the vector (identity.model_key): an index holds several while it changes model.
+    Column("model", String, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# Every deleted embedding, logged by a trigger in the deleting transaction (see _migration_3): a reader
+# holding an in-memory FAISS index removes the ids logged after its position instead of rebuilding it.
+# Rows already reflected in a saved FAISS file are pruned by the writer (``meta deletions_pruned.KIND``).
+deletions = Table(
+    "deletions",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("embedding_id", Integer, nullable=False),
+    Column("model", String),  # (schema 4)
+    sqlite_autoincrement=True,
+)
+
+# How many embeddings each (model, kind) holds, kept by triggers (see _migration_4): the check a reader
+# makes after following a change, which counting a million index rows would make cost more than the change.
+vector_counts = Table(
+    "vector_counts",
+    metadata,
+    Column("model", String, primary_key=True),
+    Column("kind", String(8), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+VECTOR_KINDS = ("image", "caption", "segment")
+
+
+#: The column of an embedding naming its item, by kind.
+REF_COLUMNS = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}
+
+
+def _migration_1(conn: Connection) -> None:
+    # The tables of version 1 (in their current shape); later migrations add the others.
+    metadata.create_all(conn, tables=[meta, media, files, captions, segments, embeddings])
+
+
+def _migration_2(conn: Connection) -> None:
+    # Catalogs made at version 1 lack the caption text index (newer ones get it from create_all).
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_captions_text ON captions (text)"))
+
+
+# The tables whose ids leave the catalog (FAISS ids, /api/media/{id} links, thumbnails cached by id):
+# AUTOINCREMENT, so an id is never given to another row, even after the newest row was deleted.
+_ID_TABLES = ("media", "files", "captions", "segments", "embeddings")
+_TRIGGERS_V3 = (
+    "CREATE TRIGGER IF NOT EXISTS embedding_deleted AFTER DELETE ON embeddings BEGIN "
+    "INSERT INTO deletions (kind, embedding_id) VALUES (old.kind, old.id); "
+    "UPDATE vector_counts SET n = n - 1 WHERE kind = old.kind; END",
+    "CREATE TRIGGER IF NOT EXISTS embedding_added AFTER INSERT ON embeddings BEGIN "
+    "UPDATE vector_counts SET n = n + 1 WHERE kind = new.kind; END",
+)
+_TRIGGERS = (
+    "CREATE TRIGGER embedding_deleted AFTER DELETE ON embeddings BEGIN "
+    "INSERT INTO deletions (kind, embedding_id, model) VALUES (old.kind, old.id, old.model); "
+    "UPDATE vector_counts SET n = n - 1 WHERE model = old.model AND kind = old.kind; END",
+    "CREATE TRIGGER embedding_added AFTER INSERT ON embeddings BEGIN "
+    "INSERT OR IGNORE INTO vector_counts (model, kind, n) VALUES (new.model, new.kind, 0); "
+    "UPDATE vector_counts SET n = n + 1 WHERE model = new.model AND kind = new.kind; END",
+)
+
+
+def _migration_3(conn: Connection) -> None:
+    """Ids are never reused (AUTOINCREMENT); deleted embeddings are logged and counts kept for readers.
+
+    SQLite only gives AUTOINCREMENT to a table created with it, so each older table is rebuilt: a new
+    table from the old one's own definition (only the primary key changes), its rows copied with their
+    ids (which seeds ``sqlite_sequence`` with the largest), the old table dropped, the new one renamed
+    and the old one's indexes recreated. :meth:`Catalog._migrate` runs this with foreign keys off, in
+    one transaction.
+    """
+    for table in _ID_TABLES:
+        sql = conn.execute(
+            text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": table}
+        ).scalar_one()
+        if "AUTOINCREMENT" in sql.upper():
+            continue  # created by this version's create_all
+        new_sql, n = re.subn(
+            r"\bid INTEGER NOT NULL,", "id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,", sql, count=1
+        )
+        new_sql, m = re.subn(r"PRIMARY KEY \(id\),\s*", "", new_sql, count=1)
+        new_sql, k = re.subn(
+            rf"^CREATE TABLE \"?{table}\"? \(", f"CREATE TABLE {table}__v3 (", new_sql, count=1
+        )
+        if (n, m, k) != (1, 1, 1):
+            raise MmsearchError(f"cannot migrate table {table}: unexpected definition {sql!r}")
+        indexes = (
+            conn.execute(
+                text(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = :t AND sql IS NOT NULL"
+                ),
+                {"t": table},
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(text(new_sql))
+        conn.execute(text(f"INSERT INTO {table}__v3 SELECT * FROM {table}"))
+        conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text(f"ALTER TABLE {table}__v3 RENAME TO {table}"))
+        for index_sql in indexes:
+            conn.execute(text(index_sql))
+    # The version-3 shapes of the two tables (migration 4 brings them to the current ones).
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS deletions (seq INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, "
+            "kind VARCHAR(8) NOT NULL, embedding_id INTEGER NOT NULL)"
+        )
+    )
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS vector_counts (kind VARCHAR(8) NOT NULL PRIMARY KEY, n INTEGER NOT NULL)"
+        )
+    )
+    if {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(vector_counts)")} != {"kind", "n"}:
+        return  # a current catalog migrated again (its version lowered by hand): nothing to do
+    conn.execute(
+        text("INSERT OR REPLACE INTO vector_counts SELECT kind, count(*) FROM embeddings GROUP BY kind")
+    )
+    for kind in VECTOR_KINDS:
+        conn.execute(text("INSERT OR IGNORE INTO vector_counts VALUES (:kind, 0)"), {"kind": kind})
+    for trigger in _TRIGGERS_V3:
+        conn.execute(text(trigger))
+
+
+#: ``Connection.info`` key: the model identity in the index's description, for migration 4.
+MIGRATION_MODEL = "mmsearch.model_identity"
+#: Catalog meta keys: the registered models (key -> identity), the one searched, the one being embedded.
+MODELS_META = "models"
+#: The speech settings a retranscription is bringing every transcript to (see mmsearch.retranscribe).
+SPEECH_TARGET_META = "speech.target"
+ACTIVE_META = "model.active"
+TARGET_META = "model.target"
+# The per-kind meta keys that became per (model, kind) in schema 4.
+_SLOT_PREFIXES = ("generation", "faiss", "deletions_pruned")
+
+
+def _get_meta(conn: Connection, key: str) -> str | None:
+    row = conn.execute(select(meta.c.value).where(meta.c.key == key)).first()
+    return str(row[0]) if row else None
+
+
+def _set_meta(conn: Connection, key: str, value: str) -> None:
+    from sqlalchemy.dialects.sqlite import insert
+
+    stmt = insert(meta).values(key=key, value=value)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[meta.c.key], set_={"value": value}))
+
+
+def register_model(conn: Connection, key: str, identity: dict[str, Any]) -> None:
+    """Record a model's identity under its key (kept while the index holds its vectors)."""
+    models = json.loads(_get_meta(conn, MODELS_META) or "{}")
+    models[key] = identity
+    _set_meta(conn, MODELS_META, json.dumps(models))
+
+
+def _migration_4(conn: Connection) -> None:
+    """Each embedding names its model: the existing ones get the index's model (``MIGRATION_MODEL``),
+    which becomes the registered, active one; counts, log and meta keys become per (model, kind).
+
+    Saved FAISS files stay where they are: their records (``faiss.MODEL.KIND``) name them (``file``)."""
+    from mmsearch.identity import model_key, registered
+
+    identity: dict[str, Any] | None = conn.info.get(MIGRATION_MODEL)
+    key = model_key(identity) if identity else None
+    columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(embeddings)")}
+    if "model" not in columns:
+        conn.execute(text("ALTER TABLE embeddings ADD COLUMN model VARCHAR NOT NULL DEFAULT ''"))
+    if conn.execute(select(embeddings.c.id).where(embeddings.c.model == "").limit(1)).first() is not None:
+        if key is None:
+            raise MmsearchError("cannot migrate the catalog: the index's model is not known")
+        conn.execute(embeddings.update().where(embeddings.c.model == "").values(model=key))
+    conn.execute(
+        text("CREATE INDEX IF NOT EXISTS ix_embeddings_model_kind_id ON embeddings (model, kind, id)")
+    )
+    if "model" not in {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(deletions)")}:
+        conn.execute(text("ALTER TABLE deletions ADD COLUMN model VARCHAR"))
+        if key is not None:
+            conn.execute(deletions.update().values(model=key))
+    conn.execute(text("DROP TABLE IF EXISTS vector_counts"))
+    vector_counts.create(conn)
+    conn.execute(
+        text(
+            "INSERT INTO vector_counts (model, kind, n) "
+            "SELECT model, kind, count(*) FROM embeddings GROUP BY model, kind"
+        )
+    )
+    conn.execute(text("DROP TRIGGER IF EXISTS embedding_deleted"))
+    conn.execute(text("DROP TRIGGER IF EXISTS embedding_added"))
+    for trigger in _TRIGGERS:
+        conn.execute(text(trigger))
+    if key is None:
+        return
+    for prefix in _SLOT_PREFIXES:
+        for kind in VECTOR_KINDS:
+            old = _get_meta(conn, f"{prefix}.{kind}")
+            if old is None:
+                continue
+            if prefix == "faiss":
+                old = json.dumps({**json.loads(old), "file": f"{kind}.faiss"})  # the flat layout
+            _set_meta(conn, f"{prefix}.{key}.{kind}", old)
+            conn.execute(meta.delete().where(meta.c.key == f"{prefix}.{kind}"))
+    if _get_meta(conn, ACTIVE_META) is None:
+        register_model(conn, key, registered(identity or {}))
+        _set_meta(conn, ACTIVE_META, json.dumps(key))
+
+
+def _migration_5(conn: Connection) -> None:
+    """Each transcript names the speech settings that made it (see mmsearch.retranscribe)."""
+    if "speech" not in {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(media)")}:
+        conn.execute(text("ALTER TABLE media ADD COLUMN speech VARCHAR"))
+
+
+# Append only: each entry brings a database at version i to version i+1.
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+# The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot
+# be migrated, may be at. Migration 2 only adds an index; migration 3 adds AUTOINCREMENT (which only
+# matters to inserts) and the deletion log, which a reader of an older catalog does without: it rebuilds a
+# vector index whose generation changed instead of applying the log (see Catalog.has_deletion_log).
+# Migration 4 names each embedding's model: an older catalog holds one model's, keyed by kind alone.
+READABLE_FROM = 1
+
+
+def path_key(path: Path | str) -> bytes:
+    return os.fsencode(path)
+
+
+def display_path(key: bytes) -> str:
+    return key.decode("utf-8", "replace")
+
+
+def path_json(key: bytes) -> dict[str, str]:
+    """A path for JSON: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and
+    ``path_b64``, the standard base64 of its exact bytes (file names need not be UTF-8)."""
+    return {"path": display_path(key), "path_b64": base64.b64encode(key).decode("ascii")}
+
+
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8 for a TEXT column: a non-UTF-8 file name inside it (decoded by Python with
+    surrogate escapes) would make SQLite's driver raise UnicodeEncodeError."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
