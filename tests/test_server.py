@@ -118,6 +118,28 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     assert not (index / discovery.SERVER_FILE).exists(), "server.json must be removed on exit"
 
 
+def send(
+    host: str,
+    port: int,
+    token: str | None,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request with the path sent exactly as given (no client-side normalisation), with ``token`` as
+    the CLI sends it (none if None): status, lower-cased headers, body."""
+    auth = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={**auth, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
 def raw(
     srv: Running,
     method: str,
@@ -127,16 +149,10 @@ def raw(
     body: bytes | None = None,
     token: bool = True,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One request with the path sent exactly as given (no client-side normalisation), with the server's
-    token as the CLI sends it unless ``token=False``."""
-    auth = {"Authorization": f"Bearer {srv.server.token}"} if token else {}
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers={**auth, **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    """:func:`send` to ``srv`` with its token unless ``token=False``."""
+    return send(
+        srv.host, srv.port, srv.server.token if token else None, method, path, headers=headers, body=body
+    )
 
 
 def get_json(srv: Running, path: str) -> tuple[int, Any]:

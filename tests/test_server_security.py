@@ -31,7 +31,7 @@ import pytest
 import mmsearch
 from mmsearch import client, discovery, server
 from tests.conftest import TINY_MODEL, solid
-from tests.test_server import multipart, start
+from tests.test_server import multipart, send, start
 
 ODD_NAME = b"caf\xff-odd.png"  # not valid UTF-8
 
@@ -93,14 +93,9 @@ def request(
     body: bytes | None = None,
     token: bool = True,
 ) -> tuple[int, dict[str, str], bytes]:
-    auth = {"Authorization": f"Bearer {site.token}"} if token else {}
-    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers={**auth, **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+    return send(
+        "127.0.0.1", site.port, site.token if token else None, method, path, headers=headers, body=body
+    )
 
 
 def image_upload(site: Site) -> tuple[bytes, dict[str, str]]:
