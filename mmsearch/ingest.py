@@ -737,7 +737,10 @@ class _Run:
         for i in range(0, len(to_add), bs):
             self.tick("captions", i, len(to_add))
             chunk = to_add[i : i + bs]
-            vectors = self._caption_vectors([c.text for _, c in chunk])
+            vectors, embedded = caption_vectors(
+                self.store, self.embedder, [c.text for _, c in chunk], self.store.model
+            )
+            self.report.captions_embedded += embedded
             with self.store.write("caption") as tx:
                 cids = db.add_captions(tx.conn, [(fid, c.source, c.text) for fid, c in chunk])
                 tx.added("caption", db.add_embeddings(tx.conn, "caption", vectors, cids), vectors)
@@ -749,16 +752,6 @@ class _Run:
                 removed = db.remove_captions(tx.conn, to_remove)
                 tx.removed("caption", removed.get("caption", []))
             self.report.captions_removed += len(to_remove)
-
-    def _caption_vectors(self, texts: list[str]) -> np.ndarray:
-        """One vector per text: a text already in the catalog keeps its vector (one index, one model: the
-        text tower would give the same one), the rest are embedded once each."""
-        known = self.store.catalog.caption_vectors(texts, self.store.dim, self.store.model)
-        new = list(dict.fromkeys(t for t in texts if t not in known))
-        if new:
-            known.update(zip(new, self.embedder.embed_texts(new), strict=True))
-            self.report.captions_embedded += len(new)
-        return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
     def rows_under(self, root: Path) -> dict[bytes, db.FileRow]:
         prefix = db.path_key(root).rstrip(b"/") + b"/"
@@ -780,6 +773,19 @@ class _Run:
                 tx.removed(kind, ids)
         self.store.drop_thumbnails(orphan_shas)  # after the commit: a crash before it keeps them, harmlessly
         self.report.files_removed += len(gone)
+
+
+def caption_vectors(
+    store: Store, embedder: Embedder, texts: list[str], model: str, *, reuse: bool = True
+) -> tuple[np.ndarray, int]:
+    """One vector of ``model`` per text, and how many texts the model embedded: with ``reuse``, a text a
+    caption already holds a vector of ``model`` for keeps it (the text tower would give the same one);
+    the rest are embedded once each, however often they repeat."""
+    known = store.catalog.caption_vectors(texts, embedder.dim, model) if reuse else {}
+    new = list(dict.fromkeys(t for t in texts if t not in known))
+    if new:
+        known.update(zip(new, embedder.embed_texts(new), strict=True))
+    return np.stack([known[t] for t in texts]).astype(np.float32, copy=False), len(new)
 
 
 def transcribe_file(transcriber: Any, path: Path) -> tuple[Any, str | None]:

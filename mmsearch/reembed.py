@@ -32,6 +32,7 @@ from mmsearch.ingest import (
     Embedder,
     Progress,
     bounded_map,
+    caption_vectors,
     image_batch_size,
     unchanged_file,
 )
@@ -249,14 +250,9 @@ def _embed_texts(
         chunk = ids[start : start + TEXT_BATCH]
         texts = db.texts_of(store.catalog, kind, chunk)
         chunk = [i for i in chunk if i in texts]
-        wanted = [texts[i] for i in chunk]
-        known = store.catalog.caption_vectors(wanted, emb.dim, model) if kind == "caption" else {}
-        new = list(dict.fromkeys(t for t in wanted if t not in known))
-        if new:
-            known.update(zip(new, emb.embed_texts(new), strict=True))
         if not chunk:
             continue
-        vectors = np.stack([known[t] for t in wanted]).astype(np.float32, copy=False)
+        vectors, _ = caption_vectors(store, emb, [texts[i] for i in chunk], model, reuse=kind == "caption")
         with store.write(kind, model=model) as tx:
             tx.added(kind, db.add_embeddings(tx.conn, kind, vectors, chunk, model=model), vectors)
         setattr(report, f"{kind}s", getattr(report, f"{kind}s") + len(chunk))
