@@ -143,7 +143,7 @@ def main() -> None:
 
         # Decoded as ingestion does (JPEG draft at the model's input size); its CPU time per image is what
         # the pipeline must find beside the model on the same cores.
-        draft = getattr(embedder, "input_size", None)
+        draft = embedder.input_size
         c = time.process_time()
         tensors = [embedder.preprocess_image(load_image(p, draft_size=draft)) for p in files]
         decode_cpu = time.process_time() - c
@@ -199,7 +199,7 @@ def main() -> None:
         },
         "model_alone_img_s": round(model_ips, 2),
         "model_alone_img_s_before_after": [round(n / model_before, 2), round(n / model_after, 2)],
-        "model_streams": getattr(embedder, "image_streams", 1),
+        "model_streams": embedder.image_streams,
         "end_to_end_img_s": round(e2e_ips, 2),
         "e2e_over_model": round(e2e_ips / model_ips, 3),
         "target_e2e_over_model": 0.90,
@@ -219,7 +219,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"model alone : {model_ips:6.2f} img/s  ({args.tower}, batch {bs}, "
-        f"{getattr(embedder, 'image_streams', 1)} streams; {n / model_before:.2f} before, "
+        f"{embedder.image_streams} streams; {n / model_before:.2f} before, "
         f"{n / model_after:.2f} after the end-to-end run)"
     )
     print(f"end to end  : {e2e_ips:6.2f} img/s  → {e2e_ips / model_ips:.2f} of the model alone (target 0.90)")
