@@ -70,39 +70,26 @@ CHECKPOINT_COST_FACTOR = 10.0
 class WriteUnit:
     """One transaction of a writer, opened by :meth:`Store.write`: ``conn`` is the transaction; the caller
     records the vectors it changed with :meth:`added` and :meth:`removed` (of any model: every loaded
-    index of a changed kind follows the commit)."""
+    index of a changed kind follows the commit, from the catalog's own record of the change, so only the
+    kinds changed are kept here)."""
 
     conn: Connection
     kinds: tuple[str, ...]
-    _added: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
-    _removed: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
 
     def added(self, kind: str, ids: Any, vectors: np.ndarray) -> None:
         """Embeddings of ``kind`` inserted by this transaction (ids from :func:`db.add_embeddings`)."""
-        self._check(kind)
-        self._added.setdefault(kind, []).append((np.asarray(ids, np.int64), vectors))
+        self._record(kind)
 
     def removed(self, kind: str, ids: Any) -> None:
         """Embeddings of ``kind`` deleted by this transaction."""
-        self._check(kind)
-        self._removed.setdefault(kind, []).append(np.asarray(ids, np.int64))
+        self._record(kind)
 
-    def _check(self, kind: str) -> None:
+    def _record(self, kind: str) -> None:
         if kind not in self.kinds:
             # Its index was not loaded before the change: following it after the commit would rebuild it.
             raise ValueError(f"store.write() was not told that this transaction changes {kind} vectors")
-
-    def changes(self) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]]:
-        """(kind, added, removed) for each kind changed, as :meth:`Store.apply` takes them."""
-        for kind in self.kinds:
-            if kind not in self._added and kind not in self._removed:
-                continue
-            adds = self._added.get(kind)
-            added = (
-                (np.concatenate([i for i, _ in adds]), np.concatenate([v for _, v in adds])) if adds else None
-            )
-            rems = self._removed.get(kind)
-            yield kind, added, np.concatenate(rems) if rems else None
+        self.changed.add(kind)
 
 
 @dataclass
@@ -336,18 +323,12 @@ class Store:
                 self._adopt_retrained(slot)
         return active
 
-    def apply(
-        self,
-        kind: str,
-        added: tuple[np.ndarray, np.ndarray] | None = None,
-        removed: np.ndarray | None = None,
-    ) -> None:
+    def apply(self, kind: str) -> None:
         """Bring one kind's in-memory index in step with a change just committed (saved later by
         :meth:`save_vectors`, or by a checkpoint during a long run).
 
         The index follows the catalog's own record of the change (embeddings with new ids, the deletion
-        log), as every reader does; ``added`` and ``removed`` are what the caller changed and need not be
-        passed.
+        log), as every reader does.
         """
         loaded = [slot for slot in self._live if slot[1] == kind]
         if not loaded:
@@ -372,8 +353,9 @@ class Store:
         with self.catalog.begin() as conn:
             tx = WriteUnit(conn, kinds)
             yield tx
-        for kind, added, removed in tx.changes():
-            self.apply(kind, added, removed)
+        for kind in tx.kinds:  # in the order declared
+            if kind in tx.changed:
+                self.apply(kind)
 
     def checkpoint_vectors(self) -> None:
         """Save the FAISS files that changed, during a run: a reader opening the index then starts from
