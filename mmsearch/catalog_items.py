@@ -13,6 +13,8 @@ from sqlalchemy import (
 )
 
 from mmsearch.catalog import Catalog, FileRow, _chunks
+from mmsearch.catalog_filters import file_passes
+from mmsearch.filters import Filters
 from mmsearch.schema import (
     VECTOR_KINDS,
     captions,
@@ -38,19 +40,23 @@ class ItemRow:
 
 
 def resolve_items(
-    catalog: Catalog, ids: Sequence[int], kinds: Sequence[str] = VECTOR_KINDS
+    catalog: Catalog,
+    ids: Sequence[int],
+    kinds: Sequence[str] = VECTOR_KINDS,
+    filters: Filters | None = None,
 ) -> dict[int, ItemRow]:
     """The items of these embedding ids that are of one of ``kinds`` (the kinds searched: an id found in
-    one kind's index is never shown as an item of another)."""
+    one kind's index is never shown as an item of another). An image or segment shows the lowest-id live
+    file of its content that passes ``filters`` (left out when none does); a caption shows its own file."""
     e, f, c, s = embeddings, files, captions, segments
     f2 = files.alias("f2")
 
     def first_file(media_id_col: Any) -> Any:
-        # The lowest live file id of this media, looked up through the files.media_id index per row,
-        # instead of grouping the whole files table on every query (seconds at 100k files).
+        # The lowest live (and passing) file id of this media, looked up through the files.media_id index
+        # per row, instead of grouping the whole files table on every query (seconds at 100k files).
         return (
             select(func.min(f2.c.id))
-            .where(f2.c.media_id == media_id_col, f2.c.status == "ok")
+            .where(f2.c.media_id == media_id_col, file_passes(filters, f2))
             .scalar_subquery()
         )
 

@@ -314,6 +314,121 @@ def _migration_5(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE media ADD COLUMN speech VARCHAR"))
 
 
+# --- full-text search (schema 6) -------------------------------------------------------------------
+# FTS5 indexes of caption texts, transcript segment texts and file names, kept by triggers in the
+# transaction of every write to their tables (see _migration_6). Their rowid is the id of the caption,
+# segment or file. captions_fts and segments_fts are external-content tables (their text is read from
+# the table); files_fts is contentless (it indexes a name computed from files.path, so nothing stored
+# twice). A later migration that rebuilds captions, segments or files (as _migration_3 did) drops these
+# triggers with the table and must create them again.
+
+#: The schema version that added the full-text indexes: an older catalog (read-only) has none.
+FTS_FROM = 6
+#: Meta key: how many times a row of files was inserted, updated or deleted (kept by triggers).
+FILES_CHANGES_META = "files.changes"
+#: Letters and digits make words; case and diacritics are folded ('Café' matches 'cafe').
+FTS_TOKENIZE = "unicode61 remove_diacritics 2"
+
+# Declared for queries only (never created from this metadata: the migration creates them). The column
+# named like the table is FTS5's hidden column for MATCH; rank is bm25 (lower is better).
+fts_metadata = MetaData()
+captions_fts = Table(
+    "captions_fts",
+    fts_metadata,
+    Column("rowid", Integer, primary_key=True),
+    Column("captions_fts", Text),
+    Column("rank", Float),
+)
+segments_fts = Table(
+    "segments_fts",
+    fts_metadata,
+    Column("rowid", Integer, primary_key=True),
+    Column("segments_fts", Text),
+    Column("rank", Float),
+)
+files_fts = Table(
+    "files_fts",
+    fts_metadata,
+    Column("rowid", Integer, primary_key=True),
+    Column("files_fts", Text),
+    Column("rank", Float),
+)
+
+
+#: The item columns of ix_embeddings_items (model, kind, then these), in order. An embedding names its
+#: item in its kind's column (REF_COLUMNS) and leaves the others NULL.
+ITEM_COLUMNS = ("media_id", "caption_id", "segment_id")
+
+
+def _file_name_sql(path: str) -> str:
+    """SQL for the words of a file's name: its base name (after the last '/') without its extension
+    (after the last '.', unless that '.' starts the name). Plain SQL, no registered function: any SQLite
+    opening the catalog runs the triggers."""
+    name = f"substr({path}, length(rtrim({path}, replace({path}, '/', ''))) + 1)"
+    stem = f"substr({name}, 1, length(rtrim({name}, replace({name}, '.', ''))) - 1)"
+    return f"(CASE WHEN instr({name}, '.') > 1 THEN {stem} ELSE {name} END)"
+
+
+_FTS_TABLES = (
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5(text, content='captions', "
+    f"content_rowid='id', tokenize='{FTS_TOKENIZE}')",
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS segments_fts USING fts5(text, content='segments', "
+    f"content_rowid='id', tokenize='{FTS_TOKENIZE}')",
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS files_fts USING fts5(name, content='', tokenize='{FTS_TOKENIZE}')",
+)
+
+
+def _fts_triggers(table: str, fts: str, column: str, value: str) -> list[tuple[str, str]]:
+    """(name, SQL) of the triggers keeping ``fts`` in step with ``table``: ``value`` is the SQL of the
+    indexed text over a row alias (``{row}``); an update deletes the old entry and inserts the new."""
+    old, new = value.format(row="old"), value.format(row="new")
+    delete = f"INSERT INTO {fts} ({fts}, rowid, {column}) VALUES ('delete', old.id, {old});"
+    insert = f"INSERT INTO {fts} (rowid, {column}) VALUES (new.id, {new});"
+    watched = "id, path" if table == "files" else "id, text"
+    return [
+        (f"{fts}_insert", f"AFTER INSERT ON {table} BEGIN {insert} END"),
+        (f"{fts}_delete", f"AFTER DELETE ON {table} BEGIN {delete} END"),
+        (f"{fts}_update", f"AFTER UPDATE OF {watched} ON {table} BEGIN {delete} {insert} END"),
+    ]
+
+
+def _migration_6(conn: Connection) -> None:
+    """Full-text indexes of captions, transcript segments and file names, filled from the existing rows
+    and kept in step by triggers (rerunnable: a catalog migrated again is indexed afresh), and an index
+    of each embedding's model, kind and item; changes to files are counted."""
+    for sql in _FTS_TABLES:
+        conn.execute(text(sql))
+    # Every change to files counts in meta (FILES_CHANGES_META): with the generations, what says that a
+    # filter's selection computed earlier is still right.
+    bump = (
+        f"INSERT INTO meta (key, value) VALUES ('{FILES_CHANGES_META}', '1') ON CONFLICT (key) "
+        "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT);"
+    )
+    triggers = [
+        *_fts_triggers("captions", "captions_fts", "text", "{row}.text"),
+        *_fts_triggers("segments", "segments_fts", "text", "{row}.text"),
+        *_fts_triggers("files", "files_fts", "name", _file_name_sql("{row}.path")),
+        *(
+            (f"files_changed_{op}", f"AFTER {op.upper()} ON files BEGIN {bump} END")
+            for op in ("insert", "update", "delete")
+        ),
+    ]
+    for name, body in triggers:
+        conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
+        conn.execute(text(f"CREATE TRIGGER {name} {body}"))
+    # Which embeddings a filter lets through is read from this index alone (see mmsearch.catalog_filters):
+    # an embedding row holds its vector, so reading the rows of a million would read gigabytes.
+    conn.execute(
+        text(
+            f"CREATE INDEX IF NOT EXISTS ix_embeddings_items ON embeddings (model, kind, {', '.join(ITEM_COLUMNS)})"
+        )
+    )
+    conn.execute(text("INSERT INTO captions_fts (captions_fts) VALUES ('rebuild')"))
+    conn.execute(text("INSERT INTO segments_fts (segments_fts) VALUES ('rebuild')"))
+    conn.execute(text("INSERT INTO files_fts (files_fts) VALUES ('delete-all')"))
+    conn.execute(text(f"INSERT INTO files_fts (rowid, name) SELECT id, {_file_name_sql('path')} FROM files"))
+
+
 # Append only: each entry brings a database at version i to version i+1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
@@ -321,6 +436,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot
