@@ -23,6 +23,15 @@ Index types (``spec``), chosen by collection size unless the caller forces one:
 ``ivf-pq``
     The same IVF-PQ without re-ranking; kept for the benchmark as a reference, never chosen.
 
+Filtered search (``search(queries, k, allowed=ids)``) happens inside FAISS, so a selective filter still
+returns k hits: an ``IDSelector`` over the allowed ids (a bitmap, or a hash set for ids spread far apart)
+goes in ``SearchParameters``; ``IndexIDMap2`` translates it for ``flat``. IVF types probe their lists in
+order of centroid similarity until :data:`FILTER_BUDGET` times the vectors an unfiltered search scores
+have passed the selector, so the narrower the selection, the more lists are probed. When the selection
+is so small that scoring its vectors one by one is cheaper than testing the ids of the lists that
+probing would visit, those vectors are scored directly: ``compact`` reads its exact vectors, the other
+IVF types decode theirs through a FAISS direct map (id → list, offset) made on first use.
+
 A forced IVF type given too few vectors to train (:data:`MIN_TRAIN`) falls back to ``flat``, and
 :func:`needs_rebuild` says so once the collection is large enough. A ``VectorIndex`` is not
 thread-safe: searches must not run concurrently with ``add``/``remove`` on the same object.
@@ -44,6 +53,7 @@ import math
 import os
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,11 +86,33 @@ MIN_NPROBE = 4
 #: shortlist for recall@10 0.97, 128-byte codes 40, and the re-ranking is most of the query time.
 COMPACT_DIMS_PER_BYTE = 4
 
+#: Filtered IVF search stops probing lists once this many times the vectors an unfiltered search scores
+#: (nprobe lists of average length) passed the selector (FAISS ``max_codes`` with ``ensure_topk_full``,
+#: which counts only vectors that passed, and never stops before k). A random selection of a fraction s
+#: of the index then probes about FILTER_BUDGET·nprobe/s lists, the "nprobe / selectivity" rule; a
+#: selection gathered in a few lists (a folder of similar photos) probes on past the lists holding none
+#: of it instead of returning fewer than k hits. Filtered neighbours lie farther out than unfiltered
+#: ones, for which nprobe was tuned: with a factor 1, recall@10 of random 5 % selections fell to 0.94-0.98
+#: on clustered data; 2 keeps it at the unfiltered level, and each step costs about as much again.
+#: Figures: benchmarks/results/filters.json.
+FILTER_BUDGET = 2.0
+#: A bitmap selector is used when the allowed ids are at least this dense in [0, max id]: building it
+#: costs about a byte per id of that span and testing an id is one memory read, whereas FAISS's
+#: IDSelectorBatch (a hash set, for ids spread far apart) costs far more per allowed id to build.
+BITMAP_MIN_DENSITY = 1 / 64
+#: Cost of scoring one allowed vector directly instead of through FAISS's list scan, in units of the
+#: scan testing one id of a probed list against the selector: reading a 2 KB exact vector of the compact
+#: file (page cache) and its inner product, or for the other IVF types a direct-map lookup and a decode.
+#: Scoring m vectors directly is chosen when m · cost < the ids a budgeted scan tests (filter_plan).
+#: The ratios are measured: benchmarks/bench_filters.py times both methods around the switch.
+SUBSET_ROW_COST = {"compact": 60.0, "ivf-sq8": 300.0, "ivf-pq": 300.0}
+
 SPECS = ("flat", "ivf-sq8", "compact", "ivf-pq")
 #: Fewest vectors each IVF type is trained on; a forced spec below this falls back to flat. PQ
 #: needs ≥ 256 points for its 8-bit codebooks; more make them usable.
 MIN_TRAIN = {"ivf-sq8": 100, "compact": 1000, "ivf-pq": 1000}
 
+_SUBSET_BLOCK = 512  # vectors read (or decoded) and scored at a time by a filtered search's subset method
 _MAGIC = b"MMSVIDX1"
 _TRAILER = struct.Struct("<Q8s")  # JSON length, magic
 _FORMAT_VERSION = 1
@@ -136,6 +168,14 @@ def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
     return x
 
 
+def _member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mask of the ``ids`` found in ``sorted_ids`` (a binary search each: no sort of the large array)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
 def _nlist_for(n: int) -> int:
     """nlist ≈ 2·√n rounded to a power of two, keeping ≥ 39 training points per list (faiss's minimum)."""
     nlist = 2 ** round(math.log2(max(2 * math.sqrt(n), 1)))
@@ -150,8 +190,8 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 class _ExactStore:
     """The exact vectors of a compact index, sorted by id: an array or read-only memmap, plus rows added since.
 
-    Removed ids are not dropped here: FAISS no longer returns them, and :meth:`VectorIndex.save`
-    only writes the rows whose id is still in the index.
+    Removed rows stay readable (FAISS no longer returns their ids, and :meth:`VectorIndex.save` only
+    writes the rows whose id is still in the index); :meth:`held` leaves them out.
     """
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
@@ -161,10 +201,24 @@ class _ExactStore:
         self.ids = ids
         self.vectors = vectors
         self.extra: dict[int, np.ndarray] = {}  # rows added after build/load, keyed by id
+        self.dropped = np.empty(0, np.int64)  # sorted ids of `ids` removed since build/load
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         for i, v in zip(ids.tolist(), vectors, strict=True):
             self.extra[i] = v.copy()
+
+    def discard(self, ids: np.ndarray) -> None:
+        """Mark ``ids`` removed from the index."""
+        for i in ids.tolist():
+            self.extra.pop(i, None)
+        self.dropped = np.union1d(self.dropped, ids[_member(self.ids, ids)])
+
+    def held(self, ids: np.ndarray) -> np.ndarray:
+        """The ids among ``ids`` that the index holds (stored and not removed since)."""
+        keep = _member(self.ids, ids) & ~_member(self.dropped, ids)
+        if self.extra:
+            keep |= np.fromiter((i in self.extra for i in ids.tolist()), bool, len(ids))
+        return ids[keep]
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Rows for ``ids`` (each must have been stored); later additions win over older rows."""
@@ -184,6 +238,56 @@ class _ExactStore:
             else:  # pragma: no cover
                 raise KeyError(f"no stored vector for id {i}")
         return out
+
+
+class _Selection:
+    """A FAISS IDSelector over allowed ids, holding the numpy buffer it reads for as long as it lives."""
+
+    def __init__(self, allowed: np.ndarray) -> None:
+        faiss = _faiss()
+        span = int(allowed.max()) + 1
+        if len(allowed) >= BITMAP_MIN_DENSITY * span:
+            dense = np.zeros(span, dtype=bool)
+            dense[allowed] = True
+            # FAISS reads bit (id % 8) of byte (id // 8), least significant bit first.
+            self.buffer = np.packbits(dense, bitorder="little")
+            self.selector = faiss.IDSelectorBitmap(len(self.buffer), faiss.swig_ptr(self.buffer))
+            self.kind = "bitmap"
+        else:
+            self.buffer = allowed  # IDSelectorBatch copies the ids into its own hash set
+            self.selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
+            self.kind = "batch"
+
+
+# The selector built for the last read-only `allowed` array, reused when the same array object comes
+# again (a caller caching a filter's ids passes the same array to each kind's index and each query).
+# A writable array might have changed since, so its selector is never reused.
+_last_selection: tuple[np.ndarray, _Selection] | None = None
+
+
+def _selection(allowed: np.ndarray) -> _Selection:
+    global _last_selection
+    last = _last_selection  # one read: another thread may replace it meanwhile
+    if last is not None and last[0] is allowed:
+        return last[1]
+    selection = _Selection(allowed)
+    if not allowed.flags.writeable:
+        _last_selection = (allowed, selection)
+    return selection
+
+
+def _as_allowed(allowed: np.ndarray) -> np.ndarray:
+    """``allowed`` as a contiguous 1-d int64 array (the same object when it already is one)."""
+    a = np.asarray(allowed)
+    if a.dtype != np.int64 or a.ndim != 1 or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a.reshape(-1), dtype=np.int64)
+    if len(a) and int(a.min()) < 0:
+        raise ValueError("allowed ids must be >= 0")
+    return a
+
+
+def _no_hits(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
 
 class VectorIndex:
@@ -209,6 +313,10 @@ class VectorIndex:
         self._index = index
         self._store = store
         self._gpu_index: Any = None
+        # IVF types, made on the first filtered search that scores a small selection directly: the ids
+        # held, sorted (then kept up to date by add/remove), and a FAISS direct map (id -> list, offset).
+        self._held: np.ndarray | None = None
+        self._lazy_lock = threading.Lock()
         self._apply_params()
 
     # ------------------------------------------------------------------ construction
@@ -412,6 +520,12 @@ class VectorIndex:
         self._index.add_with_ids(x, ids)
         if self._store is not None:
             self._store.add(ids, x)
+        if self._held is not None:
+            new = np.sort(ids)
+            if not len(self._held) or new[0] > self._held[-1]:
+                self._held = np.concatenate([self._held, new])
+            else:
+                self._held = np.insert(self._held, np.searchsorted(self._held, new), new)
         self._gpu_index = None
 
     def remove(self, ids: np.ndarray) -> int:
@@ -420,28 +534,129 @@ class VectorIndex:
         ids = _as_ids(ids)
         if not len(ids):
             return 0
-        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+        if self.spec != "flat" and self._index.direct_map.type == faiss.DirectMap.Hashtable:
+            # FAISS removes from an IVF index with a hash-table direct map only through an IDSelectorArray
+            # (looked up one by one in the map, no scan of the lists).
+            selector = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+        else:
+            selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+        removed = int(self._index.remove_ids(selector))
+        if self._store is not None:
+            self._store.discard(ids)
+        if self._held is not None and removed:
+            self._held = np.delete(self._held, np.searchsorted(self._held, ids[_member(self._held, ids)]))
         self._gpu_index = None
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [nq, k] float32, ids [nq, k] int64), best first; missing slots have id -1, score -inf."""
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [nq, k] float32, ids [nq, k] int64), best first; missing slots have id -1, score -inf.
+
+        ``allowed``: only these ids (int64, sorted; ids this index does not hold are ignored) may be
+        returned, and k are returned whenever the index holds at least k of them (see the module
+        docstring for how). An empty ``allowed`` returns no hits.
+        """
         q = _as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
-        if self.spec == "compact":
+        if allowed is not None:
+            scores, ids = self._search_filtered(q, k, _as_allowed(allowed))
+        elif self.spec == "compact":
             scores, ids = self._search_compact(q, k)
         else:
             scores, ids = self._searcher().search(q, k)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _search_compact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_filtered(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        if not len(allowed) or not self.ntotal:
+            return _no_hits(len(q), k)
+        # Always the CPU index: FAISS's GPU indexes do not take an IDSelector.
+        plan = self.filter_plan(len(allowed))
+        if plan["method"] == "subset":
+            return self._search_subset(q, k, allowed)
+        selection = _selection(allowed)
+        if self.spec == "flat":
+            # IndexIDMap2 wraps the selector in an IDSelectorTranslated (row -> id); the flat scan tests
+            # each row's id and computes inner products for the allowed rows only.
+            return self._index.search(q, k, params=faiss.SearchParameters(sel=selection.selector))
+        params = faiss.SearchParametersIVF(
+            sel=selection.selector,
+            nprobe=plan["nprobe"],
+            max_codes=plan["max_codes"],
+            ensure_topk_full=True,
+        )
+        if self.spec == "compact":
+            return self._search_compact(q, k, params)
+        return self._index.search(q, k, params=params)
+
+    def filter_plan(self, n_allowed: int) -> dict[str, Any]:
+        """How a search restricted to ``n_allowed`` ids runs: ``method`` "selector" (FAISS scan with an
+        IDSelector; for IVF types with ``nprobe`` and ``max_codes``) or "subset" (the allowed vectors
+        scored one by one)."""
+        if self.spec == "flat":
+            return {"method": "selector"}
+        nlist = int(self.params["nlist"])
+        # Vectors scored before probing stops: FILTER_BUDGET times an unfiltered search's.
+        budget = FILTER_BUDGET * self.params["nprobe"] * self.ntotal / nlist
+        # A budgeted scan of a selection spread over the index tests about budget / selectivity ids
+        # (never more than the whole index); scoring the selection directly costs SUBSET_ROW_COST each.
+        scan_ids = min(float(self.ntotal), budget * self.ntotal / max(n_allowed, 1))
+        if n_allowed * SUBSET_ROW_COST[self.spec] < scan_ids:
+            return {"method": "subset"}
+        # nprobe = nlist: every list may be probed, in centroid order; max_codes decides where to stop.
+        return {"method": "selector", "nprobe": nlist, "max_codes": int(budget)}
+
+    def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score the allowed vectors the index holds one by one (few of them: see filter_plan)."""
+        faiss = _faiss()
+        held = (
+            self._store.held(allowed)
+            if self._store is not None
+            else allowed[_member(self._held_ids(), allowed)]
+        )
+        best_scores, best_ids = _no_hits(len(q), k)
+        # In blocks, so that the rows just read are scored while they are in the CPU cache.
+        buffer = np.empty((min(_SUBSET_BLOCK, len(held)), self.dim), dtype=np.float32)
+        for s in range(0, len(held), _SUBSET_BLOCK):
+            part = held[s : s + _SUBSET_BLOCK]
+            if self._store is not None:  # compact: the exact vectors
+                rows = self._store.get(part)
+            else:  # ivf-sq8 / ivf-pq: decoded, as their list scan scores them
+                rows = self._decode(part, buffer[: len(part)])
+            scores, pos = faiss.knn(q, rows, min(k, len(part)), faiss.METRIC_INNER_PRODUCT)
+            ids = np.where(pos >= 0, part[np.maximum(pos, 0)], -1)
+            scores = np.concatenate([best_scores, scores], axis=1)
+            ids = np.concatenate([best_ids, ids], axis=1)
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            best_scores = np.take_along_axis(scores, top, axis=1)
+            best_ids = np.take_along_axis(ids, top, axis=1)
+        return best_scores, best_ids
+
+    def _held_ids(self) -> np.ndarray:
+        """The ids this IVF index holds, sorted; listed once, then kept up to date by add/remove."""
+        with self._lazy_lock:
+            if self._held is None:
+                self._held = np.sort(self.ids())
+            return self._held
+
+    def _decode(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Decoded vectors of held ids into ``out``, through a hash-table direct map made on first use
+        (~35 B/vector of RAM, kept up to date by FAISS on add/remove, not written to the file)."""
+        faiss = _faiss()
+        with self._lazy_lock:
+            if self._index.direct_map.type != faiss.DirectMap.Hashtable:
+                self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return self._index.reconstruct_batch(ids, out)
+
+    def _search_compact(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """IVF-PQ shortlist, re-ranked by exact inner products with the stored float32 vectors."""
         assert self._store is not None
         # The shortlist was tuned for k = 10; scale it for other k.
         shortlist = max(k, int(self.params.get("shortlist", 100) * max(k, _TUNE_K) / _TUNE_K))
-        _, cand = self._index.search(q, shortlist)
+        _, cand = self._index.search(q, shortlist, params=params)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         out = np.full((len(q), k), -1, dtype=np.int64)
         step = max(1, 4096 // shortlist)  # bounds the gathered block to ~8 MB for 512-d
@@ -461,7 +676,7 @@ class VectorIndex:
         return scores, out
 
     def _searcher(self) -> Any:
-        """The CPU index, or a GPU copy when faiss-gpu and a GPU are present (never here: CPU only)."""
+        """For unfiltered searches: the CPU index, or a GPU copy when faiss-gpu and a GPU are present."""
         faiss = _faiss()
         if self._gpu_index is None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             try:  # pragma: no cover - no GPU on the machines this was written on
@@ -522,7 +737,16 @@ class VectorIndex:
                     "params": self.params,
                 }
                 writer = faiss.PyCallbackIOWriter(out.write_counted)
-                faiss.write_index(self._index, writer)
+                # The direct map is an in-memory aid of filtered search (see _decode): the file holds the
+                # vectors only, so the map is dropped while writing and made again after.
+                direct_map = self._index.direct_map.type if self.spec != "flat" else faiss.DirectMap.NoMap
+                if direct_map != faiss.DirectMap.NoMap:
+                    self._index.set_direct_map_type(faiss.DirectMap.NoMap)
+                try:
+                    faiss.write_index(self._index, writer)
+                finally:
+                    if direct_map != faiss.DirectMap.NoMap:
+                        self._index.set_direct_map_type(direct_map)
                 del writer  # it calls back synchronously; a failing write raises out of write_index
                 meta["faiss_len"] = out.size
                 if self._store is not None:
