@@ -40,3 +40,53 @@ def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
         ],
     )
     return db.add_embeddings(conn, "image", vecs, [mid[s] for s in shas])
+
+
+def insert_recordings(conn: Any, texts: list[str], vecs: np.ndarray, first: int, per_file: int = 10) -> None:
+    """Transcript rows for ``texts`` (one segment each, ``per_file`` segments per recording) with their vectors
+    ``vecs``, numbered from ``first`` inside the caller's transaction; bulk inserts, FTS kept by triggers."""
+    model = db.active_model(conn)
+    n_files = -(-len(texts) // per_file)
+    shas = [f"a{first + i:063x}" for i in range(n_files)]
+    conn.execute(db.media.insert(), [{"sha256": s, "kind": "audio", "duration": 60.0} for s in shas])
+    rows = conn.execute(
+        db.media.select().with_only_columns(db.media.c.id, db.media.c.sha256).where(db.media.c.sha256.in_(shas))
+    ).all()
+    mid = {s: m for m, s in rows}
+    conn.execute(
+        db.files.insert(),
+        [
+            {
+                "path_key": f"{PREFIX}talk{first + i:08d}.mp3".encode(),
+                "path": f"{PREFIX}talk{first + i:08d}.mp3",
+                "kind": "audio",
+                "size": 1,
+                "mtime_ns": 0,
+                "sha256": s,
+                "media_id": mid[s],
+                "status": "ok",
+                "updated_at": 0.0,
+            }
+            for i, s in enumerate(shas)
+        ],
+    )
+    seg_rows = [
+        {"media_id": mid[shas[i // per_file]], "idx": i % per_file, "start": 6.0 * (i % per_file),
+         "end": 6.0 * (i % per_file) + 6.0, "text": t}
+        for i, t in enumerate(texts)
+    ]
+    conn.execute(db.segments.insert(), seg_rows)
+    seg_ids = conn.execute(
+        db.segments.select()
+        .with_only_columns(db.segments.c.id)
+        .where(db.segments.c.media_id.in_(list(mid.values())))
+        .order_by(db.segments.c.media_id, db.segments.c.idx)
+    ).scalars().all()
+    conn.execute(
+        db.embeddings.insert(),
+        [
+            {"kind": "segment", "model": model, "segment_id": sid, "vector": np.ascontiguousarray(v).tobytes()}
+            for sid, v in zip(seg_ids, vecs, strict=True)
+        ],
+    )
+    db.bump_generation(conn, "segment", model)

@@ -26,6 +26,8 @@ from mmsearch.errors import (
 if TYPE_CHECKING:
     from mmsearch.api import Index, default_index_path, open_or_create
     from mmsearch.ingest import IngestReport
+    from mmsearch.filters import Filters
+    from mmsearch.query import SearchResult
     from mmsearch.search import TARGETS, Hit
 
 _LAZY = {
@@ -35,6 +37,8 @@ _LAZY = {
     "IngestReport": "mmsearch.ingest",
     "TARGETS": "mmsearch.search",
     "Hit": "mmsearch.search",
+    "Filters": "mmsearch.filters",
+    "SearchResult": "mmsearch.query",
 }
 
 
@@ -52,6 +56,7 @@ __all__ = [
     "TARGETS",
     "BadMediaError",
     "BadQueryError",
+    "Filters",
     "Hit",
     "Index",
     "IndexLockedError",
@@ -60,6 +65,7 @@ __all__ = [
     "MissingDependencyError",
     "MmsearchError",
     "ModelMismatchError",
+    "SearchResult",
     "WeightsUnavailableError",
     "default_index_path",
     "open_or_create",

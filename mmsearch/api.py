@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmsearch import constants, db
+from mmsearch import calibrate, constants, db
 from mmsearch.errors import (
     ActiveModelChanged,
     BadMediaError,
@@ -29,13 +30,15 @@ from mmsearch.errors import (
 )
 from mmsearch.identity import ModelSpec, describe_identity, model_key, registered, same_model
 from mmsearch.images import QUERY_MAX_PIXELS, load_image
+from mmsearch.filters import Filters
 from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
+from mmsearch.query import DEFAULT_COMBINE, DEFAULT_FUSION, DEFAULT_MODE, Plan, Query, SearchResult, execute, plan
 from mmsearch.reembed import ReembedReport, activate, fill, start_target
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping, Sequence
 
     from mmsearch.model import ClipEmbedder
     from mmsearch.retranscribe import RetranscribeReport
@@ -64,7 +67,7 @@ _SPEECH_OPTIONS = {"speech_backend": "backend", "speech_model": "model", "langua
 
 
 # How many times a query is embedded again when the active model changed meanwhile (see _search_embedded).
-_SWITCH_RETRIES = 3
+SWITCH_RETRIES = 3
 
 
 def default_index_path() -> Path:
@@ -251,9 +254,15 @@ class Index:
                 )
                 report.target_embedded = done.embedded
                 report.skipped.extend(done.skipped)
+            self._after_change()
             return report
         finally:
             self.store.unlock()
+
+    def _after_change(self) -> None:
+        """What a writer refreshes once the collection changed: the active model's score calibration (refit
+        only when the collection changed enough, see :mod:`mmsearch.calibrate`)."""
+        calibrate.ensure_calibrated(self.store, self.store.follow_active())
 
     def _indexing_embedder(self, key: str | None = None) -> ClipEmbedder:
         """The embedder of ``key`` (default: the active model), with the faster ONNX image tower when
@@ -296,6 +305,9 @@ class Index:
             )
             report.started = started
             report.activated, report.removed_model = activate(self.store, key, keep_old=keep_old)
+            if report.removed_model:
+                calibrate.forget(self.store, report.removed_model)
+            self._after_change()
             return report
         finally:
             self.store.unlock()
@@ -362,6 +374,7 @@ class Index:
                     f"the index does not hold every vector of {describe_identity(spec.expected_identity())}: "
                     "run reembed with it to complete them"
                 )
+            self._after_change()
             return key
         finally:
             self.store.unlock()
@@ -377,7 +390,7 @@ class Index:
     def _search_embedded(self, embed: Callable[[ClipEmbedder], np.ndarray], target: str, k: int) -> list[Hit]:
         """Embed a query with the active model and search that model's vectors: if another model becomes
         active in between, the query is embedded again by the new one (never searched across models)."""
-        for _ in range(_SWITCH_RETRIES):
+        for _ in range(SWITCH_RETRIES):
             model = self.store.follow_active()
             vector = embed(self.embedder_for(model))
             try:
@@ -385,6 +398,125 @@ class Index:
             except ActiveModelChanged:
                 continue
         raise MmsearchError("the index's active model keeps changing: try again")
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        image: str | Path | Image.Image | None = None,
+        audio: str | Path | None = None,
+        add: Sequence[str] = (),
+        subtract: Sequence[str] = (),
+        weights: Mapping[str, float] | None = None,
+        mode: str = DEFAULT_MODE,
+        fusion: str = DEFAULT_FUSION,
+        combine: str = DEFAULT_COMBINE,
+        target: str | None = None,
+        k: int = 10,
+        filters: Filters | None = None,
+        path: Sequence[str] = (),
+        ext: Sequence[str] = (),
+        kind: Sequence[str] = (),
+        after: str | float | None = None,
+        before: str | float | None = None,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        min_confidence: float | None = None,
+        min_score: float | None = None,
+    ) -> SearchResult:
+        """The query layer (:mod:`mmsearch.query`): words and meaning together (``mode`` hybrid | vector |
+        words), filters (a :class:`Filters` or the keywords ``path`` … ``max_duration``), several inputs with
+        ``add``/``subtract`` terms and ``weights`` per role (text, image, audio, add, subtract), and cut-offs
+        (``min_confidence``, calibrated, default :data:`mmsearch.calibrate.DEFAULT_MIN_CONFIDENCE`;
+        ``min_score``, raw cosine). ``result.no_match`` says nothing passed them.
+
+        A spoken query (``audio``) is heard as several hypotheses, biased towards the index's own words;
+        the next one is searched when the first finds no good match.
+        """
+        query = self.make_query(
+            text, image=image, add=add, subtract=subtract, weights=weights, mode=mode, fusion=fusion,
+            combine=combine, target=target, k=k, filters=filters, path=path, ext=ext, kind=kind, after=after,
+            before=before, min_duration=min_duration, max_duration=max_duration,
+            min_confidence=min_confidence, min_score=min_score,
+        )
+        return self.answer(query, self.hear_query(audio) if audio is not None else None)
+
+    def make_query(
+        self,
+        text: str | None = None,
+        *,
+        image: str | Path | Image.Image | None = None,
+        filters: Filters | None = None,
+        path: Sequence[str] = (),
+        ext: Sequence[str] = (),
+        kind: Sequence[str] = (),
+        after: str | float | None = None,
+        before: str | float | None = None,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        add: Sequence[str] = (),
+        subtract: Sequence[str] = (),
+        **options: Any,
+    ) -> Query:
+        """A :class:`Query` from :meth:`search`'s arguments (no audio): the image decoded within the query
+        budget, the filters checked."""
+        if filters is None:
+            filters = Filters.parse(
+                path=path, ext=ext, kind=kind, after=after, before=before,
+                min_duration=min_duration, max_duration=max_duration,
+            )
+        if image is not None and not isinstance(image, Image.Image):
+            image = self._query_image(image)
+        rgb = image.convert("RGB") if image is not None else None
+        return Query(text=text, image=rgb, add=tuple(add), subtract=tuple(subtract), filters=filters, **options)
+
+    def answer(
+        self,
+        query: Query,
+        hypotheses: Sequence[str] | None = None,
+        run: Callable[[Plan], SearchResult] | None = None,
+    ) -> SearchResult:
+        """Search ``query``; with ``hypotheses`` (what a spoken query may say, best first) as its spoken
+        input, the next one searched while the previous found no good match. ``run`` searches one plan
+        (default: embed and search here; the server batches)."""
+        run = run or self._run
+        if hypotheses is None:
+            return run(plan(query))
+        first: SearchResult | None = None
+        for heard in hypotheses:
+            result = run(plan(dataclasses.replace(query, heard=heard)))
+            result.transcript, result.hypotheses = heard, list(hypotheses)
+            if not result.no_match:
+                return result
+            first = first or result
+        if first is None:
+            raise BadQueryError("no speech recognised in the spoken query")
+        return first
+
+    def _run(self, p: Plan) -> SearchResult:
+        """Embed a plan's inputs with the active model and search; embedded again by the new model if another
+        one becomes active in between (never searched across models)."""
+        for _ in range(SWITCH_RETRIES):
+            model = self.store.follow_active()
+            vectors = embed_parts(p, self.embedder_for(model)) if p.parts else None
+            try:
+                return execute(self.store, p, vectors, model=model)
+            except ActiveModelChanged:
+                continue
+        raise MmsearchError("the index's active model keeps changing: try again")
+
+    def _query_image(self, image: str | Path) -> Image.Image:
+        path = Path(image)
+        if not path.is_file():
+            raise BadQueryError(f"query image not found: {path}")
+        try:
+            return load_image(path, max_pixels=QUERY_MAX_PIXELS)
+        except BadMediaError as e:
+            raise BadQueryError(f"cannot read query image {path}: {e}") from e
+
+    def hear_query(self, audio: str | Path) -> list[str]:
+        """What a spoken query may say, best hypothesis first (see :meth:`transcribe_query`)."""
+        return [self.transcribe_query(audio)]
 
     def search_text(self, text: str, *, target: str = "images", k: int = 10) -> list[Hit]:
         text = text.strip()
@@ -396,13 +528,7 @@ class Index:
         self, image: str | Path | Image.Image, *, target: str = "texts", k: int = 10
     ) -> list[Hit]:
         if not isinstance(image, Image.Image):
-            path = Path(image)
-            if not path.is_file():
-                raise BadQueryError(f"query image not found: {path}")
-            try:
-                image = load_image(path, max_pixels=QUERY_MAX_PIXELS)
-            except BadMediaError as e:
-                raise BadQueryError(f"cannot read query image {path}: {e}") from e
+            image = self._query_image(image)
         rgb = image.convert("RGB")
         return self._search_embedded(lambda emb: emb.embed_images([rgb])[0], target, k)
 
@@ -466,6 +592,21 @@ class Index:
     def skipped(self) -> list[dict[str, str]]:
         """Every file recorded as skipped: ``path`` (display form), ``path_b64`` (exact bytes), ``reason``."""
         return [{**db.path_json(key), "reason": r} for key, r in self.store.catalog.skipped()]
+
+
+def embed_parts(p: Plan, embedder: ClipEmbedder) -> np.ndarray:
+    """The vectors of a plan's inputs, one row per part in order (texts in one pass, images in one)."""
+    texts = embedder.embed_texts(p.texts) if p.texts else None
+    images = embedder.embed_images(p.images) if p.images else None
+    rows, t, i = [], 0, 0
+    for part in p.parts:
+        if part.modality == "text":
+            rows.append(texts[t])  # type: ignore[index]
+            t += 1
+        else:
+            rows.append(images[i])  # type: ignore[index]
+            i += 1
+    return np.stack(rows).astype(np.float32)
 
 
 def open_or_create(path: str | Path, **kwargs: Any) -> Index:

@@ -83,7 +83,77 @@ def _query_argparser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true")
     p.add_argument("--local", action="store_true")
     p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--mode", default=constants.DEFAULT_MODE)
+    p.add_argument("--fusion", default=constants.DEFAULT_FUSION)
+    p.add_argument("--combine", default=constants.DEFAULT_COMBINE)
+    p.add_argument("--add", action="append")
+    p.add_argument("--subtract", action="append")
+    p.add_argument("--weight", action="append")
+    p.add_argument("--path", dest="path_glob", action="append")
+    p.add_argument("--ext", action="append")
+    p.add_argument("--kind", action="append")
+    p.add_argument("--after")
+    p.add_argument("--before")
+    p.add_argument("--min-duration", type=float)
+    p.add_argument("--max-duration", type=float)
+    p.add_argument("--min-confidence", type=float)
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--preview", action="store_true")
     return p
+
+
+def _search_options(
+    mode: str,
+    fusion: str,
+    combine: str,
+    add: list[str] | None,
+    subtract: list[str] | None,
+    weight: list[str] | None,
+    path_glob: list[str] | None,
+    ext: list[str] | None,
+    kind: list[str] | None,
+    after: str | None,
+    before: str | None,
+    min_duration: float | None,
+    max_duration: float | None,
+    min_confidence: float | None,
+    min_score: float | None,
+) -> dict[str, Any]:
+    """The query options of the command line as :meth:`mmsearch.Index.search` keyword arguments (the same
+    for a server, see :func:`mmsearch.client.search_params`); :class:`_UsageError` for a malformed --weight."""
+    weights: dict[str, float] = {}
+    for w in weight or []:
+        role, sep, value = w.replace(":", "=", 1).partition("=")
+        try:
+            weights[role.strip()] = float(value)
+        except ValueError:
+            raise _UsageError(f"--weight takes ROLE=NUMBER (e.g. image=2), not '{w}'") from None
+        if not sep:
+            raise _UsageError(f"--weight takes ROLE=NUMBER (e.g. image=2), not '{w}'")
+    return {
+        "mode": mode,
+        "fusion": fusion,
+        "combine": combine,
+        "add": add or [],
+        "subtract": subtract or [],
+        "weights": weights or None,
+        "path": path_glob or [],
+        "ext": ext or [],
+        "kind": kind or [],
+        "after": after,
+        "before": before,
+        "min_duration": min_duration,
+        "max_duration": max_duration,
+        "min_confidence": min_confidence,
+        "min_score": min_score,
+    }
+
+
+def _args_options(a: argparse.Namespace) -> dict[str, Any]:
+    return _search_options(
+        a.mode, a.fusion, a.combine, a.add, a.subtract, a.weight, a.path_glob, a.ext, a.kind, a.after,
+        a.before, a.min_duration, a.max_duration, a.min_confidence, a.min_score,
+    )
 
 
 def _fast_query(argv: list[str]) -> bool:
@@ -95,7 +165,8 @@ def _fast_query(argv: list[str]) -> bool:
         return False
     try:
         a = _query_argparser().parse_args(argv[1:])
-        target = _query_target(a.text, a.image, a.audio, a.target)
+        target = _query_target(a.text, a.image, a.audio, a.target, a.add)
+        options = _args_options(a)
     except (_ArgvError, _UsageError):
         return False
     if (
@@ -111,7 +182,7 @@ def _fast_query(argv: list[str]) -> bool:
         url = client.find_server(a.index_dir or _default_index_path())
         if url is None:
             return False  # typer starts one (--serve) or searches in this process
-        if not _answered_by_server(url, a.text, a.image, a.audio, target, a.k, a.as_json):
+        if not _answered_by_server(url, a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview):
             return False  # the typer command searches in this process
         sys.stdout.flush()
     except KeyboardInterrupt:
@@ -124,12 +195,15 @@ def _fast_query(argv: list[str]) -> bool:
 
 
 # --- what both paths share -----------------------------------------------------------------------------
-def _query_target(text: str | None, image: Path | None, audio: Path | None, target: str | None) -> str:
+def _query_target(
+    text: str | None, image: Path | None, audio: Path | None, target: str | None, add: list[str] | None = None
+) -> str:
     """The target to search (its default depends on the query), or :class:`_UsageError`."""
-    given = [name for name, v in (("TEXT", text), ("--image", image), ("--audio", audio)) if v is not None]
-    if len(given) != 1:
-        raise _UsageError("give exactly one of TEXT, --image PATH or --audio PATH")
-    target = target or ("texts" if image is not None else "images")
+    if text is None and image is None and audio is None and not add:
+        raise _UsageError("give TEXT, --image PATH, --audio PATH or --add TEXT")
+    if audio is not None and (text is not None or image is not None):
+        raise _UsageError("--audio goes alone: no TEXT or --image with it")
+    target = target or ("texts" if image is not None and text is None else "images")
     if target not in TARGETS:
         raise _UsageError(f"unknown --target '{target}' (choose from {', '.join(TARGETS)})")
     return target
@@ -157,7 +231,9 @@ def _answered_by_server(
     audio: Path | None,
     target: str,
     k: int,
+    options: dict[str, Any],
     as_json: bool,
+    preview: bool = False,
 ) -> bool:
     """Print the answer of ``server`` (from :func:`mmsearch.client.find_server`). False, having printed only
     a warning on stderr, if the server failed (:class:`mmsearch.client.ServerError`: it crashed, went away,
@@ -169,7 +245,9 @@ def _answered_by_server(
     if _server_failed:
         return False
     try:
-        payload = client.query_server(server, text=text, image=image, audio=audio, target=target, k=k)
+        payload = client.query_server(
+            server, text=text, image=image, audio=audio, target=target, k=k, options=options
+        )
     except client.ServerError as e:
         _server_failed = True
         _err().print(
@@ -178,7 +256,9 @@ def _answered_by_server(
             highlight=False,
         )
         return False
-    _print_query(payload["target"], payload["hits"], payload.get("transcript"), as_json)
+    _print_query(
+        payload["target"], payload["hits"], payload.get("transcript"), as_json, payload["no_match"], preview
+    )
     return True
 
 
@@ -339,10 +419,71 @@ def _typer_app() -> "typer.Typer":
             bool, typer.Option("--local", help="Search in this process even if a server is up.")
         ] = False,
         as_json: JsonOpt = False,
+        mode: Annotated[
+            str, typer.Option(help="hybrid: words and meaning | vector: meaning only | words: words only")
+        ] = constants.DEFAULT_MODE,
+        fusion: Annotated[
+            str, typer.Option(help="How hybrid merges words and meaning: rrf (ranks) | weighted (scores)")
+        ] = constants.DEFAULT_FUSION,
+        combine: Annotated[
+            str,
+            typer.Option(help="How several inputs merge: early (one summed vector) | late (rank fusion)"),
+        ] = constants.DEFAULT_COMBINE,
+        add: Annotated[
+            list[str] | None, typer.Option("--add", help="Add this text's meaning to the query (repeatable).")
+        ] = None,
+        subtract: Annotated[
+            list[str] | None,
+            typer.Option("--subtract", help="Take this text's meaning away from the query (repeatable)."),
+        ] = None,
+        weight: Annotated[
+            list[str] | None,
+            typer.Option("--weight", help="ROLE=W: weight of text, image, audio, add or subtract (default 1)."),
+        ] = None,
+        path_glob: Annotated[
+            list[str] | None,
+            typer.Option("--path", help="Only files whose full path matches this glob (repeatable: any)."),
+        ] = None,
+        ext: Annotated[
+            list[str] | None, typer.Option("--ext", help="Only files with this extension (repeatable).")
+        ] = None,
+        kind: Annotated[
+            list[str] | None, typer.Option("--kind", help="Only files of this kind: image | audio (repeatable).")
+        ] = None,
+        after: Annotated[
+            str | None, typer.Option(help="Only files modified at or after this date (ISO 8601 or unix time).")
+        ] = None,
+        before: Annotated[str | None, typer.Option(help="Only files modified before this date.")] = None,
+        min_duration: Annotated[
+            float | None, typer.Option(help="Only recordings at least this many seconds long.")
+        ] = None,
+        max_duration: Annotated[
+            float | None, typer.Option(help="Only recordings at most this many seconds long.")
+        ] = None,
+        min_confidence: Annotated[
+            float | None,
+            typer.Option(help="Cut hits below this calibrated confidence (0-1; 0 shows everything)."),
+        ] = None,
+        min_score: Annotated[
+            float | None, typer.Option(help="Cut hits below this raw cosine similarity.")
+        ] = None,
+        preview: Annotated[
+            bool,
+            typer.Option(
+                "--preview",
+                help="Show image hits inline in kitty, iTerm2 and sixel terminals ($MMSEARCH_PREVIEW: "
+                "kitty, iterm2, sixel or none overrides the guess); plain output elsewhere.",
+            ),
+        ] = False,
     ) -> None:
-        """Search by TEXT, --image or --audio (through a running `mmsearch serve` for the index when there is one)."""
+        """Search by TEXT, --image or --audio, with filters and +/- terms (through a running `mmsearch serve`
+        for the index when there is one). Says "no good match" when nothing in the index answers well."""
         try:
-            target = _query_target(text, image, audio, target)
+            target = _query_target(text, image, audio, target, add)
+            options = _search_options(
+                mode, fusion, combine, add, subtract, weight, path_glob, ext, kind, after, before,
+                min_duration, max_duration, min_confidence, min_score,
+            )
         except _UsageError as e:
             _usage(str(e))
         path = index_dir or _default_index_path()
@@ -353,23 +494,18 @@ def _typer_app() -> "typer.Typer":
             if url is None and serve:
                 _err().print("starting a background server for this index …", markup=False)
                 url = client.start_server(path)
-            if url is not None and _answered_by_server(url, text, image, audio, target, k, as_json):
+            if url is not None and _answered_by_server(
+                url, text, image, audio, target, k, options, as_json, preview
+            ):
                 return
         from mmsearch import Index
 
         with Index.open(
             path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device
         ) as idx:
-            heard = None
-            if text is not None:
-                hits = idx.search_text(text, target=target, k=k)
-            elif image is not None:
-                hits = idx.search_image(image, target=target, k=k)
-            else:
-                assert audio is not None
-                heard = idx.transcribe_query(audio)
-                hits = idx.search_text(heard, target=target, k=k)
-        _print_query(target, [h.as_dict() for h in hits], heard, as_json)
+            result = idx.search(text, image=image, audio=audio, target=target, k=k, **options)
+        hits = [h.as_dict() for h in result.hits]
+        _print_query(target, hits, result.transcript, as_json, result.no_match, preview)
 
     @app.command()
     def serve(
@@ -413,6 +549,47 @@ def _typer_app() -> "typer.Typer":
             )
         except KeyboardInterrupt:
             _err().print("stopped", markup=False)
+
+    @app.command()
+    def mcp(index_dir: IndexOpt = None) -> None:
+        """Serve an index to an AI assistant over the Model Context Protocol (stdio): search by text, image
+        or recording, item details and status, read-only. Needs the 'mcp' extra."""
+        from mmsearch.mcp_server import main as serve_mcp
+
+        raise typer.Exit(serve_mcp(index_dir or _default_index_path()))
+
+    @app.command()
+    def export(
+        out: Annotated[Path, typer.Argument(help="Folder to write (new, or empty).")],
+        index_dir: IndexOpt = None,
+        fmt: Annotated[
+            str,
+            typer.Option(
+                "--format",
+                help="parquet: vectors in an 'embedding' column beside the metadata | npy: .npy shards and "
+                "metadata parquet (clip-retrieval's inference output)",
+            ),
+        ] = "parquet",
+        float16: Annotated[
+            bool, typer.Option("--float16", help="Write vectors as float16 (half the size).")
+        ] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Write the active model's vectors with their metadata (path, kind, captions, segment times, model)
+        for other vector stores, in clip-retrieval's layout. Needs the 'export' extra."""
+        from mmsearch import Index
+        from mmsearch.export import export as write_export
+
+        with Index.open(index_dir or _default_index_path()) as idx:
+            report = write_export(idx, out, fmt, dtype="float16" if float16 else "float32")
+        if as_json:
+            _print_json(report.as_dict())
+            return
+        _line(
+            f"exported {report.counts['images']} image and {report.counts['texts']} text vectors "
+            f"({report.format}, {report.dtype}) to {report.out}"
+            + (f"; {report.skipped} left out (no live file)" if report.skipped else "")
+        )
 
     @app.command()
     def status(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
@@ -645,20 +822,45 @@ def _stdout_is_terminal() -> bool:
     return bool(_out().is_terminal)
 
 
+def _preview_protocol() -> str | None:
+    """The image protocol of the terminal stdout is (see :func:`mmsearch.preview.detect_protocol`), or None
+    when stdout is not a terminal or speaks none."""
+    if not _stdout_is_terminal():
+        return None
+    from mmsearch.preview import detect_protocol
+
+    return detect_protocol(os.environ)
+
+
 def _print_json(payload: Any) -> None:
     sys.stdout.write(render.to_json(payload))
 
 
-def _print_query(target: str, hits: list[dict[str, Any]], heard: str | None, as_json: bool) -> None:
+def _print_query(
+    target: str,
+    hits: list[dict[str, Any]],
+    heard: str | None,
+    as_json: bool,
+    no_match: bool = False,
+    preview: bool = False,
+) -> None:
     """The same output whether a server or this process answered, and whether typer parsed the command."""
+    protocol = _preview_protocol() if preview and hits and not as_json else None
     if as_json:
-        sys.stdout.write(render.query_json(target, hits, heard))
+        sys.stdout.write(render.query_json(target, hits, heard, no_match))
+    elif protocol is not None:
+        from mmsearch.preview import write_previews
+
+        if heard is not None:
+            _line(f"heard: {heard}")
+        sys.stdout.flush()
+        write_previews(hits, protocol, sys.stdout.buffer)
     elif not _stdout_is_terminal():
-        sys.stdout.write(render.plain_query(hits, heard))
+        sys.stdout.write(render.plain_query(hits, heard, no_match))
     else:
         if heard is not None:
             _out().print(f"heard: [bold]{_safe(heard)}[/bold]")
-        _print_hits(hits)
+        _print_hits(hits, no_match)
 
 
 def _escape(s: str) -> str:
@@ -677,12 +879,12 @@ def _line(s: str) -> None:
     _out().print(render.printable(s), markup=False)
 
 
-def _print_hits(hits: list[dict[str, Any]]) -> None:
+def _print_hits(hits: list[dict[str, Any]], no_match: bool = False) -> None:
     if not _stdout_is_terminal():
-        sys.stdout.write(render.plain_hits(hits))
+        sys.stdout.write(render.plain_hits(hits, no_match))
         return
     if not hits:
-        _out().print("no results")
+        _out().print(f"{render.NO_MATCH} in this index" if no_match else "no results")
         return
     from rich.table import Table
 

@@ -29,6 +29,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from mmsearch import discovery
@@ -119,37 +120,60 @@ def query_server(
     audio: str | Path | None = None,
     target: str | None = None,
     k: int = 10,
+    options: Mapping[str, Any] | None = None,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Run one query on ``server`` (from :func:`find_server`); exactly one of ``text``, ``image``, ``audio``.
+    """Run one query on ``server`` (from :func:`find_server`): ``text``, ``image`` or ``audio`` (an image may
+    come with a text; an ``add`` option alone is a query too), and ``options``, the keyword arguments of
+    :meth:`mmsearch.Index.search` (mode, fusion, combine, add, subtract, weights, filters, cut-offs) sent
+    as query parameters.
 
-    Returns the server's JSON: ``{"target", "k", "took_ms", "hits": [...], "transcript"?}``, each hit
-    with the fields of :class:`mmsearch.search.Hit` plus ``name``, ``file_kind``, ``captions`` and URLs.
-    A query the server rejects raises :class:`BadQueryError` with its reason.
+    Returns the server's JSON: ``{"target", "k", "took_ms", "no_match", "hits": [...], "transcript"?}``,
+    each hit with the fields of :class:`mmsearch.search.Hit` plus ``name``, ``file_kind``, ``captions``
+    and URLs. A query the server rejects raises :class:`BadQueryError` with its reason.
     """
-    given = [v for v in (text, image, audio) if v is not None]
-    if len(given) != 1:
-        raise BadQueryError("give exactly one of text, image or audio")
-    auth = {"Authorization": f"Bearer {server.token}"}
+    if image is not None and audio is not None or text is not None and audio is not None:
+        raise BadQueryError("a spoken query goes alone: no text or image with it")
+    params: list[tuple[str, Any]] = [("k", k)]
+    if target is not None:
+        params.append(("target", target))
     if text is not None:
-        target = target or "images"
-        params = urllib.parse.urlencode({"q": text, "target": target, "k": k})
-        return _request(f"{server.url}/api/search?{params}", headers=auth, timeout=timeout)
+        params.append(("q", text))
+    params += search_params(options or {})
+    auth = {"Authorization": f"Bearer {server.token}"}
+    if image is None and audio is None:
+        query = urllib.parse.urlencode(params)
+        return _request(f"{server.url}/api/search?{query}", headers=auth, timeout=timeout)
     kind = "image" if image is not None else "audio"
     path = Path(image if image is not None else audio)  # type: ignore[arg-type]
-    target = target or ("texts" if kind == "image" else "images")
     try:
         data = path.read_bytes()
     except OSError as e:
         raise BadQueryError(f"query {kind} not readable: {path}: {e.strerror or e}") from e
     body, content_type = _multipart("file", path.name, data)
-    params = urllib.parse.urlencode({"target": target, "k": k})
+    query = urllib.parse.urlencode(params)
     return _request(
-        f"{server.url}/api/search/{kind}?{params}",
+        f"{server.url}/api/search/{kind}?{query}",
         data=body,
         headers={**auth, "Content-Type": content_type},
         timeout=timeout,
     )
+
+
+def search_params(options: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """:meth:`mmsearch.Index.search` keyword arguments as the HTTP API's query parameters (lists repeated,
+    ``weights`` as ``weight=ROLE:W``, None left out)."""
+    out: list[tuple[str, Any]] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "weights":
+            out += [("weight", f"{role}:{w}") for role, w in value.items()]
+        elif isinstance(value, list | tuple):
+            out += [(name, v) for v in value]
+        else:
+            out.append((name, value))
+    return out
 
 
 def server_command(index_path: str | Path, *, port: int = 0, idle_minutes: float | None = None) -> list[str]:

@@ -14,6 +14,17 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "audio": ("segment",),
     "all": ("image", "caption", "segment"),
 }
+#: Search modes: words and meaning together, meaning (vectors) only, words (FTS5/BM25) only.
+QUERY_MODES = ("hybrid", "vector", "words")
+#: How the words and the vector list of a hybrid query are merged: reciprocal rank fusion or weighted scores.
+QUERY_FUSIONS = ("rrf", "weighted")
+#: How several inputs of one query are merged: one summed vector (early) or rank fusion of their lists (late).
+QUERY_COMBINES = ("early", "late")
+#: The roles of a query's inputs, each with a weight.
+QUERY_ROLES = ("text", "image", "audio", "add", "subtract")
+DEFAULT_MODE = "hybrid"
+DEFAULT_FUSION = "rrf"
+DEFAULT_COMBINE = "early"
 #: Most results one local search returns.
 MAX_K = 10_000
 #: Most results a server returns per query; `mmsearch query` answers a larger -k locally.

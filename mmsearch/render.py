@@ -19,8 +19,14 @@ import re
 from typing import Any
 
 # path_b64: the hit's exact path bytes, base64 (``path`` is for display: undecodable bytes replaced).
-HIT_FIELDS = ("rank", "score", "kind", "path", "path_b64", "text", "start", "end", "item_id", "file_id")
-COLUMNS = ("#", "score", "kind", "path", "text")
+# confidence: the calibrated score (None without a calibration); matched: vector | words | both.
+HIT_FIELDS = (
+    "rank", "score", "confidence", "matched", "kind", "path", "path_b64", "text", "start", "end", "item_id",
+    "file_id",
+)
+COLUMNS = ("#", "score", "conf", "kind", "path", "text")
+#: What a query that nothing in the collection answers well prints.
+NO_MATCH = "no good match"
 SNIPPET_CHARS = 120
 
 # What printable() escapes: the C0 controls (tab and newline too), DEL, the C1 controls (Unicode category
@@ -77,10 +83,12 @@ def to_json(payload: Any) -> str:
     return json.dumps(json_safe(payload), indent=2) + "\n"
 
 
-def query_json(target: str, hits: list[dict[str, Any]], heard: str | None) -> str:
-    """``--json``: the target, the hits with :data:`HIT_FIELDS` only, and the transcript of a voice query."""
+def query_json(target: str, hits: list[dict[str, Any]], heard: str | None, no_match: bool = False) -> str:
+    """``--json``: the target, whether nothing matched well, the hits with :data:`HIT_FIELDS` only, and the
+    transcript of a voice query."""
     payload: dict[str, Any] = {
         "target": target,
+        "no_match": no_match,
         # A field a hit lacks is left out rather than failing the whole answer.
         "hits": [{f: h[f] for f in HIT_FIELDS if f in h} for h in hits],
     }
@@ -89,7 +97,7 @@ def query_json(target: str, hits: list[dict[str, Any]], heard: str | None) -> st
     return to_json(payload)
 
 
-def hit_rows(hits: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+def hit_rows(hits: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
     """One row of :data:`COLUMNS` per hit, each cell :func:`printable`; a transcript segment's text starts
     with its time span."""
     rows = []
@@ -101,6 +109,7 @@ def hit_rows(hits: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]
             (
                 str(h["rank"]),
                 f"{h['score']:.3f}",
+                "-" if h.get("confidence") is None else f"{h['confidence']:.2f}",
                 printable(h["kind"]),
                 printable(h["path"]),
                 shorten(printable(snippet), SNIPPET_CHARS),
@@ -109,16 +118,16 @@ def hit_rows(hits: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]
     return rows
 
 
-def plain_hits(hits: list[dict[str, Any]]) -> str:
+def plain_hits(hits: list[dict[str, Any]], no_match: bool = False) -> str:
     """Output to a pipe or a file: one tab-separated line per hit, never wrapped, so paths survive grep/cut."""
     if not hits:
-        return "no results\n"
+        return f"{NO_MATCH}\n" if no_match else "no results\n"
     return "".join("\t".join(row) + "\n" for row in hit_rows(hits))
 
 
-def plain_query(hits: list[dict[str, Any]], heard: str | None) -> str:
+def plain_query(hits: list[dict[str, Any]], heard: str | None, no_match: bool = False) -> str:
     """A query's output to a pipe or a file: what a voice query was heard as, then :func:`plain_hits`."""
-    return (f"heard: {printable(heard)}\n" if heard is not None else "") + plain_hits(hits)
+    return (f"heard: {printable(heard)}\n" if heard is not None else "") + plain_hits(hits, no_match)
 
 
 def clock(seconds: float) -> str:

@@ -20,10 +20,22 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import numpy as np
+
 from mmsearch import access, db, discovery
 from mmsearch.access import Activity, Gate, Guard, token_cookie
-from mmsearch.api import Index
-from mmsearch.constants import SERVER_MAX_K
+from mmsearch.api import SWITCH_RETRIES, Index, embed_parts
+from mmsearch.constants import (
+    DEFAULT_COMBINE,
+    DEFAULT_FUSION,
+    DEFAULT_MODE,
+    QUERY_COMBINES,
+    QUERY_FUSIONS,
+    QUERY_MODES,
+    SERVER_MAX_K,
+)
+from mmsearch.query import Plan, SearchResult, execute
+from mmsearch.query import Query as SearchQuery
 from mmsearch.errors import (
     ActiveModelChanged,
     BadQueryError,
@@ -37,7 +49,7 @@ from mmsearch.search import TARGETS
 from mmsearch.uploads import MAX_AUDIO_BYTES, MAX_IMAGE_BYTES, base_name, receive_upload, upload_dir
 
 try:
-    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request
     from fastapi import Path as PathParam
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
     from pydantic import BaseModel
@@ -61,7 +73,9 @@ IntId = PathParam(ge=1, le=2**63 - 1, description="A file id from a search hit")
 # --- response models (for the OpenAPI schema) ---------------------------------------------------------
 class HitOut(BaseModel):
     rank: int
-    score: float
+    score: float  # cosine similarity to the query
+    confidence: float | None  # calibrated, 0-1 (None: the index has no calibration)
+    matched: str  # vector | words | both
     kind: str
     path: str  # display form: valid UTF-8, undecodable bytes replaced
     path_b64: str  # the exact path bytes, standard base64
@@ -80,10 +94,12 @@ class HitOut(BaseModel):
 
 class SearchOut(BaseModel):
     query: str
-    mode: str
+    input: str  # text | image | audio
+    mode: str  # hybrid | vector | words
     target: str
     k: int
     took_ms: float
+    no_match: bool  # nothing in the index answers the query well
     transcript: str | None = None
     hits: list[HitOut]
 
@@ -142,16 +158,13 @@ class Service:
         with self.lock:
             return fn(*args, **kwargs)
 
-    def search_text(self, text: str, target: str, k: int) -> list[Any]:
-        """:meth:`Index.search_text`, except that concurrent queries share text-tower forward passes:
-        whoever holds the model lock embeds every query waiting by then (one batch costs far less than
-        one pass per query), so queued requests do not each pay a full model call."""
-        text = text.strip()
-        if not text:
-            raise BadQueryError("the query text is empty")
+    def embed_texts(self, texts: list[str]) -> tuple[str, np.ndarray]:
+        """(the active model, its vectors of ``texts``). Concurrent queries share text-tower forward passes:
+        whoever holds the model lock embeds the texts of every query waiting by then (one batch costs far
+        less than one pass per query), so queued requests do not each pay a full model call."""
         mine: Future[Any] = Future()
         with self._pending_lock:
-            self._pending.append((text, mine))
+            self._pending.append((texts, mine))
         while not mine.done():
             with self.lock:
                 if mine.done():
@@ -160,19 +173,41 @@ class Service:
                     batch, self._pending = self._pending[:TEXT_BATCH], self._pending[TEXT_BATCH:]
                 try:
                     model = self.index.store.follow_active()
-                    vectors = self.index.embedder_for(model).embed_texts([t for t, _ in batch])
+                    flat = [t for ts, _ in batch for t in ts]
+                    vectors = self.index.embedder_for(model).embed_texts(flat)
                 except Exception as e:  # every waiter gets the same error
                     for _, future in batch:
                         future.set_exception(e)
                     continue
-                for (_, future), vector in zip(batch, vectors, strict=True):
-                    future.set_result((model, vector))
-        model, vector = mine.result()
-        with self.lock:
-            try:
-                return self.index.search_vector(vector, target=target, k=k, model=model)
-            except ActiveModelChanged:  # embedded by the model searched before an activation: again
-                return self.index.search_text(text, target=target, k=k)
+                at = 0
+                for ts, future in batch:
+                    future.set_result((model, vectors[at : at + len(ts)]))
+                    at += len(ts)
+        model, vectors = mine.result()
+        return model, np.asarray(vectors, np.float32)
+
+    def run(self, p: Plan) -> SearchResult:
+        """One plan: text inputs embedded in shared batches (:meth:`embed_texts`), an image under the lock,
+        the search under the lock; embedded again if another model became active meanwhile."""
+        for _ in range(SWITCH_RETRIES):
+            vectors = None
+            if p.parts and not p.images:
+                model, vectors = self.embed_texts(p.texts)
+            with self.lock:
+                if not p.parts:
+                    model = self.index.store.follow_active()
+                elif p.images:
+                    model = self.index.store.follow_active()
+                    vectors = embed_parts(p, self.index.embedder_for(model))
+                try:
+                    return execute(self.index.store, p, vectors, model=model)
+                except ActiveModelChanged:
+                    continue
+        raise MmsearchError("the index's active model keeps changing: try again")
+
+    def search(self, query: SearchQuery, audio: Path | None = None) -> SearchResult:
+        hypotheses = self.locked(self.index.hear_query, audio) if audio is not None else None
+        return self.index.answer(query, hypotheses, run=self.run)
 
     def file_row(self, file_id: int) -> db.FileDetails:
         row = db.file_details(self.index.store.catalog, file_id)
@@ -276,15 +311,20 @@ def create_app(
             status = 500
         return JSONResponse({"detail": str(exc)}, status_code=status)
 
-    def search_response(mode: str, query: str, target: str, k: int, hits: list[Any], t0: float) -> dict:
-        return {
+    def search_response(kind: str, query: str, k: int, result: SearchResult, t0: float) -> dict[str, Any]:
+        out = {
             "query": query,
-            "mode": mode,
-            "target": target,
+            "input": kind,
+            "mode": result.mode,
+            "target": result.target,
             "k": k,
             "took_ms": round((time.perf_counter() - t0) * 1000, 2),
-            "hits": service.hits_out(hits),
+            "no_match": result.no_match,
+            "hits": service.hits_out(result.hits),
         }
+        if result.transcript is not None:
+            out["transcript"] = result.transcript
+        return out
 
     @app.get("/api/health", response_model=HealthOut, tags=["meta"])
     def health(
@@ -310,15 +350,13 @@ def create_app(
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"])
     def search_text(
-        q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="Text to search for"),
-        target: str = Query("images", description=" | ".join(TARGETS)),
-        k: int = Query(10, ge=1, le=MAX_K),
+        q: str | None = Query(None, max_length=MAX_QUERY_CHARS, description="Text to search for"),
+        options: dict[str, Any] = Depends(search_options),
     ) -> dict[str, Any]:
-        """Search by text."""
-        _check_target(target)
+        """Search by text (and/or ``add`` terms), with filters, +/- terms and cut-offs."""
         t0 = time.perf_counter()
-        hits = service.search_text(q, target, k)
-        return search_response("text", q, target, k, hits, t0)
+        query = index.make_query(q or None, **options)
+        return search_response("text", q or "", query.k, service.search(query), t0)
 
     upload_body = {
         "requestBody": {
@@ -338,32 +376,29 @@ def create_app(
     @app.post("/api/search/image", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
     async def search_image(
         request: Request,
-        target: str = Query("texts", description=" | ".join(TARGETS)),
-        k: int = Query(10, ge=1, le=MAX_K),
+        q: str | None = Query(None, max_length=MAX_QUERY_CHARS, description="Text searched with the image"),
+        options: dict[str, Any] = Depends(search_options),
     ) -> dict[str, Any]:
-        """Search with an uploaded image (multipart field ``file``, at most 20 MB)."""
-        _check_target(target)
+        """Search with an uploaded image (multipart field ``file``, at most 20 MB), with the same options."""
         with upload_dir() as folder:
             path, name = await receive_upload(request, folder, max_image_bytes)
             t0 = time.perf_counter()
-            hits = await run_in_threadpool(service.locked, index.search_image, path, target=target, k=k)
-        return search_response("image", name, target, k, hits, t0)
+            query = await run_in_threadpool(index.make_query, q or None, image=path, **options)
+            result = await run_in_threadpool(service.search, query)
+        return search_response("image", name, query.k, result, t0)
 
     @app.post("/api/search/audio", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
     async def search_audio(
-        request: Request,
-        target: str = Query("images", description=" | ".join(TARGETS)),
-        k: int = Query(10, ge=1, le=MAX_K),
+        request: Request, options: dict[str, Any] = Depends(search_options)
     ) -> dict[str, Any]:
         """Search with an uploaded or recorded voice query (multipart field ``file``, at most 50 MB);
         the response's ``transcript`` is what was heard."""
-        _check_target(target)
         with upload_dir() as folder:
             path, name = await receive_upload(request, folder, max_audio_bytes)
             t0 = time.perf_counter()
-            heard = await run_in_threadpool(service.locked, index.transcribe_query, path)
-        hits = await run_in_threadpool(service.search_text, heard, target, k)
-        return {**search_response("audio", name, target, k, hits, t0), "transcript": heard}
+            query = index.make_query(**options)
+            result = await run_in_threadpool(service.search, query, path)
+        return search_response("audio", name, query.k, result, t0)
 
     @app.get("/api/items/{file_id}", response_model=ItemOut, tags=["items"])
     def item(file_id: int = IntId) -> dict[str, Any]:
@@ -420,6 +455,43 @@ def create_app(
         return _web_file("style.css")
 
     return app
+
+
+def search_options(
+    target: str | None = Query(None, description=" | ".join(TARGETS) + " (default: images; texts for an image)"),
+    k: int = Query(10, ge=1, le=MAX_K),
+    mode: str = Query(DEFAULT_MODE, description=" | ".join(QUERY_MODES)),
+    fusion: str = Query(DEFAULT_FUSION, description=" | ".join(QUERY_FUSIONS)),
+    combine: str = Query(DEFAULT_COMBINE, description=" | ".join(QUERY_COMBINES)),
+    add: list[str] = Query([], max_length=MAX_QUERY_CHARS, description="Text whose meaning is added"),
+    subtract: list[str] = Query([], max_length=MAX_QUERY_CHARS, description="Text whose meaning is taken away"),
+    weight: list[str] = Query([], max_length=64, description="ROLE:W, role text|image|audio|add|subtract"),
+    path: list[str] = Query([], max_length=1024, description="Glob on the file's full path (any matches)"),
+    ext: list[str] = Query([], max_length=32, description="File extension"),
+    kind: list[str] = Query([], max_length=16, description="File kind: image | audio"),
+    after: str | None = Query(None, max_length=64, description="Files modified at or after (ISO 8601 / unix)"),
+    before: str | None = Query(None, max_length=64, description="Files modified before"),
+    min_duration: float | None = Query(None, ge=0, description="Recordings at least this long (s)"),
+    max_duration: float | None = Query(None, ge=0, description="Recordings at most this long (s)"),
+    min_confidence: float | None = Query(None, ge=0, le=1, description="Calibrated confidence cut-off"),
+    min_score: float | None = Query(None, ge=-1, le=1, description="Raw cosine cut-off"),
+) -> dict[str, Any]:
+    """The query options shared by the three search endpoints, as :meth:`Index.make_query` arguments."""
+    if target is not None:
+        _check_target(target)
+    weights: dict[str, float] = {}
+    for w in weight:
+        role, _, value = w.replace("=", ":", 1).partition(":")
+        try:
+            weights[role] = float(value)
+        except ValueError:
+            raise BadQueryError(f"weight takes ROLE:NUMBER, not '{w}'") from None
+    return {
+        "target": target, "k": k, "mode": mode, "fusion": fusion, "combine": combine, "add": add,
+        "subtract": subtract, "weights": weights or None, "path": path, "ext": ext, "kind": kind,
+        "after": after, "before": before, "min_duration": min_duration, "max_duration": max_duration,
+        "min_confidence": min_confidence, "min_score": min_score,
+    }
 
 
 def _check_target(target: str) -> None:

@@ -18,6 +18,9 @@ __all__ = ["MAX_K", "TARGETS", "Hit", "kinds_for", "search_vector"]
 @dataclass(frozen=True)
 class Hit:
     """One result. ``kind`` is image, caption or segment; ``start``/``end`` (seconds) only for segments.
+    ``score`` is the cosine similarity to the query vector; ``confidence`` its calibrated value in [0, 1]
+    (None without a calibration); ``matched``: found by ``vector``, ``words`` or ``both`` (see
+    :mod:`mmsearch.query`).
 
     ``path`` is the file's name as :func:`os.fsdecode` gives it (undecodable bytes as surrogate escapes),
     so ``open(hit.path)`` opens the file whatever its name.
@@ -32,6 +35,8 @@ class Hit:
     end: float | None
     item_id: int
     file_id: int
+    confidence: float | None = None
+    matched: str = "vector"
 
     def as_dict(self) -> dict[str, object]:
         """JSON-safe: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and

@@ -103,8 +103,11 @@ def test_reindex_subprocess_is_incremental(built: Path, folder: Path) -> None:
 @pytest.mark.parametrize(
     "args, message, code",
     [
-        (["query"], "exactly one of", 2),
-        (["query", "x", "--image", "y.png"], "exactly one of", 2),
+        (["query"], "give TEXT, --image PATH, --audio PATH or --add TEXT", 2),
+        (["query", "x", "--image", "y.png"], "query image not found", 1),  # text + image: a combined query
+        (["query", "x", "--audio", "y.wav"], "--audio goes alone", 2),
+        (["query", "x", "--mode", "fuzzy"], "unknown mode", 1),
+        (["query", "x", "--weight", "image"], "ROLE=NUMBER", 2),
         (["query", "x", "--target", "videos"], "unknown --target", 2),
         (["query", "--image", "/no/such.png"], "query image not found", 1),
         (["query", "--audio", "/no/such.wav"], "query audio not found", 1),
@@ -247,8 +250,10 @@ def test_fast_path_imports_neither_typer_nor_the_engine(
         (["x", "--json=yes"], "--json", 2),
         (["x", "y"], "unexpected extra argument", 2),
         (["--jso", "x"], "No such option: --jso", 2),
-        ([], "exactly one of", 2),
-        (["x", "--audio", "y.wav"], "exactly one of", 2),
+        ([], "give TEXT, --image PATH, --audio PATH or --add TEXT", 2),
+        (["x", "--audio", "y.wav"], "--audio goes alone", 2),
+        (["x", "--mode", "fuzzy"], "unknown mode", 1),
+        (["x", "--kind", "video-game"], "kind", 1),
         (["x", "--target", "videos"], "unknown --target", 2),
         (["   "], "empty", 1),
         (["--image", "/no/such.png"], "query image not readable", 1),
@@ -285,7 +290,9 @@ def test_plain_output_of_a_voice_query_and_a_segment() -> None:
     hit = {"rank": 1, "score": 0.5, "kind": "segment", "path": "/a/talk.wav", "text": "hello"}
     hits = [{**hit, "start": 61.5, "end": 3725.0, "item_id": 7, "file_id": 3}]
     assert render.plain_query(hits, "hello there") == (
-        "heard: hello there\n1\t0.500\tsegment\t/a/talk.wav\t[1:01–1:02:05] hello\n"
+        "heard: hello there\n1\t0.500\t-\tsegment\t/a/talk.wav\t[1:01–1:02:05] hello\n"
     )
+    assert render.plain_query([{**hits[0], "confidence": 0.8765}], None).startswith("1\t0.500\t0.88\tsegment")
     assert render.plain_query([], None) == "no results\n"
+    assert render.plain_query([], None, no_match=True) == "no good match\n"
     assert json.loads(render.query_json("audio", hits, "hi"))["transcript"] == "hi"

@@ -325,4 +325,4 @@ def test_render_json_and_plain_rows() -> None:
     assert parsed["hits"][0]["path"] == "/m/a\tb\n\ufffd.png" and parsed["transcript"] == "heard\x1b]0;t\x07"
     assert "path_b64" not in parsed["hits"][0]  # a hit without the field: left out, no KeyError
     plain = render.plain_query([hit], "heard\x1b]0;t\x07")
-    assert plain == "heard: heard\\x1b]0;t\\x07\n1\t0.500\tcaption\t/m/a\\tb\\n\ufffd.png\tx\\x1b[2J\n"
+    assert plain == "heard: heard\\x1b]0;t\\x07\n1\t0.500\t-\tcaption\t/m/a\\tb\\n\ufffd.png\tx\\x1b[2J\n"

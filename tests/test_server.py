@@ -227,7 +227,7 @@ def test_search_text(srv: Running) -> None:
     assert hit["thumb"] == f"/api/thumbs/{hit['file_id']}" and hit["media"] == f"/api/media/{hit['file_id']}"
     # The server answers exactly what the library answers.
     with mmsearch.Index.open(srv.index) as idx:
-        direct = idx.search_text("a plain red picture", target="captions", k=3)
+        direct = idx.search("a plain red picture", target="captions", k=3).hits
     assert [h["item_id"] for h in result["hits"]] == [h.item_id for h in direct]
     everything = client.query_server(srv.server, text="fox", target="all", k=20)["hits"]
     assert {h["kind"] for h in everything} == {"image", "caption", "segment"}
@@ -241,7 +241,7 @@ def test_concurrent_queries_each_get_their_own_answer(srv: Running) -> None:
 
     queries = [f"{c} {s}" for c in ("red", "green", "blue", "dark") for s in ("picture", "square", "fox")]
     with mmsearch.Index.open(srv.index) as idx:
-        expected = {q: [h.item_id for h in idx.search_text(q, target="all", k=5)] for q in queries}
+        expected = {q: [h.item_id for h in idx.search(q, target="all", k=5).hits] for q in queries}
     with ThreadPoolExecutor(8) as pool:
         got = dict(
             zip(
@@ -260,9 +260,13 @@ def test_concurrent_queries_each_get_their_own_answer(srv: Running) -> None:
         ("/api/search?q=red&target=bogus", 400),
         ("/api/search?q=red&k=0", 422),
         ("/api/search?q=red&k=201", 422),
-        ("/api/search?q=", 422),
+        ("/api/search?q=", 400),  # nothing to search for
         ("/api/search?q=%20%20", 400),
-        ("/api/search", 422),
+        ("/api/search", 400),
+        ("/api/search?q=red&mode=fuzzy", 400),
+        ("/api/search?q=red&ext=.jpg&after=someday", 400),
+        ("/api/search?q=red&weight=image", 400),
+        ("/api/search?q=red&min_confidence=2", 422),
         ("/api/search?q=" + "a" * 1001, 422),
     ],
 )
