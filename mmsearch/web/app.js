@@ -40,6 +40,70 @@ function chosenK() {
   return Number.isFinite(k) ? Math.min(Math.max(k, 1), 200) : 12;
 }
 
+function chosenMode() {
+  const checked = document.querySelector('input[name="mode"]:checked');
+  return checked ? checked.value : "hybrid";
+}
+
+// Several terms or patterns in one field, separated by commas; each becomes one repeated parameter.
+function listOf(id) {
+  return $(id).value.split(",").map((s) => s.trim()).filter(Boolean);
+}
+
+// Filter parameters of the HTTP API and the fields that hold them ([name, field ids, several values]).
+const FILTER_FIELDS = [
+  ["path", ["f-path"], true],
+  ["ext", ["f-ext"], true],
+  ["kind", ["f-kind-image", "f-kind-audio"], false],
+  ["after", ["f-after"], false],
+  ["before", ["f-before"], false],
+  ["min_duration", ["f-min-duration"], false],
+  ["max_duration", ["f-max-duration"], false],
+];
+
+// [name, value] pairs of the filters set on the page, in the API's parameter names.
+function filterPairs() {
+  const pairs = [];
+  for (const [name, ids, several] of FILTER_FIELDS) {
+    for (const id of ids) {
+      const field = $(id);
+      if (field.type === "checkbox") {
+        if (field.checked) pairs.push([name, field.value]);
+      } else if (several) {
+        for (const value of listOf(id)) pairs.push([name, value]);
+      } else if (field.value.trim()) {
+        pairs.push([name, field.value.trim()]);
+      }
+    }
+  }
+  return pairs;
+}
+
+function showFilterCount() {
+  const names = new Set(filterPairs().map(([name]) => name));
+  $("filter-count").textContent = names.size ? `(${names.size} set)` : "";
+}
+
+function clearFilters() {
+  for (const [, ids] of FILTER_FIELDS) {
+    for (const id of ids) {
+      const field = $(id);
+      if (field.type === "checkbox") field.checked = false;
+      else field.value = "";
+    }
+  }
+  showFilterCount();
+}
+
+// The parameters every search sends (GET /api/search, and the query string of the upload POSTs).
+function searchParams(kind, first = {}) {
+  const params = new URLSearchParams({ ...first, target: chosenTarget(kind), k: chosenK(), mode: chosenMode() });
+  for (const term of listOf("add")) params.append("add", term);
+  for (const term of listOf("subtract")) params.append("subtract", term);
+  for (const [name, value] of filterPairs()) params.append(name, value);
+  return params;
+}
+
 async function call(url, options) {
   let response;
   try {
@@ -72,16 +136,18 @@ async function run(label, request) {
   }
 }
 
+// A text query, or (with an empty box) a query made of the "more like" terms alone.
 function searchText(query) {
-  const params = new URLSearchParams({ q: query, target: chosenTarget("text"), k: chosenK() });
+  const params = searchParams("text", query ? { q: query } : {});
   $("query-preview").hidden = true;
-  return run(`searching for “${query}”`, () => call(`/api/search?${params}`));
+  const said = query || listOf("add").join(", ");
+  return run(`searching for “${said}”`, () => call(`/api/search?${params}`));
 }
 
 function searchFile(kind, file, name) {
   const form = new FormData();
   form.append("file", file, name || file.name || kind);
-  const params = new URLSearchParams({ target: chosenTarget(kind), k: chosenK() });
+  const params = searchParams(kind);
   const label = kind === "image" ? "searching with the image" : "listening and searching";
   return run(label, () => call(`/api/search/${kind}?${params}`, { method: "POST", body: form }));
 }
@@ -109,6 +175,21 @@ function playFrom(src, start) {
   }
 }
 
+// The modes of the switch, and how a hit was found (its `matched`), in the switch's words.
+const MODE_LABELS = { hybrid: "words + meaning", vector: "meaning", words: "words" };
+const MATCHED_LABELS = { words: "words", vector: "meaning", both: "words + meaning" };
+
+function confidence(hit) {
+  if (typeof hit.confidence !== "number") return null;
+  return el("span", { class: "confidence", title: "calibrated confidence", text: `${Math.round(hit.confidence * 100)}%` });
+}
+
+function matchedBy(hit) {
+  if (!Object.hasOwn(MATCHED_LABELS, hit.matched)) return null;
+  const label = MATCHED_LABELS[hit.matched];
+  return el("span", { class: `matched-by ${hit.matched}`, title: "matched by", text: label });
+}
+
 function card(hit) {
   const node = el("article", { class: `card ${hit.file_kind}`, "data-file-id": String(hit.file_id) });
   if (hit.file_kind === "image") {
@@ -124,7 +205,9 @@ function card(hit) {
   node.append(
     el("div", { class: "meta" },
       el("span", { class: "rank", text: `#${hit.rank}` }),
-      el("span", { class: "score", text: hit.score.toFixed(3) }),
+      el("span", { class: "score", title: "raw score", text: hit.score.toFixed(3) }),
+      confidence(hit),
+      matchedBy(hit),
       el("span", { class: "kind", text: hit.kind })),
     el("div", { class: "name", title: hit.path, text: hit.name }),
   );
@@ -139,8 +222,13 @@ function card(hit) {
 }
 
 function render(data) {
+  const noMatch = data.no_match === true;
   results.replaceChildren(...data.hits.map(card));
-  const parts = [`${data.hits.length} result${data.hits.length === 1 ? "" : "s"} (${data.target}) in ${Math.round(data.took_ms)} ms`];
+  results.classList.toggle("weak", noMatch);
+  $("no-match").hidden = !noMatch;
+  $("closest").hidden = !(noMatch && data.hits.length > 0);
+  const how = Object.hasOwn(MODE_LABELS, data.mode) ? `${data.target}, by ${MODE_LABELS[data.mode]}` : data.target;
+  const parts = [`${data.hits.length} result${data.hits.length === 1 ? "" : "s"} (${how}) in ${Math.round(data.took_ms)} ms`];
   if (data.transcript !== undefined && data.transcript !== null) parts.unshift(`heard “${data.transcript}”`);
   setStatus(parts.join(" — "));
 }
@@ -197,7 +285,8 @@ function pickImage(file) {
 $("text-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const query = $("q").value.trim();
-  if (query) searchText(query);
+  if (query || listOf("add").length) searchText(query);
+  else setStatus("type what you are looking for (or a “more like” term)", true);
 });
 $("image-file").addEventListener("change", (event) => { pickImage(event.target.files[0]); event.target.value = ""; });
 $("audio-file").addEventListener("change", (event) => {
@@ -206,6 +295,9 @@ $("audio-file").addEventListener("change", (event) => {
   event.target.value = "";
 });
 $("record").addEventListener("click", toggleRecording);
+$("filters").addEventListener("input", showFilterCount);
+$("clear-filters").addEventListener("click", clearFilters);
+showFilterCount();  // a reload may keep the fields' values
 
 const drop = $("drop");
 for (const name of ["dragenter", "dragover"]) {
