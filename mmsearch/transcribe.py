@@ -10,6 +10,10 @@
 * ``openai-whisper`` (the ``whisper`` package): PyTorch, fp16 on CUDA, fp32 on CPU, the library's own
   decoding defaults (greedy, previous text as prompt, temperature fallback).
 
+A prompt (the text Whisper reads as what was said before the audio) leans decoding towards its words and
+their spelling: spoken queries are decoded with the index's vocabulary as prompt (:mod:`mmsearch.spoken`),
+and :meth:`Transcriber.hypotheses` gives a short recording's n best readings from beam search.
+
 Files are transcribed in windows of a few minutes streamed from :mod:`mmsearch.audio`, so a recording of
 any length is never decoded whole; each window ends at the quietest moment near its nominal end, so words
 are not cut in half, and segment times are shifted back to absolute positions in the file.
@@ -28,7 +32,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmsearch.audio import SAMPLE_RATE, TimeBudget, iter_pcm_chunks
+from mmsearch.audio import QUERY_MAX_AUDIO_SECONDS, SAMPLE_RATE, TimeBudget, iter_pcm_chunks, load_pcm
 from mmsearch.constants import hub_offline
 from mmsearch.errors import MissingDependencyError, WeightsUnavailableError
 
@@ -57,6 +61,8 @@ _SILENCE_PEAK = 1e-3  # -60 dBFS: a window quieter than this throughout is skipp
 _PROBE_TIMEOUT_S = 4.0
 RawSegment = tuple[float, float, str]  # (start, end, text), seconds from where a decoder began
 _BATCH_SIZE = 8
+# Beam width of Transcriber.hypotheses (both libraries' default when they search with beams).
+QUERY_BEAM_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -79,19 +85,54 @@ class Transcript:
         return " ".join(s.text for s in self.segments)
 
 
+def distinct_texts(texts: Iterable[str]) -> list[str]:
+    """``texts`` without empty ones or repeats, in order; texts that differ only in case, punctuation or
+    spacing count as one (the first kept)."""
+    seen: set[str] = set()
+    out = []
+    for text in texts:
+        key = " ".join(re.sub(r"[^\w\s']+", " ", text.lower()).split())
+        if key and key not in seen:
+            seen.add(key)
+            out.append(text.strip())
+    return out
+
+
 class Transcriber(Protocol):
     #: What produced the transcripts, e.g. {"backend": "faster-whisper", "model": "tiny.en", "source": path}
     identity: dict[str, str]
 
     def transcribe(
-        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float | None = None,
+        time_budget: float | None = None,
+        prompt: str | None = None,
     ) -> Transcript:
         """Transcribe ``path``; :class:`BadMediaError` when it cannot be decoded or is over a budget.
 
         ``max_seconds``: refuse audio longer than this (spoken queries: ``QUERY_MAX_AUDIO_SECONDS``)
         instead of transcribing it. ``time_budget``: wall-clock seconds for decoding and transcription
         together; ``None`` gives ``FILE_TIME_BUDGET_SECONDS`` plus ``TIME_BUDGET_PER_AUDIO_SECOND`` per
-        second of audio decoded.
+        second of audio decoded. ``prompt``: text given to Whisper as what was said before each window
+        (its last 223 tokens are read); ``None``: no prompt.
+        """
+        ...
+
+    def hypotheses(
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float = QUERY_MAX_AUDIO_SECONDS,
+        time_budget: float | None = None,
+        prompt: str | None = None,
+        n: int = 1,
+    ) -> list[str]:
+        """Up to ``n`` distinct readings of a short recording (a spoken query), best first, from beam search
+        (``QUERY_BEAM_SIZE`` or ``n`` beams, the wider); ``[]`` when it holds no speech. The audio is decoded
+        whole: ``max_seconds`` is required to be small. Budgets and ``prompt`` as for :meth:`transcribe`.
+        Speech in several chunks gives as i-th reading the i-th best of each chunk, joined.
         """
         ...
 
@@ -392,6 +433,67 @@ def _pipeline_class(fw: Any) -> type:
     return Pipeline
 
 
+@functools.cache
+def _n_best_class(fw: Any) -> type:
+    """A BatchedInferencePipeline that decodes with beam search and keeps the ``n`` best readings of each
+    voiced chunk in ``readings`` (the segments it yields carry the best one, as usual). One object per call:
+    it holds that call's readings."""
+
+    class NBestPipeline(fw.BatchedInferencePipeline):
+        def __init__(self, model: Any, n: int) -> None:
+            super().__init__(model)
+            self.n = n
+            self.readings: list[list[str]] = []  # per voiced chunk, in order: its n best texts
+
+        def generate_segment_batched(self, features, tokenizer, options):  # noqa: ANN001, ANN202
+            # BatchedInferencePipeline.generate_segment_batched (faster-whisper 1.2) asking CTranslate2 for
+            # num_hypotheses; language tokens are fixed (multilingual=False is never overridden here).
+            prompt = self.model.get_prompt(
+                tokenizer,
+                previous_tokens=tokenizer.encode(options.initial_prompt) if options.initial_prompt else [],
+                without_timestamps=options.without_timestamps,
+            )
+            encoder_output = self.model.encode(features)
+            results = self.model.model.generate(
+                encoder_output,
+                [list(prompt) for _ in range(features.shape[0])],
+                beam_size=max(options.beam_size, self.n),
+                num_hypotheses=self.n,
+                patience=options.patience,
+                length_penalty=options.length_penalty,
+                max_length=self.model.max_length,
+                suppress_blank=options.suppress_blank,
+                suppress_tokens=options.suppress_tokens,
+                return_scores=True,
+                return_no_speech_prob=True,
+            )
+            output = []
+            for result in results:
+                texts = [tokenizer.decode(ids).strip() for ids in result.sequences_ids]
+                self.readings.append(texts)
+                length = len(result.sequences_ids[0])
+                output.append(
+                    {
+                        "avg_logprob": result.scores[0] * length**options.length_penalty / (length + 1),
+                        "no_speech_prob": result.no_speech_prob,
+                        "tokens": result.sequences_ids[0],
+                    }
+                )
+            return encoder_output, output
+
+    return NBestPipeline
+
+
+def _short_clip(path: str | Path, max_seconds: float, time_budget: float | None) -> np.ndarray | None:
+    """A short recording decoded whole (budgets as for Transcriber.transcribe: checked again before it is
+    handed to Whisper); ``None`` if it is silent."""
+    what = "decoding and transcription"
+    budget = TimeBudget.default(what) if time_budget is None else TimeBudget(time_budget, what=what)
+    pcm = load_pcm(path, max_seconds=max_seconds, budget=budget)
+    budget.check()
+    return None if _is_silent(pcm) else pcm
+
+
 def _encode_one_by_one(model: Any, ctranslate2: Any, features: np.ndarray) -> Any:
     """WhisperModel.encode, one 30 s chunk at a time; the batch is reassembled for batched decoding.
 
@@ -462,11 +564,17 @@ class _FasterWhisper:
         }
 
     def transcribe(
-        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float | None = None,
+        time_budget: float | None = None,
+        prompt: str | None = None,
     ) -> Transcript:
-        return _transcribe_windows(path, self._decode, max_seconds=max_seconds, time_budget=time_budget)
+        decode = functools.partial(self._decode, prompt=prompt)
+        return _transcribe_windows(path, decode, max_seconds=max_seconds, time_budget=time_budget)
 
-    def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
+    def _decode(self, pcm: np.ndarray, prompt: str | None = None) -> tuple[int, list[RawSegment], str | None]:
         parts, info = self._pipeline.transcribe(
             pcm,
             language=self._language,
@@ -474,8 +582,41 @@ class _FasterWhisper:
             batch_size=_BATCH_SIZE,
             without_timestamps=True,  # see _interpolate
             vad_filter=True,
+            # The batched pipeline puts initial_prompt, like hotwords, after <|startofprev|> for every chunk.
+            initial_prompt=prompt or None,
         )
         return 0, [(s.start, s.end, s.text) for s in parts], info.language
+
+    def hypotheses(
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float = QUERY_MAX_AUDIO_SECONDS,
+        time_budget: float | None = None,
+        prompt: str | None = None,
+        n: int = 1,
+    ) -> list[str]:
+        pcm = _short_clip(path, max_seconds, time_budget)
+        if pcm is None:
+            return []
+        pipeline = _n_best_class(_import_faster_whisper())(self._model, n)
+        segments, _ = pipeline.transcribe(
+            pcm,
+            language=self._language,
+            beam_size=QUERY_BEAM_SIZE,
+            batch_size=_BATCH_SIZE,
+            without_timestamps=True,
+            vad_filter=True,
+            initial_prompt=prompt or None,
+        )
+        for _ in segments:  # decoding happens as the segments are read
+            pass
+        chunks = pipeline.readings
+        if not chunks:
+            return []
+        depth = max(len(texts) for texts in chunks)
+        joined = [" ".join(texts[min(i, len(texts) - 1)] for texts in chunks) for i in range(depth)]
+        return distinct_texts(joined)[:n]
 
 
 # ---------------------------------------------------------------------------------------------- openai-whisper
@@ -568,17 +709,49 @@ class _OpenAIWhisper:
         }
 
     def transcribe(
-        self, path: str | Path, *, max_seconds: float | None = None, time_budget: float | None = None
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float | None = None,
+        time_budget: float | None = None,
+        prompt: str | None = None,
     ) -> Transcript:
-        return _transcribe_windows(path, self._decode, max_seconds=max_seconds, time_budget=time_budget)
+        decode = functools.partial(self._decode, prompt=prompt)
+        return _transcribe_windows(path, decode, max_seconds=max_seconds, time_budget=time_budget)
 
-    def _decode(self, pcm: np.ndarray) -> tuple[int, list[RawSegment], str | None]:
+    def _decode(
+        self, pcm: np.ndarray, prompt: str | None = None, beam_size: int | None = None
+    ) -> tuple[int, list[RawSegment], str | None]:
         fp16 = self.identity["compute_type"] == "float16"
         lead = _leading_silence(pcm)
         # openai-whisper's own defaults: greedy, the previous text as prompt (more accurate here than
         # without: benchmarks/bench_speech.py), temperature fallback only when decoding degenerates.
-        result = self._model.transcribe(pcm[lead:], language=self._language, fp16=fp16, verbose=None)
+        # initial_prompt is read before the first 30 s; later ones read the text decoded before them.
+        result = self._model.transcribe(
+            pcm[lead:],
+            language=self._language,
+            fp16=fp16,
+            verbose=None,
+            initial_prompt=prompt or None,
+            beam_size=beam_size,
+        )
         return lead, [(s["start"], s["end"], s["text"]) for s in result["segments"]], result.get("language")
+
+    def hypotheses(
+        self,
+        path: str | Path,
+        *,
+        max_seconds: float = QUERY_MAX_AUDIO_SECONDS,
+        time_budget: float | None = None,
+        prompt: str | None = None,
+        n: int = 1,
+    ) -> list[str]:
+        # openai-whisper's decoder keeps its beam's other candidates to itself: one reading, the best.
+        pcm = _short_clip(path, max_seconds, time_budget)
+        if pcm is None:
+            return []
+        _, raw, _ = self._decode(pcm, prompt=prompt, beam_size=max(QUERY_BEAM_SIZE, n))
+        return distinct_texts([" ".join(text.strip() for _, _, text in raw)])
 
 
 # ---------------------------------------------------------------------------------------------- entry point
