@@ -87,16 +87,16 @@ def tower_key(identity: dict[str, Any]) -> str:
     return f"{identity['arch']}@{weights}"
 
 
-def _import_ort() -> Any:
+def import_ort(feature: str = FEATURE) -> Any:
     try:
         import onnxruntime
     except ImportError as e:
-        raise MissingDependencyError("onnxruntime", FEATURE) from e
+        raise MissingDependencyError("onnxruntime", feature) from e
     return onnxruntime
 
 
-def _session(path: Path, threads: int | None, spin: bool) -> Any:
-    ort = _import_ort()
+def ort_session(path: Path, threads: int | None, spin: bool, feature: str = FEATURE) -> Any:
+    ort = import_ort(feature)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -107,7 +107,7 @@ def _session(path: Path, threads: int | None, spin: bool) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return (a * b).sum(axis=1)
@@ -132,9 +132,9 @@ class OnnxImageTower:
         self.quantized = self.path.name.endswith(".int8.onnx")
         auto_streams, auto_threads = default_streams()
         n = streams or (auto_streams if threads is None else 1)
-        per_session = threads or (auto_threads if streams is None else max(1, _usable_cpus() // n))
+        per_session = threads or (auto_threads if streams is None else max(1, usable_cpus() // n))
         # One session per stream: concurrent runs of one single-threaded session were no faster here.
-        self.sessions = [_session(self.path, per_session, spin) for _ in range(n)]
+        self.sessions = [ort_session(self.path, per_session, spin) for _ in range(n)]
         self.session = self.sessions[0]
         self.threads = per_session
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="onnx-tower") if n > 1 else None
@@ -165,7 +165,7 @@ class OnnxImageTower:
         when the model is on a GPU (use torch with autocast there) or cannot be exported faithfully; the
         caller then keeps the torch path.
         """
-        _import_ort()
+        import_ort()
         param = next(iter(model.parameters()), None)
         if param is not None and param.device.type != "cpu":
             raise MmsearchError(
@@ -175,7 +175,7 @@ class OnnxImageTower:
         if param is not None and param.dtype != _float32():
             raise MmsearchError(f"{FEATURE} exports fp32 models; this one is {param.dtype}")
         cache_dir = Path(cache_dir)
-        path = cache_dir / _file_name(key, quantize)
+        path = cache_dir / cache_file_name(key, quantize)
         if path.is_file():
             try:
                 tower = cls(path, threads=threads, spin=spin, streams=streams)
@@ -251,7 +251,7 @@ def _pixels(batch: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # honours taskset/cgroup CPU pinning, unlike os.cpu_count()
     except AttributeError:  # not on Linux
@@ -267,7 +267,7 @@ def default_streams(cpus: int | None = None) -> tuple[int, int]:
     batch have no barriers and ran 1.14x faster on this 2-core machine (benchmarks/results/model_speed.json).
     Beyond four, each extra session costs its own copy of the weights (~90 MB int8 for ViT-B-32) for little.
     """
-    n = cpus or _usable_cpus()
+    n = cpus or usable_cpus()
     streams = max(1, min(n, 4))
     return streams, max(1, n // streams)
 
@@ -285,13 +285,24 @@ def _hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _file_name(key: str, quantize: bool) -> str:
-    digest = hashlib.sha256(f"{key}|quantize={quantize}|recipe={RECIPE_VERSION}".encode()).hexdigest()[:16]
+def cache_file_name(
+    key: str, quantize: bool | None, *, tower: str = "image", recipe: int = RECIPE_VERSION
+) -> str:
+    """The cache file of one tower of the model ``key``: ``<key>-<digest>.<int8|fp32>.onnx`` for the image
+    tower, ``.text-int8.onnx`` … for the text tower, ``.model.json`` (``quantize=None``) for the manifest."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:48]
-    return f"{slug}-{digest}.{'int8' if quantize else 'fp32'}.onnx"
+    if quantize is None:
+        digest = hashlib.sha256(f"{key}|manifest|recipe={recipe}".encode()).hexdigest()[:16]
+        return f"{slug}-{digest}.model.json"
+    basis = f"{key}|quantize={quantize}|recipe={recipe}"
+    if tower != "image":  # image files keep the names of earlier releases, so their caches stay valid
+        basis += f"|tower={tower}"
+    digest = hashlib.sha256(basis.encode()).hexdigest()[:16]
+    kind = "int8" if quantize else "fp32"
+    return f"{slug}-{digest}.{kind if tower == 'image' else f'{tower}-{kind}'}.onnx"
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
@@ -337,9 +348,9 @@ def _export_once(
             return encode(pixels)
 
     probe = torch.randn(4, 3, *hw, generator=torch.Generator().manual_seed(0))
-    tmp_fp32 = _temp_path(path, ".fp32.tmp")
-    tmp_out = _temp_path(path, ".tmp") if quantize else tmp_fp32
-    tmp_meta = _temp_path(path, ".json.tmp")
+    tmp_fp32 = temp_path(path, ".fp32.tmp")
+    tmp_out = temp_path(path, ".tmp") if quantize else tmp_fp32
+    tmp_meta = temp_path(path, ".json.tmp")
     try:
         tower = _Tower().eval()
         with torch.no_grad():
@@ -372,9 +383,9 @@ def _export_once(
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         if quantize:
-            _quantize(tmp_fp32, tmp_out)
+            quantize_weights(tmp_fp32, tmp_out, FEATURE)
         got = OnnxImageTower(tmp_out, streams=1)(probe)
-        cos = _cosines(got, reference)
+        cos = cosines(got, reference)
         if float(cos.min()) < PROBE_MIN_COSINE[quantize]:
             raise MmsearchError(
                 f"the {'int8' if quantize else 'fp32'} ONNX image tower of {key} does not reproduce the torch "
@@ -389,7 +400,7 @@ def _export_once(
             "probe_cosine_min": round(float(cos.min()), 6),
             "probe_cosine_mean": round(float(cos.mean()), 6),
             "export_seconds": round(time.monotonic() - started, 1),
-            "versions": {p: _version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
+            "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
         }
         tmp_meta.write_text(json.dumps(meta, indent=1))
         # Sidecar first: a reader that finds the model file always finds its metadata too.
@@ -407,17 +418,24 @@ def _export_once(
             tmp.unlink(missing_ok=True)
 
 
-def _temp_path(path: Path, suffix: str) -> Path:
+def temp_path(path: Path, suffix: str) -> Path:
     # Same folder as the target, so os.replace is an atomic rename; created by the writer with the umask's
     # permissions (mkstemp would leave them at 0600).
     return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
 
 
-def _quantize(src: Path, dst: Path) -> None:
+def quantize_weights(
+    src: Path,
+    dst: Path,
+    feature: str,
+    op_types: tuple[str, ...] = ("MatMul", "Gemm"),
+    per_channel: bool = False,
+) -> None:
+    """int8 dynamic quantisation of ``op_types``' weights, 7-bit (the recipe in this module's docstring)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:  # onnxruntime.quantization imports onnx
-        raise MissingDependencyError("onnx", f"quantising {FEATURE}") from e
+        raise MissingDependencyError("onnx", f"quantising {feature}") from e
     root = logging.getLogger()
     root.addFilter(_drop_preprocess_advice)
     try:
@@ -425,12 +443,12 @@ def _quantize(src: Path, dst: Path) -> None:
             str(src),
             str(dst),
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=False,
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
             reduce_range=True,
         )
     except Exception as e:
-        raise MmsearchError(f"could not quantise the ONNX image tower: {e}") from e
+        raise MmsearchError(f"could not quantise {feature}: {e}") from e
     finally:
         root.removeFilter(_drop_preprocess_advice)
 

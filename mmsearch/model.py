@@ -1,307 +1,122 @@
-"""OpenCLIP image/text embedder: the only module that imports torch and open_clip.
+"""Which embedder runs a model: ONNX Runtime alone when the model's towers are exported, else torch.
 
-Weights come from one of three places:
+:func:`load_embedder` is the one entry point. It imports neither torch nor open_clip unless it has to:
 
-* an OpenCLIP pretrained tag (``--model ViT-B-32 --pretrained laion2b_s34b_b79k``), downloaded on first use
-  and cached by huggingface_hub;
-* a local checkpoint file (``--checkpoint PATH``, ``.safetensors`` or a ``weights_only`` torch file), with the
-  architecture given by name or by an OpenCLIP model-config JSON;
-* the demo model shipped in this package (``--model demo``), which is just a local checkpoint.
+* with an ONNX image tower asked for (``onnx-int8``, the default, or ``onnx-fp32``), on the CPU, and the
+  model's export in the cache (:mod:`mmsearch.onnx_embedder`): an :class:`OnnxEmbedder`, in a fraction of a
+  second and without torch;
+* otherwise (first use of a model, ``--image-tower torch``, a GPU, a model whose tokenizer or preprocessing
+  has no torch-free version): :class:`mmsearch.clip_torch.ClipEmbedder`, which loads the weights with
+  open_clip. Indexing with it exports the towers (``use_onnx_image_tower``), so the next run is torch-free.
 
-``pretrained="random"`` gives seeded random weights: plumbing tests and speed benchmarks use it.
+``from mmsearch.model import ClipEmbedder`` still works; it imports torch at that moment.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import socket
-from collections.abc import Sequence
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import open_clip
-import torch
-from PIL import Image
 
-from mmsearch.constants import hub_offline
-from mmsearch.errors import MmsearchError, WeightsUnavailableError
-from mmsearch.identity import RANDOM, ModelSpec, describe_identity, sha256_file
+from mmsearch.identity import ModelSpec
 
-log = logging.getLogger(__name__)
-
-_CHECKPOINT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
+ONNX_TOWERS = {"onnx-int8": True, "onnx-fp32": False}  # image tower setting -> int8 quantisation
+#: Set to 0 to load every model with torch, as before torch-free loading existed (the ONNX image tower is
+#: still used for indexing): an escape hatch, and the "torch path" that benchmarks/bench_startup.py compares.
+TORCH_FREE_ENV = "MMSEARCH_TORCH_FREE"
+# Device files of an accelerator torch would pick for device="auto" (CUDA, ROCm); Apple silicon has MPS.
+_ACCELERATOR_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
 
 
-def _split_tensor_tail(preprocess: Any) -> tuple[list[Any], tuple[np.ndarray, np.ndarray] | None]:
-    """(the steps before ToTensor, (mean, std) of the final Normalize) when the transform ends with
-    ToTensor + Normalize, as OpenCLIP's do; else ([], None) and the whole transform runs as given."""
-    from torchvision import transforms as tv
+class Embedder(Protocol):
+    """What the API and ingestion use of a model, whichever runs it."""
 
-    steps = list(getattr(preprocess, "transforms", []))
-    if len(steps) < 2 or not isinstance(steps[-2], tv.ToTensor) or type(steps[-1]) is not tv.Normalize:
-        return [], None
-    norm = steps[-1]
-    shape = (-1, 1, 1)
-    mean = np.asarray(norm.mean, np.float32).reshape(shape)
-    std = np.asarray(norm.std, np.float32).reshape(shape)
-    return steps[:-2], (mean, std)
+    identity: dict[str, Any]
+    dim: int
+    batch_size: int
+    input_size: int
 
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    @property
+    def has_onnx_image_tower(self) -> bool: ...
+    @property
+    def image_streams(self) -> int: ...
+    def use_onnx_image_tower(self, *, quantize: bool = True, cache_dir: Path | None = None) -> bool: ...
+    def preprocess_image(self, image: Any) -> Any: ...
+    def embed_image_tensors(self, batch: Any) -> np.ndarray: ...
+    def submit_image_tensors(self, batch: Any) -> Future[np.ndarray]: ...
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    # huggingface_hub retries for ~45 s before giving up when there is no network; one quick probe
-    # lets us fail with a clear message instead.
-    if hub_offline():
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def load_embedder(
+    model: ModelSpec | Mapping[str, Any],
+    device: str = "auto",
+    batch_size: int = 32,
+    image_tower: str | None = None,
+    cache_dir: Path | None = None,
+) -> Embedder:
+    """The embedder of ``model``: a :class:`ModelSpec` (what the user named; a checkpoint is hashed, not
+    loaded) or the identity an index recorded (its weights hash names the export; nothing is hashed).
 
-
-def _register_config(name: str) -> str:
-    """Register an OpenCLIP model-config JSON given as a path; return the architecture name."""
-    if name.endswith(".json"):
-        path = Path(name)
-        if not path.is_file():
-            raise MmsearchError(f"model config not found: {path}")
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise MmsearchError(f"model config {path} is not valid JSON: {e}") from e
-        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-            raise MmsearchError(
-                f"{path} is not an OpenCLIP model config (needs embed_dim, vision_cfg, text_cfg)"
-            )
-        open_clip.add_model_config(path)
-        return path.stem
-    if name not in open_clip.list_models():
-        raise MmsearchError(
-            f"unknown model architecture '{name}'; see `python -c 'import open_clip; print(open_clip.list_models())'`"
-            " or pass an OpenCLIP model-config .json"
-        )
-    return name
-
-
-def _cached_hub_file(hub_id: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    repo = hub_id.rstrip("/")
-    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):
+    ``image_tower``: ``onnx-int8`` / ``onnx-fp32`` use the exported towers when cached (both towers then run
+    on ONNX Runtime, texts int8 too where the export kept it); ``torch`` or None load the torch model."""
+    if isinstance(model, ModelSpec):
+        spec, identity = model, None
+    else:
+        identity = dict(model)
+        spec = ModelSpec.from_identity(identity)
+    quantize = ONNX_TOWERS.get(image_tower or "torch")
+    if quantize is not None and runs_on_cpu(device) and os.environ.get(TORCH_FREE_ENV, "1") != "0":
+        found = _torch_free(spec, identity, quantize, cache_dir, batch_size)
+        if found is not None:
             return found
-    return None
+    from mmsearch.clip_torch import ClipEmbedder
 
-
-class ClipEmbedder:
-    """Embeds images and texts into one L2-normalised space."""
-
-    def __init__(self, spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> None:
-        self.device = pick_device(device)
-        self.batch_size = batch_size
-        name, pretrained, checkpoint = spec.resolved()
-        arch = _register_config(name)
-        kwargs: dict[str, Any] = {}
-        checkpoint_hash: str | None = None
-        if checkpoint is not None:
-            ckpt = Path(checkpoint)
-            if not ckpt.is_file():
-                raise WeightsUnavailableError(f"checkpoint not found: {ckpt}")
-            if ckpt.suffix not in _CHECKPOINT_SUFFIXES:
-                raise MmsearchError(
-                    f"unsupported checkpoint type '{ckpt.suffix}' (use .safetensors, .pt or .bin)"
-                )
-            load_from: str | None = str(ckpt)
-            checkpoint_hash = sha256_file(ckpt)
-        elif pretrained == RANDOM:
-            load_from = None
-            torch.manual_seed(0)  # seeded, so a reopened "random" index embeds queries consistently
-        else:
-            if pretrained is None:
-                raise MmsearchError(f"model '{arch}' needs --pretrained TAG or --checkpoint PATH")
-            load_from, kwargs = self._resolve_tag(arch, pretrained)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=load_from, device=self.device, **kwargs
-            )
-        except RuntimeError as e:
-            if "Failed to download" in str(e):
-                raise WeightsUnavailableError(
-                    f"could not download weights for {arch}/{pretrained}: {e}. Pass --checkpoint PATH"
-                ) from e
-            raise MmsearchError(f"could not load {arch} weights from {load_from}: {e}") from e
-        except (
-            Exception
-        ) as e:  # a user's file: unpickling refused (weights_only), wrong keys, not a checkpoint
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MmsearchError(
-                f"could not load {arch} weights from {load_from}: {first_line} "
-                "(only plain tensors are loaded: .safetensors, or a torch file loadable with weights_only=True)"
-            ) from e
-        model.eval()
-        self.model = model
-        self.preprocess = preprocess
-        self._pil_steps, self._norm = _split_tensor_tail(preprocess)
-        self.tokenizer = open_clip.get_tokenizer(arch)
-        self.dim = int(self._encode_texts(["probe"]).shape[1])
-        self.identity: dict[str, Any] = {
-            "name": spec.name,
-            "arch": arch,
-            "pretrained": pretrained,
-            "checkpoint": spec.checkpoint,
-            "checkpoint_sha256": checkpoint_hash,
-            "dim": self.dim,
-        }
-        self._onnx_tower: Any = None
-        size = getattr(model.visual, "image_size", 224)
-        # The model's input side: JPEGs are decoded at the smallest DCT scale still at least this large.
-        self.input_size = int(max(size) if isinstance(size, (tuple, list)) else size)
-        log.info("loaded %s on %s (dim %d)", describe_identity(self.identity), self.device, self.dim)
-
-    def use_onnx_image_tower(self, *, quantize: bool = True, cache_dir: Path | None = None) -> bool:
-        """Embed images with the ONNX Runtime tower (CPU only): int8 dynamic quantisation, several times torch
-        eager at cosine 0.9995 to fp32 (figures per machine: benchmarks/results/model_speed.json).
-        False, with the reason logged, when unavailable; images then stay on torch."""
-        if self.device.type != "cpu":
-            return False  # CUDA/MPS: torch with autocast is the fast path
-        from mmsearch.accel import OnnxImageTower, default_cache_dir, tower_key
-
-        try:
-            self._onnx_tower = OnnxImageTower.build(
-                self.model,
-                self.model.visual.image_size,
-                cache_dir or default_cache_dir(),
-                tower_key(self.identity),
-                quantize=quantize,
-            )
-        except MmsearchError as e:  # missing onnxruntime/onnx, or an architecture that does not export
-            log.warning("image embedding stays on torch: %s", e)
-            return False
-        # Information only: int8 and fp32 vectors of the same weights mix fine, so same_model ignores it.
-        self.identity["image_tower"] = "onnx-int8" if quantize else "onnx-fp32"
-        return True
-
-    @staticmethod
-    def _resolve_tag(arch: str, tag: str) -> tuple[str | None, dict[str, Any]]:
-        cfg = open_clip.get_pretrained_cfg(arch, tag)
-        if not cfg:
-            tags = ", ".join(t for a, t in open_clip.list_pretrained() if a == arch) or "none"
-            raise MmsearchError(f"unknown pretrained tag '{tag}' for {arch} (known: {tags})")
-        hub_id = cfg.get("hf_hub")
-        if hub_id:
-            cached = _cached_hub_file(hub_id)
-            if cached is not None:
-                # A local path loses the tag's preprocessing settings; pass them explicitly.
-                return cached, {
-                    "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
-                    "image_mean": cfg.get("mean"),
-                    "image_std": cfg.get("std"),
-                    "image_interpolation": cfg.get("interpolation"),
-                    "image_resize_mode": cfg.get("resize_mode"),
-                }
-        if not _hub_reachable():
-            raise WeightsUnavailableError(
-                f"weights for {arch}/{tag} are not cached and the model hub cannot be reached (no network). "
-                "Download them on a connected machine, or pass --checkpoint PATH to a local weights file "
-                "(or use --model demo)."
-            )
-        return tag, {}
-
-    def _autocast(self) -> Any:
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)  # fp32 on CPU: bf16 is slower on most CPUs
-
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        """The model's own preprocessing; its last steps (to tensor, normalise) are done in numpy.
-
-        torch would run them with its intra-op threads, whose OpenMP workers then spin waiting for more:
-        from the decode threads of ingestion that doubled the CPU time of preprocessing (6.5 -> 12 ms per
-        image here), CPU the model needed. numpy does the same arithmetic on the calling thread.
-        """
-        if self._norm is None:
-            return self.preprocess(image)
-        for step in self._pil_steps:
-            image = step(image)
-        if not isinstance(image, Image.Image) or image.mode != "RGB":
-            return self.preprocess.transforms[-1](self.preprocess.transforms[-2](image))
-        mean, std = self._norm
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        return torch.from_numpy((pixels - mean) / std)
-
-    @torch.inference_mode()
-    def embed_image_tensors(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        """[B, 3, H, W] preprocessed pixels (a tensor or an array) → [B, dim] L2-normalised vectors."""
-        if self._onnx_tower is not None:
-            return np.asarray(self._onnx_tower(batch), np.float32)
-        if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(batch)
-        if self.device.type == "cuda" and not batch.is_pinned():
-            batch = batch.pin_memory()  # page-locked: the copy below then overlaps with the GPU's work
-        batch = batch.to(self.device, non_blocking=True)
-        with self._autocast():
-            feats = self.model.encode_image(batch)
-        return _normalise(feats)
-
-    @property
-    def has_onnx_image_tower(self) -> bool:
-        """Whether images are embedded by the ONNX Runtime tower (see :meth:`use_onnx_image_tower`)."""
-        return self._onnx_tower is not None
-
-    @property
-    def image_streams(self) -> int:
-        """How many image batches :meth:`submit_image_tensors` runs at once (ONNX sessions; 1 on torch)."""
-        return self._onnx_tower.streams if self._onnx_tower is not None else 1
-
-    def submit_image_tensors(self, batch: torch.Tensor | np.ndarray) -> Future[np.ndarray]:
-        """:meth:`embed_image_tensors` in the background when the ONNX tower has several sessions."""
-        if self._onnx_tower is not None:
-            return self._onnx_tower.submit(batch)
-        done: Future[np.ndarray] = Future()
-        done.set_result(self.embed_image_tensors(batch))  # torch uses every core for one batch already
-        return done
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = [np.zeros((0, self.dim), np.float32)]
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess_image(im) for im in images[i : i + self.batch_size]])
-            out.append(self.embed_image_tensors(batch))
-        return np.concatenate(out)
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = [np.zeros((0, self.dim), np.float32)]
-        for i in range(0, len(texts), self.batch_size):
-            out.append(self._encode_texts(texts[i : i + self.batch_size]))
-        return np.concatenate(out)
-
-    @torch.inference_mode()
-    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        with self._autocast():
-            feats = self.model.encode_text(tokens)
-        return _normalise(feats)
-
-
-def _normalise(feats: torch.Tensor) -> np.ndarray:
-    arr = feats.float().cpu().numpy()
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    return (arr / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def load_embedder(spec: ModelSpec, device: str = "auto", batch_size: int = 32) -> ClipEmbedder:
     return ClipEmbedder(spec, device=device, batch_size=batch_size)
+
+
+def _torch_free(
+    spec: ModelSpec, identity: dict[str, Any] | None, quantize: bool, cache_dir: Path | None, batch_size: int
+) -> Embedder | None:
+    from mmsearch.accel import default_cache_dir
+    from mmsearch.onnx_embedder import PACKAGED_EXPORTS, OnnxEmbedder, find_exported
+
+    if identity is None:
+        identity = spec.expected_identity()
+        if identity["checkpoint_sha256"] == "missing":
+            return None  # the torch path raises the error that says so
+    found = find_exported(
+        identity, quantize=quantize, cache_dirs=[cache_dir or default_cache_dir(), PACKAGED_EXPORTS]
+    )
+    if found is None:
+        return None
+    manifest, image, text = found
+    keep = ("name", "arch", "pretrained", "checkpoint", "checkpoint_sha256")
+    return OnnxEmbedder({k: identity.get(k) for k in keep}, manifest, image, text, batch_size=batch_size)
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether ``device`` means the CPU, decided without torch: "auto" is the CPU unless an accelerator that
+    torch would pick is present (then the torch path decides, as before)."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return False  # MPS
+    return not any(Path(p).exists() for p in _ACCELERATOR_FILES)
+
+
+def __getattr__(name: str) -> Any:
+    # The torch embedder and its helpers, imported (with torch) only when asked for by name.
+    if name in {"ClipEmbedder", "pick_device", "_split_tensor_tail"}:
+        from mmsearch import clip_torch
+
+        return getattr(clip_torch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mmsearch.accel import OnnxImageTower, tower_key
+from mmsearch.clip_torch import ClipEmbedder, load_embedder
 from mmsearch.errors import MissingDependencyError, MmsearchError
 from mmsearch.identity import ModelSpec
-from mmsearch.model import ClipEmbedder, load_embedder
 from tests.conftest import TINY_MODEL
 
 

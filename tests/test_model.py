@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from mmsearch.clip_torch import load_embedder
 from mmsearch.errors import MmsearchError, WeightsUnavailableError
 from mmsearch.identity import ModelSpec
-from mmsearch.model import load_embedder
 from tests.conftest import TINY_MODEL
 
 
@@ -108,7 +108,7 @@ def test_preprocessing_in_numpy_equals_the_models_own_transform(random_tiny, ima
 
 
 def test_an_unusual_transform_runs_as_given(random_tiny, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from mmsearch.model import _split_tensor_tail
+    from mmsearch.clip_torch import _split_tensor_tail
 
     plain = lambda im: torch.zeros(3, 8, 8)  # noqa: E731 - a transform without ToTensor + Normalize
     assert _split_tensor_tail(plain) == ([], None)

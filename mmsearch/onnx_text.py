@@ -1,0 +1,219 @@
+"""The text tower exported to ONNX and run by ONNX Runtime: token ids in, L2-normalised vectors out.
+
+Exported like the image tower (:mod:`mmsearch.accel`): ``model.encode_text`` traced with a dynamic batch
+axis (the context length is fixed: OpenCLIP's causal mask and positional embedding have its size), written
+atomically to the per-user cache under a key naming the weights, and kept only if, on probe sentences, its
+vectors match the torch model's.
+
+The int8 variant quantises the weights of the matrix products and of the token embedding (a ``Gather`` over
+49408 rows: for ViT-B-32 two fifths of the text tower's weights), 7-bit as for the image tower (AVX2 without
+VNNI saturates with 8-bit weights, see :mod:`mmsearch.accel`), with one scale per output channel: per tensor
+the text tower of ViT-B-32 (random weights) kept a cosine of only 0.996 to fp32, per channel 0.998 (the
+demo model: 0.9992). A model whose int8 text tower falls under :data:`PROBE_MIN_COSINE` keeps the fp32 one
+(the caller's choice, :func:`mmsearch.clip_torch.ClipEmbedder.prepare_torch_free`). Cosines and the demo's
+retrieval with each tower: ``benchmarks/results/startup.json``.
+
+One session, every usable core, no spinning workers: a query embeds one text, and ingestion embeds caption
+and transcript texts between image batches. Texts run one at a time, so that a text's vector does not depend
+on the batch it came in (see :meth:`OnnxTextTower.__call__`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmsearch.accel import (
+    OPSET,
+    cache_file_name,
+    cosines,
+    import_ort,
+    normalise,
+    ort_session,
+    package_version,
+    quantize_weights,
+    temp_path,
+    usable_cpus,
+)
+from mmsearch.errors import MmsearchError
+
+log = logging.getLogger(__name__)
+
+FEATURE = "the ONNX text tower"
+TEXT_RECIPE_VERSION = 2  # 2: the cached graph is ONNX Runtime's extended-optimised one
+INPUT_NAME = "tokens"
+OUTPUT_NAME = "features"
+QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
+# A fresh export is kept only if every probe sentence's vector is at least this close (cosine) to torch's.
+PROBE_MIN_COSINE = {False: 0.9999, True: 0.995}
+# Sentences the export is checked on: short and long, punctuation, digits, non-Latin script.
+PROBE_TEXTS = (
+    "a photo of a dog",
+    "two small red circles over a white background",
+    "an image with three large blue triangles on black",
+    "Meeting notes: budget, 2024 roadmap & hiring (draft v3)",
+    "café crème brûlée",
+    "日本語のテキスト",
+    "x",
+    "the quick brown fox jumps over the lazy dog " * 12,
+)
+
+
+def text_file(cache_dir: Path, key: str, quantize: bool) -> Path:
+    return Path(cache_dir) / cache_file_name(key, quantize, tower="text", recipe=TEXT_RECIPE_VERSION)
+
+
+class OnnxTextTower:
+    """``[B, context_length]`` int64 token ids → ``[B, dim]`` L2-normalised float32 vectors."""
+
+    def __init__(self, path: Path, *, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.session = ort_session(self.path, threads or usable_cpus(), spin=False, feature=FEATURE)
+        self.quantized = self.path.name.endswith(".text-int8.onnx")
+        shape = self.session.get_inputs()[0].shape
+        self.context_length = int(shape[1])
+        meta_path = self.path.with_suffix(".json")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.session.get_outputs()[0].shape[1])
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        if not len(tokens):
+            return np.zeros((0, self.dim), np.float32)
+        # One text per run: int8 activations are quantised with one scale per run, so a batch would make
+        # a text's vector depend on the texts beside it (a caption, a query and a known caption's stored
+        # vector must agree). Batching saved no CPU time here: the matrix products of one text are
+        # already [context, width] by [width, width].
+        rows = [
+            self.session.run([OUTPUT_NAME], {INPUT_NAME: tokens[i : i + 1]})[0] for i in range(len(tokens))
+        ]
+        return normalise(np.concatenate(rows).astype(np.float32, copy=False))
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        probe_tokens: np.ndarray,
+        cache_dir: Path,
+        key: str,
+        *,
+        quantize: bool = True,
+    ) -> OnnxTextTower:
+        """Load the cached text tower for ``key``, exporting it first if needed.
+
+        ``model``: an OpenCLIP model on the CPU in fp32 (its ``encode_text`` is exported). ``probe_tokens``:
+        the model's tokenizer applied to :data:`PROBE_TEXTS` (the export is checked on them). Raises
+        :class:`MissingDependencyError` or :class:`MmsearchError` when it cannot be exported faithfully.
+        """
+        import_ort(FEATURE)
+        path = text_file(cache_dir, key, quantize)
+        if path.is_file():
+            try:
+                return cls(path)
+            except Exception as e:  # a damaged cache file: export again
+                log.warning("cached ONNX text tower %s is unusable (%s); exporting again", path, e)
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MmsearchError(f"cannot create the ONNX cache folder {cache_dir}: {e}") from e
+        _export(model, np.asarray(probe_tokens, np.int64), path, key, quantize)
+        return cls(path)
+
+
+def _export(model: Any, probe: np.ndarray, path: Path, key: str, quantize: bool) -> None:
+    import torch
+
+    started = time.monotonic()
+
+    class _Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return model.encode_text(tokens)
+
+    tmp_fp32 = temp_path(path, ".fp32.tmp")
+    tmp_out = temp_path(path, ".tmp") if quantize else tmp_fp32
+    tmp_opt = temp_path(path, ".opt.tmp")
+    tmp_meta = temp_path(path, ".json.tmp")
+    try:
+        with torch.no_grad():
+            reference = model.encode_text(torch.from_numpy(probe)).float().numpy()
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # the fused attention has no ONNX export
+        try:
+            with torch.inference_mode(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Batch 2 (tracing with 1 can bake size-1 squeezes into the graph), two different lengths.
+                dummy = torch.from_numpy(np.ascontiguousarray(probe[:2]))
+                torch.onnx.export(
+                    _Tower().eval(),
+                    (dummy,),
+                    str(tmp_fp32),
+                    dynamo=False,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=OPSET,
+                    do_constant_folding=True,
+                )
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MmsearchError(f"could not export the text tower of {key} to ONNX: {first_line}") from e
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        if quantize:
+            quantize_weights(tmp_fp32, tmp_out, FEATURE, QUANTIZED_OPS, per_channel=True)
+        _save_optimised(tmp_out, tmp_opt)
+        got = OnnxTextTower(tmp_opt)(probe)
+        cos = cosines(got, reference)
+        if float(cos.min()) < PROBE_MIN_COSINE[quantize]:
+            raise MmsearchError(
+                f"the {'int8' if quantize else 'fp32'} ONNX text tower of {key} does not reproduce the torch "
+                f"model (probe cosine {cos.min():.5f} < {PROBE_MIN_COSINE[quantize]})"
+            )
+        meta = {
+            "key": key,
+            "quantized": quantize,
+            "recipe": TEXT_RECIPE_VERSION,
+            "context_length": int(probe.shape[1]),
+            "probe_cosine_min": round(float(cos.min()), 6),
+            "probe_cosine_mean": round(float(cos.mean()), 6),
+            "export_seconds": round(time.monotonic() - started, 1),
+            "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
+        }
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, path.with_suffix(".json"))
+        os.replace(tmp_opt, path)
+        log.info(
+            "exported %s in %.0f s (probe cosine to torch: min %.5f)", path, meta["export_seconds"], cos.min()
+        )
+    finally:
+        for tmp in (tmp_fp32, tmp_out, tmp_opt, tmp_meta):
+            tmp.unlink(missing_ok=True)
+
+
+def _save_optimised(src: Path, dst: Path) -> None:
+    """``src`` as ONNX Runtime's extended optimisations leave it (fused operators, folded constants).
+
+    Loading it then takes about half the CPU time (for the int8 text tower of ViT-B-32), which a
+    cold query pays. Only the hardware-independent levels are saved; the layout level, which depends on the
+    CPU, still runs at load. The fused operators are ONNX Runtime's own (``com.microsoft``), so the file is
+    for ONNX Runtime only, which is the only thing that reads it.
+    """
+    ort = import_ort(FEATURE)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
