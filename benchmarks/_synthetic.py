@@ -50,7 +50,9 @@ def insert_recordings(conn: Any, texts: list[str], vecs: np.ndarray, first: int,
     shas = [f"a{first + i:063x}" for i in range(n_files)]
     conn.execute(db.media.insert(), [{"sha256": s, "kind": "audio", "duration": 60.0} for s in shas])
     rows = conn.execute(
-        db.media.select().with_only_columns(db.media.c.id, db.media.c.sha256).where(db.media.c.sha256.in_(shas))
+        db.media.select()
+        .with_only_columns(db.media.c.id, db.media.c.sha256)
+        .where(db.media.c.sha256.in_(shas))
     ).all()
     mid = {s: m for m, s in rows}
     conn.execute(
@@ -71,21 +73,35 @@ def insert_recordings(conn: Any, texts: list[str], vecs: np.ndarray, first: int,
         ],
     )
     seg_rows = [
-        {"media_id": mid[shas[i // per_file]], "idx": i % per_file, "start": 6.0 * (i % per_file),
-         "end": 6.0 * (i % per_file) + 6.0, "text": t}
+        {
+            "media_id": mid[shas[i // per_file]],
+            "idx": i % per_file,
+            "start": 6.0 * (i % per_file),
+            "end": 6.0 * (i % per_file) + 6.0,
+            "text": t,
+        }
         for i, t in enumerate(texts)
     ]
     conn.execute(db.segments.insert(), seg_rows)
-    seg_ids = conn.execute(
-        db.segments.select()
-        .with_only_columns(db.segments.c.id)
-        .where(db.segments.c.media_id.in_(list(mid.values())))
-        .order_by(db.segments.c.media_id, db.segments.c.idx)
-    ).scalars().all()
+    seg_ids = (
+        conn.execute(
+            db.segments.select()
+            .with_only_columns(db.segments.c.id)
+            .where(db.segments.c.media_id.in_(list(mid.values())))
+            .order_by(db.segments.c.media_id, db.segments.c.idx)
+        )
+        .scalars()
+        .all()
+    )
     conn.execute(
         db.embeddings.insert(),
         [
-            {"kind": "segment", "model": model, "segment_id": sid, "vector": np.ascontiguousarray(v).tobytes()}
+            {
+                "kind": "segment",
+                "model": model,
+                "segment_id": sid,
+                "vector": np.ascontiguousarray(v).tobytes(),
+            }
             for sid, v in zip(seg_ids, vecs, strict=True)
         ],
     )

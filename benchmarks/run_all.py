@@ -43,6 +43,15 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     "speech": ("bench_speech.py", ["--core"], ["--quick", "--core"]),
     "demo_quality": ("bench_demo_quality.py", [], ["--images", "72", "--extra-spoken", "2"]),
     "live_reads": ("bench_live_reads.py", ["--seconds", "30"], ["--n", "20000", "--seconds", "5"]),
+    "startup": ("bench_startup.py", [], ["--quick"]),
+    "query": ("bench_query.py", [], ["--quick"]),
+    "filters": ("bench_filters.py", [], ["--quick"]),
+    "no_match": ("bench_no_match.py", [], ["--quick"]),
+    "spoken_query": (
+        "bench_spoken_query.py",
+        [],
+        ["--images", "72", "--extra", "0", "--voices", "piper,espeak-ng", "--prompt-forms", "4"],
+    ),
     "server": (
         "bench_server.py",
         ["--requests", "1000", "--cold-runs", "2"],

@@ -25,8 +25,8 @@ from mmsearch.errors import (
 
 if TYPE_CHECKING:
     from mmsearch.api import Index, default_index_path, open_or_create
-    from mmsearch.ingest import IngestReport
     from mmsearch.filters import Filters
+    from mmsearch.ingest import IngestReport
     from mmsearch.query import SearchResult
     from mmsearch.search import TARGETS, Hit
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmsearch import calibrate, constants, db
+from mmsearch import calibrate, constants, db, vocabulary
 from mmsearch.errors import (
     ActiveModelChanged,
     BadMediaError,
@@ -28,11 +28,20 @@ from mmsearch.errors import (
     MmsearchError,
     ModelMismatchError,
 )
+from mmsearch.filters import FILTER_FIELDS, Filters
 from mmsearch.identity import ModelSpec, describe_identity, model_key, registered, same_model
 from mmsearch.images import QUERY_MAX_PIXELS, load_image
-from mmsearch.filters import Filters
 from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
-from mmsearch.query import DEFAULT_COMBINE, DEFAULT_FUSION, DEFAULT_MODE, Plan, Query, SearchResult, execute, plan
+from mmsearch.query import (
+    DEFAULT_COMBINE,
+    DEFAULT_FUSION,
+    DEFAULT_MODE,
+    Plan,
+    Query,
+    SearchResult,
+    execute,
+    plan,
+)
 from mmsearch.reembed import ReembedReport, activate, fill, start_target
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
@@ -40,7 +49,7 @@ from mmsearch.store import Store
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from mmsearch.model import ClipEmbedder
+    from mmsearch.model import Embedder
     from mmsearch.retranscribe import RetranscribeReport
 
 log = logging.getLogger(__name__)
@@ -83,7 +92,7 @@ class Index:
         # How indexing embeds images on the CPU: "onnx-int8" (default, fastest), "onnx-fp32" or "torch".
         self.image_tower = check_image_tower(image_tower)
         #: Loaded embedders by model key: the active model's, and a target's while re-embedding.
-        self._embedders: dict[str, ClipEmbedder] = {}
+        self._embedders: dict[str, Embedder] = {}
         self._transcriber: Any = None
         self._query_transcriber: Any = None
 
@@ -102,7 +111,8 @@ class Index:
         device: str = "auto",
         image_tower: str | None = None,
     ) -> Index:
-        """Create an empty index; loads the model once to record its identity and dimension.
+        """Create an empty index, recording the model's identity and dimension: from its ONNX export when
+        cached (no torch), else by loading it.
 
         Every setting is checked first (:class:`ConfigError`), before any model is loaded."""
         from mmsearch.model import load_embedder
@@ -110,7 +120,11 @@ class Index:
         speech = check_speech_settings(speech_backend, speech_model, language)
         check_device(device)
         check_image_tower(image_tower)
-        embedder = load_embedder(ModelSpec(model, pretrained, checkpoint), device=device)
+        embedder = load_embedder(
+            ModelSpec(model, pretrained, checkpoint),
+            device=device,
+            image_tower=check_image_tower(image_tower),
+        )
         store = Store.create(Path(path), {"model": embedder.identity, "speech": speech})
         index = cls(store, device=device, image_tower=image_tower)
         index._embedders[store.model] = embedder
@@ -153,23 +167,23 @@ class Index:
 
     # --- models -------------------------------------------------------------------------------
     @property
-    def _embedder(self) -> ClipEmbedder | None:
+    def _embedder(self) -> Embedder | None:
         """The active model's embedder if loaded."""
         return self._embedders.get(self.store.model)
 
     @property
-    def embedder(self) -> ClipEmbedder:
+    def embedder(self) -> Embedder:
         """The active model's embedder (it follows an activation by another process)."""
         return self.embedder_for(self.store.follow_active())
 
-    def embedder_for(self, key: str) -> ClipEmbedder:
+    def embedder_for(self, key: str) -> Embedder:
         """The embedder of a model registered in the index (loaded once; others but the active one and
         this one are let go)."""
         if key not in self._embedders:
             from mmsearch.model import load_embedder
 
             identity = self.store.identity_of(key)
-            embedder = load_embedder(ModelSpec.from_identity(identity), device=self.device)
+            embedder = load_embedder(identity, device=self.device, image_tower=self.image_tower)
             if not same_model(identity, embedder.identity):
                 raise ModelMismatchError(
                     f"the weights found for {identity['name']} differ from those the index was built with"
@@ -261,13 +275,15 @@ class Index:
 
     def _after_change(self) -> None:
         """What a writer refreshes once the collection changed: the active model's score calibration (refit
-        only when the collection changed enough, see :mod:`mmsearch.calibrate`)."""
+        only when the collection changed enough, see :mod:`mmsearch.calibrate`) and the vocabulary spoken
+        queries are decoded with (recomputed when captions or transcripts changed)."""
         calibrate.ensure_calibrated(self.store, self.store.follow_active())
+        vocabulary.refresh(self.store)
 
-    def _indexing_embedder(self, key: str | None = None) -> ClipEmbedder:
+    def _indexing_embedder(self, key: str | None = None) -> Embedder:
         """The embedder of ``key`` (default: the active model), with the faster ONNX image tower when
-        indexing on the CPU (queries keep torch: a one-off export costs far more than the few images a
-        query embeds)."""
+        indexing on the CPU: a model loaded with torch is exported here, once, so that later runs (queries
+        too) go without torch. Queries never export: a one-off export costs far more than a query."""
         embedder = self.embedder_for(key or self.store.model)
         if self.image_tower != "torch" and not embedder.has_onnx_image_tower:
             embedder.use_onnx_image_tower(quantize=self.image_tower == "onnx-int8")
@@ -295,7 +311,7 @@ class Index:
             self.store.follow_active()
             key = model_key(spec.expected_identity())
             if key not in self._embedders:
-                embedder = load_embedder(spec, device=self.device)
+                embedder = load_embedder(spec, device=self.device, image_tower=self.image_tower)
                 key = model_key(embedder.identity)
                 self._embedders[key] = embedder
             identity = registered(self._embedders[key].identity)
@@ -353,6 +369,7 @@ class Index:
             if report.switched:
                 self._transcriber = loaded[0] if loaded else None
                 self._query_transcriber = None
+            vocabulary.refresh(self.store)
             return report
         finally:
             self.store.unlock()
@@ -387,7 +404,7 @@ class Index:
         against the active one, see :func:`search_vector`)."""
         return search_vector(self.store, vector, target, k, model=model)
 
-    def _search_embedded(self, embed: Callable[[ClipEmbedder], np.ndarray], target: str, k: int) -> list[Hit]:
+    def _search_embedded(self, embed: Callable[[Embedder], np.ndarray], target: str, k: int) -> list[Hit]:
         """Embed a query with the active model and search that model's vectors: if another model becomes
         active in between, the query is embedded again by the new one (never searched across models)."""
         for _ in range(SWITCH_RETRIES):
@@ -434,10 +451,26 @@ class Index:
         the next one is searched when the first finds no good match.
         """
         query = self.make_query(
-            text, image=image, add=add, subtract=subtract, weights=weights, mode=mode, fusion=fusion,
-            combine=combine, target=target, k=k, filters=filters, path=path, ext=ext, kind=kind, after=after,
-            before=before, min_duration=min_duration, max_duration=max_duration,
-            min_confidence=min_confidence, min_score=min_score,
+            text,
+            image=image,
+            add=add,
+            subtract=subtract,
+            weights=weights,
+            mode=mode,
+            fusion=fusion,
+            combine=combine,
+            target=target,
+            k=k,
+            filters=filters,
+            path=path,
+            ext=ext,
+            kind=kind,
+            after=after,
+            before=before,
+            min_duration=min_duration,
+            max_duration=max_duration,
+            min_confidence=min_confidence,
+            min_score=min_score,
         )
         return self.answer(query, self.hear_query(audio) if audio is not None else None)
 
@@ -447,28 +480,23 @@ class Index:
         *,
         image: str | Path | Image.Image | None = None,
         filters: Filters | None = None,
-        path: Sequence[str] = (),
-        ext: Sequence[str] = (),
-        kind: Sequence[str] = (),
-        after: str | float | None = None,
-        before: str | float | None = None,
-        min_duration: float | None = None,
-        max_duration: float | None = None,
         add: Sequence[str] = (),
         subtract: Sequence[str] = (),
         **options: Any,
     ) -> Query:
         """A :class:`Query` from :meth:`search`'s arguments (no audio): the image decoded within the query
-        budget, the filters checked."""
+        budget, the filters (a :class:`Filters`, or :data:`FILTER_FIELDS` keywords) checked."""
+        given = {name: options.pop(name) for name in FILTER_FIELDS if name in options}
         if filters is None:
-            filters = Filters.parse(
-                path=path, ext=ext, kind=kind, after=after, before=before,
-                min_duration=min_duration, max_duration=max_duration,
-            )
+            filters = Filters.parse(**given)
+        elif any(v not in (None, (), []) for v in given.values()):
+            raise BadQueryError("give filters or filter keywords, not both")
         if image is not None and not isinstance(image, Image.Image):
             image = self._query_image(image)
         rgb = image.convert("RGB") if image is not None else None
-        return Query(text=text, image=rgb, add=tuple(add), subtract=tuple(subtract), filters=filters, **options)
+        return Query(
+            text=text, image=rgb, add=tuple(add), subtract=tuple(subtract), filters=filters, **options
+        )
 
     def answer(
         self,
@@ -515,8 +543,30 @@ class Index:
             raise BadQueryError(f"cannot read query image {path}: {e}") from e
 
     def hear_query(self, audio: str | Path) -> list[str]:
-        """What a spoken query may say, best hypothesis first (see :meth:`transcribe_query`)."""
-        return [self.transcribe_query(audio)]
+        """What a spoken query may say, best reading first: decoded with a prompt of the index's own
+        vocabulary (:mod:`mmsearch.vocabulary`), then without, then the beam's other readings (see
+        :func:`mmsearch.spoken.hear_query`). A recording longer than ``QUERY_MAX_AUDIO_SECONDS`` is refused,
+        not cut: a query is a sentence, and decoding more is work an upload could make the server do for
+        nothing."""
+        from mmsearch.audio import QUERY_MAX_AUDIO_SECONDS  # PyAV: only when a spoken query comes
+        from mmsearch.spoken import hear_query
+
+        path = Path(audio)
+        if not path.is_file():
+            raise BadQueryError(f"query audio not found: {path}")
+        try:
+            readings = hear_query(
+                self.query_transcriber,
+                path,
+                vocabulary=vocabulary.load(self.store),
+                max_seconds=QUERY_MAX_AUDIO_SECONDS,
+            )
+        except BadMediaError as e:
+            raise BadQueryError(f"cannot read query audio {path}: {e}") from e
+        readings = [r.strip() for r in readings if r.strip()]
+        if not readings:
+            raise BadQueryError(f"no speech recognised in {path}")
+        return readings
 
     def search_text(self, text: str, *, target: str = "images", k: int = 10) -> list[Hit]:
         text = text.strip()
@@ -533,24 +583,21 @@ class Index:
         return self._search_embedded(lambda emb: emb.embed_images([rgb])[0], target, k)
 
     def transcribe_query(self, audio: str | Path) -> str:
-        """What the spoken query says (the text that :meth:`search_audio` searches with). A recording longer
-        than ``QUERY_MAX_AUDIO_SECONDS`` is refused, not cut: a query is a sentence, and decoding more is work
-        an upload could make the server do for nothing."""
-        from mmsearch.audio import QUERY_MAX_AUDIO_SECONDS  # PyAV: only when a spoken query comes
-
-        path = Path(audio)
-        if not path.is_file():
-            raise BadQueryError(f"query audio not found: {path}")
-        try:
-            transcript = self.query_transcriber.transcribe(path, max_seconds=QUERY_MAX_AUDIO_SECONDS)
-        except BadMediaError as e:
-            raise BadQueryError(f"cannot read query audio {path}: {e}") from e
-        if not transcript.text.strip():
-            raise BadQueryError(f"no speech recognised in {path}")
-        return str(transcript.text.strip())
+        """What the spoken query most likely says (the text :meth:`search_audio` searches with): the first of
+        :meth:`hear_query`."""
+        return self.hear_query(audio)[0]
 
     def search_audio(self, audio: str | Path, *, target: str = "images", k: int = 10) -> list[Hit]:
         return self.search_text(self.transcribe_query(audio), target=target, k=k)
+
+    def warm_up(self, *, speech: bool = False) -> None:
+        """Load the text tower and every vector index of the active model now (and the spoken-query
+        transcriber with ``speech``), so that the first query is as fast as the rest."""
+        self.embedder_for(self.store.follow_active()).embed_texts(["warm up"])
+        for kind in db.VECTOR_KINDS:
+            self.store.vectors(kind)
+        if speech:
+            self.query_transcriber  # noqa: B018 - loading is the point
 
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -594,7 +641,7 @@ class Index:
         return [{**db.path_json(key), "reason": r} for key, r in self.store.catalog.skipped()]
 
 
-def embed_parts(p: Plan, embedder: ClipEmbedder) -> np.ndarray:
+def embed_parts(p: Plan, embedder: Embedder) -> np.ndarray:
     """The vectors of a plan's inputs, one row per part in order (texts in one pass, images in one)."""
     texts = embedder.embed_texts(p.texts) if p.texts else None
     images = embedder.embed_images(p.images) if p.images else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ from sqlalchemy import (
     func,
     null,
     select,
+    union_all,
 )
 
 from mmsearch.catalog import Catalog, FileRow, _chunks
@@ -171,3 +172,18 @@ def recordings_not_by(catalog: Catalog, speech: str) -> list[int]:
     )
     with catalog.read() as conn:
         return [int(i) for i in conn.execute(q).scalars()]
+
+
+def live_texts(catalog: Catalog) -> Iterator[str]:
+    """The captions of live files and the transcript segments of their recordings (not the whole short
+    transcripts stored beside their segments, idx -1, which would count their words twice)."""
+    live = files.c.status == "ok"
+    query = union_all(
+        select(captions.c.text).where(captions.c.file_id.in_(select(files.c.id).where(live))),
+        select(segments.c.text).where(
+            segments.c.idx >= 0, segments.c.media_id.in_(select(files.c.media_id).where(live))
+        ),
+    )
+    with catalog.read() as conn:
+        for (text,) in conn.execution_options(yield_per=2048).execute(query):
+            yield text

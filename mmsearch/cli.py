@@ -151,8 +151,21 @@ def _search_options(
 
 def _args_options(a: argparse.Namespace) -> dict[str, Any]:
     return _search_options(
-        a.mode, a.fusion, a.combine, a.add, a.subtract, a.weight, a.path_glob, a.ext, a.kind, a.after,
-        a.before, a.min_duration, a.max_duration, a.min_confidence, a.min_score,
+        a.mode,
+        a.fusion,
+        a.combine,
+        a.add,
+        a.subtract,
+        a.weight,
+        a.path_glob,
+        a.ext,
+        a.kind,
+        a.after,
+        a.before,
+        a.min_duration,
+        a.max_duration,
+        a.min_confidence,
+        a.min_score,
     )
 
 
@@ -438,7 +451,9 @@ def _typer_app() -> "typer.Typer":
         ] = None,
         weight: Annotated[
             list[str] | None,
-            typer.Option("--weight", help="ROLE=W: weight of text, image, audio, add or subtract (default 1)."),
+            typer.Option(
+                "--weight", help="ROLE=W: weight of text, image, audio, add or subtract (default 1)."
+            ),
         ] = None,
         path_glob: Annotated[
             list[str] | None,
@@ -448,10 +463,12 @@ def _typer_app() -> "typer.Typer":
             list[str] | None, typer.Option("--ext", help="Only files with this extension (repeatable).")
         ] = None,
         kind: Annotated[
-            list[str] | None, typer.Option("--kind", help="Only files of this kind: image | audio (repeatable).")
+            list[str] | None,
+            typer.Option("--kind", help="Only files of this kind: image | audio (repeatable)."),
         ] = None,
         after: Annotated[
-            str | None, typer.Option(help="Only files modified at or after this date (ISO 8601 or unix time).")
+            str | None,
+            typer.Option(help="Only files modified at or after this date (ISO 8601 or unix time)."),
         ] = None,
         before: Annotated[str | None, typer.Option(help="Only files modified before this date.")] = None,
         min_duration: Annotated[
@@ -481,8 +498,21 @@ def _typer_app() -> "typer.Typer":
         try:
             target = _query_target(text, image, audio, target, add)
             options = _search_options(
-                mode, fusion, combine, add, subtract, weight, path_glob, ext, kind, after, before,
-                min_duration, max_duration, min_confidence, min_score,
+                mode,
+                fusion,
+                combine,
+                add,
+                subtract,
+                weight,
+                path_glob,
+                ext,
+                kind,
+                after,
+                before,
+                min_duration,
+                max_duration,
+                min_confidence,
+                min_score,
             )
         except _UsageError as e:
             _usage(str(e))

@@ -8,6 +8,7 @@ validated, canonical :class:`Filters`; :meth:`Filters.as_params` turns it back. 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,10 @@ class Filters:
             if value is not None:
                 out[name] = [repr(float(value))]
         return out
+
+
+#: The keyword arguments of :meth:`Filters.parse` (and of ``Index.search``) that make a filter.
+FILTER_FIELDS = tuple(inspect.signature(Filters.parse).parameters)
 
 
 def _strings(value: Many, name: str) -> list[str]:

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from mmsearch import db, render
+from mmsearch import items, render
 from mmsearch.constants import DEFAULT_MODE, QUERY_MODES, SERVER_MAX_K, TARGETS, default_index_path
 from mmsearch.errors import MissingDependencyError, MmsearchError
 
@@ -47,6 +46,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise MissingDependencyError(e.name or "mcp", "mmsearch mcp", extra="mcp") from e
 
 from mmsearch.api import Index
+from mmsearch.items import hits_with_files
 from mmsearch.search import Hit
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ T = TypeVar("T")
 #: Most transcript segments the item tool returns (the whole transcript comes with them).
 MAX_SEGMENTS = 500
 #: Captions listed with each image hit.
-HIT_CAPTIONS = 5
 MAX_QUERY_CHARS = 1000
 INSTRUCTIONS = (
     "Searches a local index of images, their captions and transcribed audio by meaning. search_text finds "
@@ -157,27 +156,14 @@ class Tools:
         return render.json_safe(self.run(answer))
 
     def hits_out(self, hits: list[Hit]) -> list[dict[str, Any]]:
-        image_files = sorted({h.file_id for h in hits if h.kind != "segment"})
-        captions = self.index.store.catalog.captions_of(image_files) if image_files else {}
-        out = []
-        for h in hits:
-            d = h.as_dict()  # path in display form, path_b64 the exact bytes
-            d["name"] = os.path.basename(str(d["path"]))
-            d["file_kind"] = "audio" if h.kind == "segment" else "image"
-            d["captions"] = [txt for _, _, txt in sorted(captions.get(h.file_id, []))][:HIT_CAPTIONS]
-            out.append(d)
-        return out
+        return hits_with_files(self.index.store.catalog, hits)
 
     def warm_up(self) -> None:
         """Load the text tower and the vector indexes now (under the lock: a query waits for them rather
         than loading them a second time). A failure is only logged: the first query reports it."""
-        from mmsearch.db import VECTOR_KINDS
-
         try:
             with self.lock:
-                self.index.embedder.embed_texts(["warm up"])
-                for kind in VECTOR_KINDS:
-                    self.index.store.vectors(kind)
+                self.index.warm_up()
         except Exception as e:  # noqa: BLE001 - any failure is the first query's to report
             log.warning("could not load the model ahead of the first query: %s", render.printable(str(e)))
 
@@ -190,33 +176,10 @@ class Tools:
 
 def item_details(index: Index, file_id: int) -> dict[str, Any]:
     """One live file's metadata, captions and (for a recording) transcript and first segments."""
-    catalog = index.store.catalog
-    row = db.file_details(catalog, file_id)
-    if row is None:
+    details = items.item_details(index.store.catalog, file_id, MAX_SEGMENTS)
+    if details is None:
         raise MmsearchError(f"no item {file_id}")
-    segments = []
-    if row.kind == "audio":
-        segments = [
-            {"start": a, "end": b, "text": t}
-            for a, b, t in db.segments_of(catalog, row.media_id, MAX_SEGMENTS)
-        ]
-    return {
-        "id": row.id,
-        "kind": row.kind,
-        **db.path_json(row.path_key),
-        "name": os.path.basename(row.path),
-        "size": row.size,
-        "width": row.width,
-        "height": row.height,
-        "duration": row.duration,
-        "language": row.language,
-        "transcript": row.transcript,
-        "captions": [
-            {"id": cid, "source": src, "text": txt}
-            for cid, src, txt in catalog.captions_of([file_id]).get(file_id, [])
-        ],
-        "segments": segments,
-    }
+    return details
 
 
 def create_server(index: Index, *, warm: bool = False) -> MCPServer:

@@ -25,7 +25,6 @@ the query; nothing left means "no good match".
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +167,9 @@ def plan(query: Query) -> Plan:
             raise BadQueryError(f"the weight of {role} must be a finite number >= 0")
     if len(query.add) + len(query.subtract) > MAX_TERMS:
         raise BadQueryError(f"at most {MAX_TERMS} add and subtract terms")
-    if query.min_confidence is not None and not (np.isfinite(query.min_confidence) and 0 <= query.min_confidence <= 1):
+    if query.min_confidence is not None and not (
+        np.isfinite(query.min_confidence) and 0 <= query.min_confidence <= 1
+    ):
         raise BadQueryError("min_confidence must be between 0 and 1")
     if query.min_score is not None and not (np.isfinite(query.min_score) and -1 <= query.min_score <= 1):
         raise BadQueryError("min_score must be between -1 and 1 (a cosine similarity)")
@@ -239,7 +240,9 @@ def _unit_scale(scores: Mapping[int, float]) -> dict[int, float]:
     return {i: (s - lo) / span if span > 0 else 1.0 for i, s in scores.items()}
 
 
-def weighted(vector: Mapping[int, float], words: Mapping[int, float], share: float = VECTOR_SHARE) -> dict[int, float]:
+def weighted(
+    vector: Mapping[int, float], words: Mapping[int, float], share: float = VECTOR_SHARE
+) -> dict[int, float]:
     """Weighted fusion of score-normalised lists: ``share`` of the vector list's scaled cosine plus the rest
     of the words list's scaled BM25 (an item missing from a list gets 0 from it)."""
     v, w = _unit_scale(vector), _unit_scale(words)
@@ -283,7 +286,9 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     if p.parts:
         assert vectors is not None and len(vectors) == len(p.parts)
         if vectors.shape[1] != store.dim_of(model):
-            raise BadQueryError(f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}")
+            raise BadQueryError(
+                f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}"
+            )
         weights = [part.weight for part in p.parts]
         query_vector = combined_vector(vectors, weights)
         if p.combine == "early" or len(p.parts) == 1:
@@ -351,16 +356,10 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
                 continue
         score = cosine if cosine is not None else word_hits.get(item_id, 0.0)
         hits.append(
-            Hit(
-                rank=len(hits) + 1,
-                score=round(float(score), 6),
-                kind=row.kind,
-                path=os.fsdecode(row.path_key),
-                text=row.text,
-                start=row.start,
-                end=row.end,
-                item_id=item_id,
-                file_id=row.file_id,
+            Hit.of(
+                row,
+                len(hits) + 1,
+                score,
                 confidence=None if confidence is None else round(float(confidence), 4),
                 matched="both" if by_words and by_vector else "words" if by_words else "vector",
             )
@@ -371,7 +370,12 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
 
 
 def _nearest(
-    store: Store, queries: np.ndarray, kinds: Sequence[str], depth: int, allowed: np.ndarray | None, model: str
+    store: Store,
+    queries: np.ndarray,
+    kinds: Sequence[str],
+    depth: int,
+    allowed: np.ndarray | None,
+    model: str,
 ) -> list[dict[int, float]]:
     """Per query row: the ``depth`` nearest items over ``kinds`` (id -> cosine), within ``allowed``."""
     out: list[dict[int, float]] = [{} for _ in range(len(queries))]

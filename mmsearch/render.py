@@ -21,7 +21,17 @@ from typing import Any
 # path_b64: the hit's exact path bytes, base64 (``path`` is for display: undecodable bytes replaced).
 # confidence: the calibrated score (None without a calibration); matched: vector | words | both.
 HIT_FIELDS = (
-    "rank", "score", "confidence", "matched", "kind", "path", "path_b64", "text", "start", "end", "item_id",
+    "rank",
+    "score",
+    "confidence",
+    "matched",
+    "kind",
+    "path",
+    "path_b64",
+    "text",
+    "start",
+    "end",
+    "item_id",
     "file_id",
 )
 COLUMNS = ("#", "score", "conf", "kind", "path", "text")
@@ -128,6 +138,11 @@ def plain_hits(hits: list[dict[str, Any]], no_match: bool = False) -> str:
 def plain_query(hits: list[dict[str, Any]], heard: str | None, no_match: bool = False) -> str:
     """A query's output to a pipe or a file: what a voice query was heard as, then :func:`plain_hits`."""
     return (f"heard: {printable(heard)}\n" if heard is not None else "") + plain_hits(hits, no_match)
+
+
+def base_name(path: str) -> str:
+    """The last component of a path written with either kind of slash."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def clock(seconds: float) -> str:

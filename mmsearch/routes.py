@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Annotated, Any, TypeVar
 
 import numpy as np
 
@@ -34,8 +34,6 @@ from mmsearch.constants import (
     QUERY_MODES,
     SERVER_MAX_K,
 )
-from mmsearch.query import Plan, SearchResult, execute
-from mmsearch.query import Query as SearchQuery
 from mmsearch.errors import (
     ActiveModelChanged,
     BadQueryError,
@@ -44,9 +42,12 @@ from mmsearch.errors import (
     MmsearchError,
     WeightsUnavailableError,
 )
-from mmsearch.media import OpenFileResponse, Thumbnails, display, media_type, open_file
+from mmsearch.items import hits_with_files, item_details
+from mmsearch.media import OpenFileResponse, Thumbnails, media_type, open_file
+from mmsearch.query import Plan, SearchResult, execute
+from mmsearch.query import Query as SearchQuery
 from mmsearch.search import TARGETS
-from mmsearch.uploads import MAX_AUDIO_BYTES, MAX_IMAGE_BYTES, base_name, receive_upload, upload_dir
+from mmsearch.uploads import MAX_AUDIO_BYTES, MAX_IMAGE_BYTES, receive_upload, upload_dir
 
 try:
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -216,48 +217,19 @@ class Service:
         return row
 
     def item(self, file_id: int) -> dict[str, Any]:
-        row = self.file_row(file_id)
-        catalog = self.index.store.catalog
-        caps = catalog.captions_of([file_id]).get(file_id, [])
-        segments: list[dict[str, Any]] = []
-        if row.kind == "audio":
-            segments = [
-                {"start": a, "end": b, "text": t}
-                for a, b, t in db.segments_of(catalog, row.media_id, MAX_SEGMENTS)
-            ]
-        return {
-            "id": row.id,
-            "kind": row.kind,
-            **db.path_json(row.path_key),
-            "name": base_name(display(row.path)),
-            "size": row.size,
-            "width": row.width,
-            "height": row.height,
-            "duration": row.duration,
-            "language": row.language,
-            "transcript": row.transcript,
-            "captions": [{"id": cid, "source": src, "text": txt} for cid, src, txt in caps],
-            "segments": segments,
-            "thumb": f"/api/thumbs/{row.id}" if row.kind == "image" else None,
-            "media": f"/api/media/{row.id}",
-        }
+        details = item_details(self.index.store.catalog, file_id, MAX_SEGMENTS)
+        if details is None:
+            raise HTTPException(404, f"no item {file_id}")
+        details["thumb"] = f"/api/thumbs/{file_id}" if details["kind"] == "image" else None
+        details["media"] = f"/api/media/{file_id}"
+        return details
 
     def hits_out(self, hits: list[Any]) -> list[dict[str, Any]]:
-        image_files = sorted({h.file_id for h in hits if h.kind != "segment"})
-        caps = self.index.store.catalog.captions_of(image_files) if image_files else {}
-        out = []
-        for h in hits:
-            d = h.as_dict()  # path in display form, path_b64 the exact bytes
-            file_kind = "audio" if h.kind == "segment" else "image"
-            d.update(
-                name=base_name(str(d["path"])),
-                file_kind=file_kind,
-                captions=[txt for _, _, txt in caps.get(h.file_id, [])][:5],
-                thumb=f"/api/thumbs/{h.file_id}" if file_kind == "image" else None,
-                media=f"/api/media/{h.file_id}",
-                item=f"/api/items/{h.file_id}",
-            )
-            out.append(d)
+        out = hits_with_files(self.index.store.catalog, hits)
+        for d in out:
+            d["thumb"] = f"/api/thumbs/{d['file_id']}" if d["file_kind"] == "image" else None
+            d["media"] = f"/api/media/{d['file_id']}"
+            d["item"] = f"/api/items/{d['file_id']}"
         return out
 
     def thumbnail(self, file_id: int) -> Path | bytes:
@@ -350,8 +322,8 @@ def create_app(
 
     @app.get("/api/search", response_model=SearchOut, tags=["search"])
     def search_text(
+        options: Annotated[dict[str, Any], Depends(search_options)],
         q: str | None = Query(None, max_length=MAX_QUERY_CHARS, description="Text to search for"),
-        options: dict[str, Any] = Depends(search_options),
     ) -> dict[str, Any]:
         """Search by text (and/or ``add`` terms), with filters, +/- terms and cut-offs."""
         t0 = time.perf_counter()
@@ -376,8 +348,8 @@ def create_app(
     @app.post("/api/search/image", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
     async def search_image(
         request: Request,
+        options: Annotated[dict[str, Any], Depends(search_options)],
         q: str | None = Query(None, max_length=MAX_QUERY_CHARS, description="Text searched with the image"),
-        options: dict[str, Any] = Depends(search_options),
     ) -> dict[str, Any]:
         """Search with an uploaded image (multipart field ``file``, at most 20 MB), with the same options."""
         with upload_dir() as folder:
@@ -389,7 +361,7 @@ def create_app(
 
     @app.post("/api/search/audio", response_model=SearchOut, tags=["search"], openapi_extra=upload_body)
     async def search_audio(
-        request: Request, options: dict[str, Any] = Depends(search_options)
+        request: Request, options: Annotated[dict[str, Any], Depends(search_options)]
     ) -> dict[str, Any]:
         """Search with an uploaded or recorded voice query (multipart field ``file``, at most 50 MB);
         the response's ``transcript`` is what was heard."""
@@ -458,18 +430,30 @@ def create_app(
 
 
 def search_options(
-    target: str | None = Query(None, description=" | ".join(TARGETS) + " (default: images; texts for an image)"),
+    target: str | None = Query(
+        None, description=" | ".join(TARGETS) + " (default: images; texts for an image)"
+    ),
     k: int = Query(10, ge=1, le=MAX_K),
     mode: str = Query(DEFAULT_MODE, description=" | ".join(QUERY_MODES)),
     fusion: str = Query(DEFAULT_FUSION, description=" | ".join(QUERY_FUSIONS)),
     combine: str = Query(DEFAULT_COMBINE, description=" | ".join(QUERY_COMBINES)),
-    add: list[str] = Query([], max_length=MAX_QUERY_CHARS, description="Text whose meaning is added"),
-    subtract: list[str] = Query([], max_length=MAX_QUERY_CHARS, description="Text whose meaning is taken away"),
-    weight: list[str] = Query([], max_length=64, description="ROLE:W, role text|image|audio|add|subtract"),
-    path: list[str] = Query([], max_length=1024, description="Glob on the file's full path (any matches)"),
-    ext: list[str] = Query([], max_length=32, description="File extension"),
-    kind: list[str] = Query([], max_length=16, description="File kind: image | audio"),
-    after: str | None = Query(None, max_length=64, description="Files modified at or after (ISO 8601 / unix)"),
+    add: Annotated[
+        list[str] | None, Query(max_length=MAX_QUERY_CHARS, description="Text whose meaning is added")
+    ] = None,
+    subtract: Annotated[
+        list[str] | None, Query(max_length=MAX_QUERY_CHARS, description="Text whose meaning is taken away")
+    ] = None,
+    weight: Annotated[
+        list[str] | None, Query(max_length=64, description="ROLE:W, role text|image|audio|add|subtract")
+    ] = None,
+    path: Annotated[
+        list[str] | None, Query(max_length=1024, description="Glob on the file's full path (any matches)")
+    ] = None,
+    ext: Annotated[list[str] | None, Query(max_length=32, description="File extension")] = None,
+    kind: Annotated[list[str] | None, Query(max_length=16, description="File kind: image | audio")] = None,
+    after: str | None = Query(
+        None, max_length=64, description="Files modified at or after (ISO 8601 / unix)"
+    ),
     before: str | None = Query(None, max_length=64, description="Files modified before"),
     min_duration: float | None = Query(None, ge=0, description="Recordings at least this long (s)"),
     max_duration: float | None = Query(None, ge=0, description="Recordings at most this long (s)"),
@@ -480,17 +464,30 @@ def search_options(
     if target is not None:
         _check_target(target)
     weights: dict[str, float] = {}
-    for w in weight:
+    for w in weight or []:
         role, _, value = w.replace("=", ":", 1).partition(":")
         try:
             weights[role] = float(value)
         except ValueError:
             raise BadQueryError(f"weight takes ROLE:NUMBER, not '{w}'") from None
     return {
-        "target": target, "k": k, "mode": mode, "fusion": fusion, "combine": combine, "add": add,
-        "subtract": subtract, "weights": weights or None, "path": path, "ext": ext, "kind": kind,
-        "after": after, "before": before, "min_duration": min_duration, "max_duration": max_duration,
-        "min_confidence": min_confidence, "min_score": min_score,
+        "target": target,
+        "k": k,
+        "mode": mode,
+        "fusion": fusion,
+        "combine": combine,
+        "add": add or [],
+        "subtract": subtract or [],
+        "weights": weights or None,
+        "path": path or [],
+        "ext": ext or [],
+        "kind": kind or [],
+        "after": after,
+        "before": before,
+        "min_duration": min_duration,
+        "max_duration": max_duration,
+        "min_confidence": min_confidence,
+        "min_score": min_score,
     }
 
 

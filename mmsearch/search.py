@@ -38,6 +38,22 @@ class Hit:
     confidence: float | None = None
     matched: str = "vector"
 
+    @classmethod
+    def of(cls, row: db.ItemRow, rank: int, score: float, **extra: object) -> Hit:
+        """The hit of catalog item ``row`` (from :func:`mmsearch.db.resolve_items`)."""
+        return cls(
+            rank=rank,
+            score=round(float(score), 6),
+            kind=row.kind,
+            path=os.fsdecode(row.path_key),
+            text=row.text,
+            start=row.start,
+            end=row.end,
+            item_id=row.id,
+            file_id=row.file_id,
+            **extra,  # type: ignore[arg-type]
+        )
+
     def as_dict(self) -> dict[str, object]:
         """JSON-safe: ``path`` in display form (valid UTF-8, undecodable bytes replaced by U+FFFD) and
         ``path_b64``, the standard base64 of the path's exact bytes."""
@@ -84,19 +100,7 @@ def search_vector(
         row = rows.get(item_id)
         if row is None:
             continue
-        hits.append(
-            Hit(
-                rank=len(hits) + 1,
-                score=round(score, 6),
-                kind=row.kind,
-                path=os.fsdecode(row.path_key),
-                text=row.text,
-                start=row.start,
-                end=row.end,
-                item_id=item_id,
-                file_id=row.file_id,
-            )
-        )
+        hits.append(Hit.of(row, len(hits) + 1, score))
         if len(hits) == k:
             break
     return hits

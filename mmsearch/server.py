@@ -92,14 +92,8 @@ DEFAULT_PORT = 8765
 # --- running it --------------------------------------------------------------------------------------
 def warm_up(index: Index, *, speech: bool = False) -> None:
     """Load the text tower and every vector index now, so the first query is as fast as the rest."""
-    from mmsearch.db import VECTOR_KINDS
-
     t0 = time.perf_counter()
-    index.embedder.embed_texts(["warm up"])
-    for kind in VECTOR_KINDS:
-        index.store.vectors(kind)
-    if speech:
-        index.query_transcriber  # noqa: B018 - loading is the point
+    index.warm_up(speech=speech)
     log.info("models and vectors loaded in %.1f s", time.perf_counter() - t0)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 from mmsearch.errors import MissingDependencyError
+from mmsearch.render import base_name
 
 try:
     from fastapi import HTTPException, Request
@@ -28,11 +29,6 @@ UPLOAD_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | {".oga", ".mp4", ".webm", ".
 
 class _TooLarge(Exception):
     pass
-
-
-def base_name(path: str) -> str:
-    """The last component of a path written with either kind of slash."""
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 @contextlib.contextmanager

@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-# Debian tools: ffmpeg decodes audio formats PyAV may lack; chromium drives the browser tests.
+# Debian tools: ffmpeg decodes audio formats PyAV may lack; chromium drives the browser tests; flite and
+# espeak-ng speak test queries.
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   need=()
   command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+  # Two more voices than the bundled Piper one: spoken-query tests measure speech on voices we never trained on.
+  command -v flite >/dev/null 2>&1 || need+=(flite)
+  command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
   if [ "${MMSEARCH_BROWSER:-1}" = 1 ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
     command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)

@@ -172,8 +172,8 @@ def test_calibration_follows_the_model(own_index: mmsearch.Index) -> None:
     own_index.reembed(ModelSpec(TINY_MODEL, "random"), keep_old=True)
     tiny_key = store.model
     assert tiny_key != demo_key
-    assert calibrate.load(store, tiny_key) is None  # never fit for this model yet
-    tiny = calibrate.ensure_calibrated(store, tiny_key)
+    tiny = calibrate.load(store, tiny_key)  # fit by reembed once the model became active
+    assert tiny is not None and calibrate.ensure_calibrated(store, tiny_key) == tiny
     assert store.catalog.get_meta(f"calibration.{tiny_key}")["model"] == tiny_key
     assert calibrate.load(store, demo_key) == demo  # the first model's is untouched
     # Random weights match captions to images no better than chance: its scale is its own.

@@ -18,7 +18,6 @@ import mmsearch
 from mmsearch import query as q
 from mmsearch.demo import world
 from mmsearch.errors import BadQueryError
-from mmsearch.filters import Filters
 
 # --- planning and fusion: no index, no model --------------------------------------------------------------
 
@@ -162,8 +161,14 @@ def test_image_plus_blue_minus_red_finds_blue_circles(demo, combine: str) -> Non
         plain = idx.search(image=_red_circle_image(), target="images", k=1, min_confidence=0, mode="vector")
         assert attrs[plain.hits[0].path].colour == "red"
         edited = idx.search(
-            image=_red_circle_image(), add=["blue"], subtract=["red"], target="images", k=3,
-            min_confidence=0, mode="vector", combine=combine,
+            image=_red_circle_image(),
+            add=["blue"],
+            subtract=["red"],
+            target="images",
+            k=3,
+            min_confidence=0,
+            mode="vector",
+            combine=combine,
         )
     top = attrs[edited.hits[0].path]
     assert top.colour == "blue", (combine, top)
@@ -171,7 +176,10 @@ def test_image_plus_blue_minus_red_finds_blue_circles(demo, combine: str) -> Non
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mmsearch", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "mmsearch", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, **(env or {})},
     )
 
@@ -184,8 +192,20 @@ def test_cli_query_options(demo) -> None:
     assert payload["no_match"] is False and payload["hits"][0]["path"] == str(rare["zorblax"])
     assert payload["hits"][0]["matched"] == "words" and "confidence" in payload["hits"][0]
     out = _cli(
-        "query", "a red circle", "--index", str(index), "--ext", "jpg", "--path", "photos/*", "--local", "--json",
-        "-k", "4", "--min-confidence", "0",
+        "query",
+        "a red circle",
+        "--index",
+        str(index),
+        "--ext",
+        "jpg",
+        "--path",
+        "photos/*",
+        "--local",
+        "--json",
+        "-k",
+        "4",
+        "--min-confidence",
+        "0",
     )
     assert out.returncode == 0, out.stderr
     assert [h["path"][-4:] for h in json.loads(out.stdout)["hits"]] == [".jpg"] * 4
