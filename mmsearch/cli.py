@@ -102,71 +102,14 @@ def _query_argparser() -> argparse.ArgumentParser:
     return p
 
 
-def _search_options(
-    mode: str,
-    fusion: str,
-    combine: str,
-    add: list[str] | None,
-    subtract: list[str] | None,
-    weight: list[str] | None,
-    path_glob: list[str] | None,
-    ext: list[str] | None,
-    kind: list[str] | None,
-    after: str | None,
-    before: str | None,
-    min_duration: float | None,
-    max_duration: float | None,
-    min_confidence: float | None,
-    min_score: float | None,
-) -> dict[str, Any]:
-    """The query options of the command line as :meth:`mmsearch.Index.search` keyword arguments (the same
-    for a server, see :func:`mmsearch.client.search_params`); :class:`_UsageError` for a malformed --weight."""
-    weights: dict[str, float] = {}
-    for w in weight or []:
-        role, sep, value = w.replace(":", "=", 1).partition("=")
-        try:
-            weights[role.strip()] = float(value)
-        except ValueError:
-            raise _UsageError(f"--weight takes ROLE=NUMBER (e.g. image=2), not '{w}'") from None
-        if not sep:
-            raise _UsageError(f"--weight takes ROLE=NUMBER (e.g. image=2), not '{w}'")
-    return {
-        "mode": mode,
-        "fusion": fusion,
-        "combine": combine,
-        "add": add or [],
-        "subtract": subtract or [],
-        "weights": weights or None,
-        "path": path_glob or [],
-        "ext": ext or [],
-        "kind": kind or [],
-        "after": after,
-        "before": before,
-        "min_duration": min_duration,
-        "max_duration": max_duration,
-        "min_confidence": min_confidence,
-        "min_score": min_score,
-    }
-
-
 def _args_options(a: argparse.Namespace) -> dict[str, Any]:
-    return _search_options(
-        a.mode,
-        a.fusion,
-        a.combine,
-        a.add,
-        a.subtract,
-        a.weight,
-        a.path_glob,
-        a.ext,
-        a.kind,
-        a.after,
-        a.before,
-        a.min_duration,
-        a.max_duration,
-        a.min_confidence,
-        a.min_score,
-    )
+    from mmsearch.client import search_options
+
+    return search_options(
+        mode=a.mode, fusion=a.fusion, combine=a.combine, add=a.add, subtract=a.subtract, weight=a.weight,
+        path=a.path_glob, ext=a.ext, kind=a.kind, after=a.after, before=a.before, min_duration=a.min_duration,
+        max_duration=a.max_duration, min_confidence=a.min_confidence, min_score=a.min_score,
+    )  # fmt: skip
 
 
 def _fast_query(argv: list[str]) -> bool:
@@ -495,27 +438,17 @@ def _typer_app() -> "typer.Typer":
     ) -> None:
         """Search by TEXT, --image or --audio, with filters and +/- terms (through a running `mmsearch serve`
         for the index when there is one). Says "no good match" when nothing in the index answers well."""
+        from mmsearch.client import search_options
+
         try:
             target = _query_target(text, image, audio, target, add)
-            options = _search_options(
-                mode,
-                fusion,
-                combine,
-                add,
-                subtract,
-                weight,
-                path_glob,
-                ext,
-                kind,
-                after,
-                before,
-                min_duration,
-                max_duration,
-                min_confidence,
-                min_score,
-            )
         except _UsageError as e:
             _usage(str(e))
+        options = search_options(
+            mode=mode, fusion=fusion, combine=combine, add=add, subtract=subtract, weight=weight,
+            path=path_glob, ext=ext, kind=kind, after=after, before=before, min_duration=min_duration,
+            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score,
+        )  # fmt: skip
         path = index_dir or _default_index_path()
         if _server_may_answer(local, model, pretrained, checkpoint, device, k):
             from mmsearch import client

@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,55 @@ def query_server(
         headers={**auth, "Content-Type": content_type},
         timeout=timeout,
     )
+
+
+def search_options(
+    *,
+    mode: str,
+    fusion: str,
+    combine: str,
+    add: Sequence[str] | None,
+    subtract: Sequence[str] | None,
+    weight: Sequence[str] | None,
+    path: Sequence[str] | None,
+    ext: Sequence[str] | None,
+    kind: Sequence[str] | None,
+    after: str | None,
+    before: str | None,
+    min_duration: float | None,
+    max_duration: float | None,
+    min_confidence: float | None,
+    min_score: float | None,
+) -> dict[str, Any]:
+    """Query options as given on a command line or in query parameters (``weight`` as ``ROLE=W`` or
+    ``ROLE:W``, lists possibly None) -> :meth:`mmsearch.Index.search` keyword arguments; the CLI and the
+    server both translate through this. :class:`BadQueryError` for a malformed weight."""
+    weights: dict[str, float] = {}
+    for w in weight or []:
+        role, sep, value = w.replace(":", "=", 1).partition("=")
+        try:
+            weights[role.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise BadQueryError(f"a weight is ROLE=NUMBER (e.g. image=2), not '{w}'")
+    return {
+        "mode": mode,
+        "fusion": fusion,
+        "combine": combine,
+        "add": list(add or []),
+        "subtract": list(subtract or []),
+        "weights": weights or None,
+        "path": list(path or []),
+        "ext": list(ext or []),
+        "kind": list(kind or []),
+        "after": after,
+        "before": before,
+        "min_duration": min_duration,
+        "max_duration": max_duration,
+        "min_confidence": min_confidence,
+        "min_score": min_score,
+    }
 
 
 def search_params(options: Mapping[str, Any]) -> list[tuple[str, Any]]:

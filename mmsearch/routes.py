@@ -25,6 +25,7 @@ import numpy as np
 from mmsearch import access, db, discovery
 from mmsearch.access import Activity, Gate, Guard, token_cookie
 from mmsearch.api import SWITCH_RETRIES, Index, embed_parts
+from mmsearch.client import search_options as parse_search_options
 from mmsearch.constants import (
     DEFAULT_COMBINE,
     DEFAULT_FUSION,
@@ -463,32 +464,15 @@ def search_options(
     """The query options shared by the three search endpoints, as :meth:`Index.make_query` arguments."""
     if target is not None:
         _check_target(target)
-    weights: dict[str, float] = {}
-    for w in weight or []:
-        role, _, value = w.replace("=", ":", 1).partition(":")
-        try:
-            weights[role] = float(value)
-        except ValueError:
-            raise BadQueryError(f"weight takes ROLE:NUMBER, not '{w}'") from None
     return {
         "target": target,
         "k": k,
-        "mode": mode,
-        "fusion": fusion,
-        "combine": combine,
-        "add": add or [],
-        "subtract": subtract or [],
-        "weights": weights or None,
-        "path": path or [],
-        "ext": ext or [],
-        "kind": kind or [],
-        "after": after,
-        "before": before,
-        "min_duration": min_duration,
-        "max_duration": max_duration,
-        "min_confidence": min_confidence,
-        "min_score": min_score,
-    }
+        **parse_search_options(
+            mode=mode, fusion=fusion, combine=combine, add=add, subtract=subtract, weight=weight, path=path,
+            ext=ext, kind=kind, after=after, before=before, min_duration=min_duration,
+            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score,
+        ),
+    }  # fmt: skip
 
 
 def _check_target(target: str) -> None:
