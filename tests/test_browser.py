@@ -155,7 +155,8 @@ def test_typed_query_shows_matching_images(browser: webdriver.Chrome, site: Site
     assert "demo" in browser.find_element(By.ID, "stats").text
     choose_target(browser, "auto")  # text searches images
     cards = search(browser, site.demo.text_query)
-    assert len(cards) == 12
+    # At most k = 12: hits below the index's calibrated confidence are cut (the page sends the default).
+    assert 3 <= len(cards) <= 12
     names = [c.find_element(By.CSS_SELECTOR, ".name").text for c in cards]
     # The page shows what the API ranks, in order ...
     api = browser.execute_script(
@@ -180,7 +181,7 @@ def test_typed_query_shows_matching_images(browser: webdriver.Chrome, site: Site
         )
     )
     ranks = [c.find_element(By.CSS_SELECTOR, ".rank").text for c in cards]
-    assert ranks == [f"#{i}" for i in range(1, 13)]
+    assert ranks == [f"#{i}" for i in range(1, len(cards) + 1)]
     scores = [float(c.find_element(By.CSS_SELECTOR, ".score").text) for c in cards]
     assert scores == pytest.approx([score for _, score in api], abs=0.0011)
     browser.save_screenshot(str(site.screenshots / "text-query.png"))
@@ -456,7 +457,8 @@ def test_words_mode_finds_what_the_words_say(browser: webdriver.Chrome, site: Si
     assert set(matched_labels(cards)) == {"words"}
     assert "by words" in browser.find_element(By.ID, "status").text
     choose_mode(browser, "vector")
-    cards = search(browser, "circle")
+    # (A description: one bare word scores below the confidence calibrated on whole captions, see README.)
+    cards = search(browser, site.demo.text_query)
     assert cards and set(matched_labels(cards)) == {"meaning"}
     assert "by meaning" in browser.find_element(By.ID, "status").text
 
@@ -470,13 +472,16 @@ def test_filters_narrow_the_results(browser: webdriver.Chrome, site: Site) -> No
     type_into(browser, "f-ext", "png")
     cards = search(browser, site.demo.text_query)
     names = card_names(cards)
-    assert len(names) == 12 and all(n.endswith(".png") for n in names), names
-    assert {n for n in relevant_names(site, stated) if n.endswith(".png")} <= set(names)
+    relevant_png = {n for n in relevant_names(site, stated) if n.endswith(".png")}
+    assert relevant_png and all(n.endswith(".png") for n in names), names
+    assert relevant_png <= set(names)  # every relevant png, not the few among the unfiltered top 12
     type_into(browser, "f-ext", "")
     type_into(browser, "f-path", "*/photos/*")
-    cards = search(browser, site.demo.text_query)
+    cards = search(browser, "circle")  # words + meaning: every circle's caption and name say it
     paths = [c.find_element(By.CSS_SELECTOR, ".name").get_attribute("title") for c in cards]
-    assert len(paths) == 12 and all("/photos/" in p for p in paths), paths
+    in_photos = {str(im.path) for im in site.demo.images if im.attributes.shape == "circle"}
+    in_photos = {p for p in in_photos if "/photos/" in p}
+    assert in_photos and set(paths) == in_photos, (paths, in_photos)
     set_date(browser, "f-before", "2000-01-01")  # every file is newer
     assert search(browser, site.demo.text_query) == []
     assert browser.find_element(By.ID, "closest").is_displayed() is False

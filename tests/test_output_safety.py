@@ -175,15 +175,15 @@ def test_status_json_has_no_surrogates_and_no_raw_controls(built: Built) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env", [STRICT, LOCALE, ASCII], ids=["strict", "locale", "ascii"])
-def test_plain_query_keeps_one_line_of_five_columns_per_hit(built: Built, env: dict[str, str]) -> None:
+def test_plain_query_keeps_one_line_of_six_columns_per_hit(built: Built, env: dict[str, str]) -> None:
     result = mmsearch("query", "a thing", "-t", "all", "--index", str(built.index), env=env)
     assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
     out = text_of(result.stdout)
     lines = out.splitlines()
     assert len(lines) == 4  # two images and two captions: a newline in a name or caption adds no line
-    assert all(line.count("\t") == 4 for line in lines)
-    rows = {(kind, text) for _, _, kind, _, text in (line.split("\t") for line in lines)}
-    paths = {line.split("\t")[3] for line in lines}
+    assert all(line.count("\t") == 5 for line in lines)
+    rows = {(kind, text) for _, _, _, kind, _, text in (line.split("\t") for line in lines)}
+    paths = {line.split("\t")[4] for line in lines}
     if env is ASCII:
         assert out.isascii()
         return
@@ -243,7 +243,7 @@ def test_query_through_a_running_server(built: Built, served: Path) -> None:
     plain = mmsearch("query", "a thing", "-t", "all", "--index", str(served), env=STRICT)
     assert plain.returncode == 0, plain.stderr.decode("utf-8", "replace")
     lines = text_of(plain.stdout).splitlines()
-    assert len(lines) == 4 and all(line.count("\t") == 4 for line in lines)
+    assert len(lines) == 4 and all(line.count("\t") == 5 for line in lines)
     assert SIDECAR_SHOWN in text_of(plain.stdout)
 
 
