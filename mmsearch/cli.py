@@ -726,20 +726,23 @@ def _typer_app() -> "typer.Typer":
                 report = idx.add_folder(folder / "media", progress=tick)
             _print_report(report)
             _out().rule(_safe(f"text → image: “{made.text_query}”"))
-            _print_hits([h.as_dict() for h in idx.search_text(made.text_query, target="images", k=k)])
+            found = idx.search(made.text_query, target="images", k=k)
+            _print_hits([h.as_dict() for h in found.hits], found.no_match)
             _out().rule(
                 _safe(f"image → text: {made.image_query} (its caption: “{made.image_query_caption}”)")
             )
             assert made.image_query is not None  # write_demo_folder always makes the query image
-            _print_hits([h.as_dict() for h in idx.search_image(made.image_query, target="texts", k=k)])
+            found = idx.search(image=made.image_query, target="texts", k=k)
+            _print_hits([h.as_dict() for h in found.hits], found.no_match)
             if speech and made.audio_query is not None:
-                heard = idx.transcribe_query(made.audio_query)
+                spoken = idx.search(audio=made.audio_query, target="images", k=k)
+                heard = spoken.transcript
                 _out().rule(
                     _safe(
                         f"audio → image: {made.audio_query} (said: “{made.audio_query_text}”, heard: “{heard}”)"
                     )
                 )
-                _print_hits([h.as_dict() for h in idx.search_text(heard, target="images", k=k)])
+                _print_hits([h.as_dict() for h in spoken.hits], spoken.no_match)
         _out().print()
         _line(f'Try: mmsearch query --index {index_dir} "a small blue square"')
 

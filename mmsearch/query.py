@@ -265,6 +265,7 @@ def _ranked(scores: Mapping[int, float]) -> list[int]:
 
 
 # --- execution --------------------------------------------------------------------------------------------
+_CALIBRATED_AS = {"segment": "caption"}
 Calibrator = Callable[[str, str, float], float | None]
 
 
@@ -343,7 +344,9 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
         cosine = cosines.get(item_id)
         confidence = None
         if cosine is not None and calibration is not None and p.query_kind is not None:
-            confidence = calibration.confidence(p.query_kind, row.kind, cosine)
+            # A segment is text embedded by the text tower like a caption: an image's cosine to either is
+            # the same modality pair, read by the image→caption calibration.
+            confidence = calibration.confidence(p.query_kind, _CALIBRATED_AS.get(row.kind, row.kind), cosine)
         by_words = item_id in word_hits
         by_vector = item_id in vector_scores
         exact_words = item_id in all_terms
