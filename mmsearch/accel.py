@@ -385,37 +385,66 @@ def _export_once(
         if quantize:
             quantize_weights(tmp_fp32, tmp_out, FEATURE)
         got = OnnxImageTower(tmp_out, streams=1)(probe)
-        cos = cosines(got, reference)
-        if float(cos.min()) < PROBE_MIN_COSINE[quantize]:
-            raise MmsearchError(
-                f"the {'int8' if quantize else 'fp32'} ONNX image tower of {key} does not reproduce the torch "
-                f"model (probe cosine {cos.min():.5f} < {PROBE_MIN_COSINE[quantize]})"
-            )
-        meta = {
-            "key": key,
-            "quantized": quantize,
-            "recipe": RECIPE_VERSION,
-            "graph": "onnx_vit" if friendly else "as-is",
-            "image_size": list(hw),
-            "probe_cosine_min": round(float(cos.min()), 6),
-            "probe_cosine_mean": round(float(cos.mean()), 6),
-            "export_seconds": round(time.monotonic() - started, 1),
-            "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
-        }
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        # Sidecar first: a reader that finds the model file always finds its metadata too.
-        os.replace(tmp_meta, path.with_suffix(".json"))
-        os.replace(tmp_out, path)
-        log.info(
-            "exported %s in %.0f s (probe cosine to torch: min %.5f)",
+        return publish_export(
             path,
-            meta["export_seconds"],
-            meta["probe_cosine_min"],
+            tmp_out,
+            tmp_meta,
+            tower="image",
+            key=key,
+            quantize=quantize,
+            cos=cosines(got, reference),
+            min_cosine=PROBE_MIN_COSINE[quantize],
+            started=started,
+            recipe=RECIPE_VERSION,
+            graph="onnx_vit" if friendly else "as-is",
+            image_size=list(hw),
         )
-        return meta
     finally:
         for tmp in (tmp_fp32, tmp_out, tmp_meta):
             tmp.unlink(missing_ok=True)
+
+
+def publish_export(
+    path: Path,
+    tmp_model: Path,
+    tmp_meta: Path,
+    *,
+    tower: str,
+    key: str,
+    quantize: bool,
+    cos: np.ndarray,
+    min_cosine: float,
+    started: float,
+    **fields: Any,
+) -> dict[str, Any]:
+    """Check an exported ``tower`` (image | text) against the torch model (its probe cosines must all reach
+    ``min_cosine``), then put it and its metadata sidecar (``fields`` plus the probe figures and versions)
+    in place at ``path``. Returns the metadata."""
+    if float(cos.min()) < min_cosine:
+        raise MmsearchError(
+            f"the {'int8' if quantize else 'fp32'} ONNX {tower} tower of {key} does not reproduce the torch "
+            f"model (probe cosine {cos.min():.5f} < {min_cosine})"
+        )
+    meta = {
+        "key": key,
+        "quantized": quantize,
+        **fields,
+        "probe_cosine_min": round(float(cos.min()), 6),
+        "probe_cosine_mean": round(float(cos.mean()), 6),
+        "export_seconds": round(time.monotonic() - started, 1),
+        "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
+    }
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    # Sidecar first: a reader that finds the model file always finds its metadata too.
+    os.replace(tmp_meta, path.with_suffix(".json"))
+    os.replace(tmp_model, path)
+    log.info(
+        "exported %s in %.0f s (probe cosine to torch: min %.5f)",
+        path,
+        meta["export_seconds"],
+        meta["probe_cosine_min"],
+    )
+    return meta
 
 
 def temp_path(path: Path, suffix: str) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from mmsearch.accel import (
     import_ort,
     normalise,
     ort_session,
-    package_version,
+    publish_export,
     quantize_weights,
     temp_path,
     usable_cpus,
@@ -177,27 +176,18 @@ def _export(model: Any, probe: np.ndarray, path: Path, key: str, quantize: bool)
             quantize_weights(tmp_fp32, tmp_out, FEATURE, QUANTIZED_OPS, per_channel=True)
         _save_optimised(tmp_out, tmp_opt)
         got = OnnxTextTower(tmp_opt)(probe)
-        cos = cosines(got, reference)
-        if float(cos.min()) < PROBE_MIN_COSINE[quantize]:
-            raise MmsearchError(
-                f"the {'int8' if quantize else 'fp32'} ONNX text tower of {key} does not reproduce the torch "
-                f"model (probe cosine {cos.min():.5f} < {PROBE_MIN_COSINE[quantize]})"
-            )
-        meta = {
-            "key": key,
-            "quantized": quantize,
-            "recipe": TEXT_RECIPE_VERSION,
-            "context_length": int(probe.shape[1]),
-            "probe_cosine_min": round(float(cos.min()), 6),
-            "probe_cosine_mean": round(float(cos.mean()), 6),
-            "export_seconds": round(time.monotonic() - started, 1),
-            "versions": {p: package_version(p) for p in ("torch", "open_clip_torch", "onnx", "onnxruntime")},
-        }
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, path.with_suffix(".json"))
-        os.replace(tmp_opt, path)
-        log.info(
-            "exported %s in %.0f s (probe cosine to torch: min %.5f)", path, meta["export_seconds"], cos.min()
+        publish_export(
+            path,
+            tmp_opt,
+            tmp_meta,
+            tower="text",
+            key=key,
+            quantize=quantize,
+            cos=cosines(got, reference),
+            min_cosine=PROBE_MIN_COSINE[quantize],
+            started=started,
+            recipe=TEXT_RECIPE_VERSION,
+            context_length=int(probe.shape[1]),
         )
     finally:
         for tmp in (tmp_fp32, tmp_out, tmp_opt, tmp_meta):
