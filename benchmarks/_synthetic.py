@@ -1,5 +1,5 @@
-"""Synthetic image rows for benchmarks that need a large index without decoding images: each vector gets
-the catalog rows a real image has (content, file, embedding of the active model), inserted in bulk."""
+"""Synthetic catalog rows for benchmarks that need a large index without decoding media: each image vector
+or transcript segment gets the rows a real one has (content, file, embedding of the active model), in bulk."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from mmsearch import db
 PREFIX = "/synthetic/"  # their display paths; no such file exists
 
 
-def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
-    """Rows for ``vecs`` numbered from ``first`` inside the caller's transaction; returns the embedding ids."""
-    shas = [f"{first + i:064x}" for i in range(len(vecs))]
-    conn.execute(db.media.insert(), [{"sha256": s, "kind": "image"} for s in shas])
+def _contents_and_files(
+    conn: Any, shas: list[str], names: list[str], kind: str, **media: Any
+) -> dict[str, int]:
+    """One content row per sha and one live file per content (``PREFIX + name``); returns sha -> media id."""
+    conn.execute(db.media.insert(), [{"sha256": s, "kind": kind, **media} for s in shas])
     rows = conn.execute(
         db.media.select()
         .with_only_columns(db.media.c.id, db.media.c.sha256)
@@ -26,9 +27,9 @@ def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
         db.files.insert(),
         [
             {
-                "path_key": f"{PREFIX}{first + i:08d}.jpg".encode(),
-                "path": f"{PREFIX}{first + i:08d}.jpg",
-                "kind": "image",
+                "path_key": f"{PREFIX}{name}".encode(),
+                "path": f"{PREFIX}{name}",
+                "kind": kind,
                 "size": 1,
                 "mtime_ns": 0,
                 "sha256": s,
@@ -36,9 +37,16 @@ def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
                 "status": "ok",
                 "updated_at": 0.0,
             }
-            for i, s in enumerate(shas)
+            for s, name in zip(shas, names, strict=True)
         ],
     )
+    return mid
+
+
+def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
+    """Rows for ``vecs`` numbered from ``first`` inside the caller's transaction; returns the embedding ids."""
+    shas = [f"{first + i:064x}" for i in range(len(vecs))]
+    mid = _contents_and_files(conn, shas, [f"{first + i:08d}.jpg" for i in range(len(shas))], "image")
     return db.add_embeddings(conn, "image", vecs, [mid[s] for s in shas])
 
 
@@ -48,30 +56,8 @@ def insert_recordings(conn: Any, texts: list[str], vecs: np.ndarray, first: int,
     model = db.active_model(conn)
     n_files = -(-len(texts) // per_file)
     shas = [f"a{first + i:063x}" for i in range(n_files)]
-    conn.execute(db.media.insert(), [{"sha256": s, "kind": "audio", "duration": 60.0} for s in shas])
-    rows = conn.execute(
-        db.media.select()
-        .with_only_columns(db.media.c.id, db.media.c.sha256)
-        .where(db.media.c.sha256.in_(shas))
-    ).all()
-    mid = {s: m for m, s in rows}
-    conn.execute(
-        db.files.insert(),
-        [
-            {
-                "path_key": f"{PREFIX}talk{first + i:08d}.mp3".encode(),
-                "path": f"{PREFIX}talk{first + i:08d}.mp3",
-                "kind": "audio",
-                "size": 1,
-                "mtime_ns": 0,
-                "sha256": s,
-                "media_id": mid[s],
-                "status": "ok",
-                "updated_at": 0.0,
-            }
-            for i, s in enumerate(shas)
-        ],
-    )
+    names = [f"talk{first + i:08d}.mp3" for i in range(n_files)]
+    mid = _contents_and_files(conn, shas, names, "audio", duration=60.0)
     seg_rows = [
         {
             "media_id": mid[shas[i // per_file]],

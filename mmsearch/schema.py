@@ -332,27 +332,21 @@ FTS_TOKENIZE = "unicode61 remove_diacritics 2"
 # Declared for queries only (never created from this metadata: the migration creates them). The column
 # named like the table is FTS5's hidden column for MATCH; rank is bm25 (lower is better).
 fts_metadata = MetaData()
-captions_fts = Table(
-    "captions_fts",
-    fts_metadata,
-    Column("rowid", Integer, primary_key=True),
-    Column("captions_fts", Text),
-    Column("rank", Float),
-)
-segments_fts = Table(
-    "segments_fts",
-    fts_metadata,
-    Column("rowid", Integer, primary_key=True),
-    Column("segments_fts", Text),
-    Column("rank", Float),
-)
-files_fts = Table(
-    "files_fts",
-    fts_metadata,
-    Column("rowid", Integer, primary_key=True),
-    Column("files_fts", Text),
-    Column("rank", Float),
-)
+
+
+def _fts_table(name: str) -> Table:
+    return Table(
+        name,
+        fts_metadata,
+        Column("rowid", Integer, primary_key=True),
+        Column(name, Text),
+        Column("rank", Float),
+    )
+
+
+captions_fts = _fts_table("captions_fts")
+segments_fts = _fts_table("segments_fts")
+files_fts = _fts_table("files_fts")
 
 
 #: The item columns of ix_embeddings_items (model, kind, then these), in order. An embedding names its
