@@ -25,13 +25,15 @@ the query; nothing left means "no good match".
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from mmsearch import db
+from mmsearch.catalog import Catalog
 from mmsearch.constants import (
     DEFAULT_COMBINE,
     DEFAULT_FUSION,
@@ -266,7 +268,6 @@ def _ranked(scores: Mapping[int, float]) -> list[int]:
 
 # --- execution --------------------------------------------------------------------------------------------
 _CALIBRATED_AS = {"segment": "caption"}
-Calibrator = Callable[[str, str, float], float | None]
 
 
 def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) -> SearchResult:
@@ -319,14 +320,15 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     elif p.fusion == "rrf":
         order = _ranked(rrf([(_ranked(vector_rank), 1.0), (_ranked(word_hits), 1.0)]))
     else:
-        order = _ranked(weighted(vector_scores if fused_vector is None else fused_vector, word_hits))
+        order = _ranked(weighted(vector_rank, word_hits))
+    # The candidates that may be shown: some are left out below (gone, cut), few of them in practice.
+    order = order[: 4 * p.k + 8]
 
-    # Cosine of every candidate shown (an item found by words alone has none from FAISS yet).
-    cosines = dict(vector_scores)
-    if query_vector is not None and fused_vector is not None:
-        cosines = {}
+    # Cosine of every candidate to the query vector (FAISS gave it, except for an item found by words alone
+    # and for late fusion, whose lists scored each input on its own).
+    cosines = dict(vector_scores) if fused_vector is None else {}
     if query_vector is not None:
-        missing = [i for i in order[: 4 * p.k + 8] if i not in cosines]
+        missing = [i for i in order if i not in cosines]
         for i, v in store.catalog.vectors_for(missing).items():
             cosines[i] = float(v @ query_vector)
 
@@ -335,7 +337,7 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     if threshold is None:
         threshold = calibrate.DEFAULT_MIN_CONFIDENCE if calibration is not None else 0.0
 
-    rows = db.resolve_items(store.catalog, order[: 4 * p.k + 8], p.kinds, filters=p.filters)
+    rows = db.resolve_items(store.catalog, order, p.kinds, filters=p.filters)
     hits: list[Hit] = []
     for item_id in order:
         row = rows.get(item_id)
@@ -354,8 +356,6 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
             if confidence is not None and confidence < threshold:
                 continue
             if p.min_score is not None and cosine is not None and cosine < p.min_score:
-                continue
-            if p.mode == "words" and not by_words:
                 continue
         score = cosine if cosine is not None else word_hits.get(item_id, 0.0)
         hits.append(
@@ -399,23 +399,27 @@ def _nearest(
     return out
 
 
-# Allowed ids of recent filters, by (catalog, filters, kinds, model, catalog change counter): a user who
-# refines one query asks for the same selection again and again.
-_ALLOWED_CACHE: dict[tuple[Any, ...], np.ndarray] = {}
+# Allowed ids of recent filters, per open catalog, by (filters, kinds, model, catalog version): a user who
+# refines one query asks for the same selection again and again. Weak keys: a closed catalog's entries go
+# with it (an id() of a dead catalog could be reused by another index's).
+_ALLOWED_CACHE: weakref.WeakKeyDictionary[Catalog, dict[tuple[Any, ...], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
 _ALLOWED_CACHE_SIZE = 8
 
 
 def _allowed(store: Store, filters: Filters, kinds: Sequence[str], model: str) -> np.ndarray:
     from mmsearch.catalog_filters import allowed_ids, catalog_version
 
-    key = (id(store.catalog), filters, tuple(kinds), model, catalog_version(store.catalog))
-    hit = _ALLOWED_CACHE.get(key)
+    cache = _ALLOWED_CACHE.setdefault(store.catalog, {})
+    key = (filters, tuple(kinds), model, catalog_version(store.catalog))
+    hit = cache.get(key)
     if hit is None:
         hit = allowed_ids(store.catalog, filters, kinds, model)
         hit.setflags(write=False)  # vectors.py reuses the selector built for the same read-only array
-        if len(_ALLOWED_CACHE) >= _ALLOWED_CACHE_SIZE:
-            _ALLOWED_CACHE.pop(next(iter(_ALLOWED_CACHE)))
-        _ALLOWED_CACHE[key] = hit
+        if len(cache) >= _ALLOWED_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = hit
     return hit
 
 
