@@ -34,11 +34,13 @@ from sqlalchemy import (
 from mmsearch import catalog_errors
 from mmsearch.catalog_errors import disk_full_message, storage_errors
 from mmsearch.errors import MmsearchError
+from mmsearch.filters import distance_km
 from mmsearch.schema import (
     ACTIVE_META,
     MIGRATION_MODEL,
     MIGRATIONS,
     MODELS_META,
+    PHOTO_META_FROM,
     READABLE_FROM,
     REF_COLUMNS,
     SCHEMA_VERSION,
@@ -71,6 +73,8 @@ class FileRow:
     media_id: int | None
     status: str
     reason: str | None
+    #: The PHOTO_META_VERSION that read the file's photo metadata (None: never read; images only).
+    meta_version: int | None = None
 
 
 #: Mode of the catalog file; SQLite gives its -wal and -shm files the same one.
@@ -106,6 +110,11 @@ class Catalog:
     def has_models(self) -> bool:
         """Whether each embedding names its model (schema 4); an older catalog holds one model's."""
         return self.schema_version >= 4
+
+    @property
+    def has_photo_meta(self) -> bool:
+        """Whether files hold what photos say of themselves and there are tags (schema 7)."""
+        return self.schema_version >= PHOTO_META_FROM
 
     def slot(self, prefix: str, kind: str, model: str) -> str:
         """The meta key of one (model, kind)'s ``prefix`` (generation, faiss, deletions_pruned)."""
@@ -296,9 +305,10 @@ class Catalog:
                     files.c.media_id,
                     files.c.status,
                     files.c.reason,
+                    files.c.meta_version,
                 )
             ).all()
-        return {r.path_key: FileRow(*r) for r in rows}
+        return {r.path_key: FileRow(**r._mapping) for r in rows}
 
     def captions_of(self, file_ids: Sequence[int]) -> dict[int, list[tuple[int, str, str]]]:
         """file id -> [(caption id, source, text)]."""
@@ -545,6 +555,18 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+    # The --near filter's exact distance (mmsearch.catalog_filters); NULL places give NULL.
+    dbapi_conn.create_function(DISTANCE_FUNCTION, 4, _distance_or_null, deterministic=True)
+
+
+#: The SQL function ``DISTANCE_FUNCTION(lat1, lon1, lat2, lon2)``: km between two places.
+DISTANCE_FUNCTION = "mmsearch_km"
+
+
+def _distance_or_null(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> float | None:
+    if None in (lat1, lon1, lat2, lon2):
+        return None
+    return distance_km(float(lat1), float(lon1), float(lat2), float(lon2))
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:

@@ -9,6 +9,7 @@ may share.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -17,12 +18,14 @@ import numpy as np
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select, union_all
 from sqlalchemy.sql import FromClause
 
-from mmsearch.catalog import Catalog
-from mmsearch.filters import Filters
+from mmsearch.catalog import DISTANCE_FUNCTION, Catalog
+from mmsearch.errors import BadQueryError
+from mmsearch.filters import EARTH_RADIUS_KM, Filters
 from mmsearch.schema import (
     FILES_CHANGES_META,
     ITEM_COLUMNS,
     REF_COLUMNS,
+    TAGS_CHANGES_META,
     VECTOR_KINDS,
     captions,
     embeddings,
@@ -30,6 +33,7 @@ from mmsearch.schema import (
     media,
     meta,
     segments,
+    tags,
 )
 
 _NS = 1_000_000_000
@@ -70,6 +74,40 @@ def file_passes(filters: Filters | None, f: FromClause = files) -> ColumnElement
         if filters.max_duration is not None:
             lasting.append(media.c.duration <= filters.max_duration)
         conds.append(select(media.c.id).where(media.c.id == f.c.media_id, *lasting).exists())
+    if filters.tags:
+        tagged = func.lower(tags.c.tag).in_(filters.tags)  # through ix_tags_tag
+        conds.append(
+            or_(
+                f.c.id.in_(select(tags.c.file_id).where(tagged, tags.c.file_id.is_not(None))),
+                f.c.media_id.in_(select(tags.c.media_id).where(tagged, tags.c.media_id.is_not(None))),
+            )
+        )
+    if filters.taken_after is not None or filters.taken_before is not None:
+        # A photo's date taken, else its file time (a recording has no date taken).
+        taken = func.coalesce(f.c.taken_at, f.c.mtime_ns / float(_NS))
+        if filters.taken_after is not None:
+            conds.append(taken >= filters.taken_after)
+        if filters.taken_before is not None:
+            conds.append(taken < filters.taken_before)
+    if filters.near is not None:
+        conds.append(_near(filters.near, f))
+    return and_(*conds)
+
+
+_KM_PER_DEGREE = math.pi * EARTH_RADIUS_KM / 180
+
+
+def _near(near: tuple[float, float, float], f: FromClause) -> ColumnElement[bool]:
+    """Within ``km`` of a place: a bounding box SQLite can check cheaply, then the exact distance."""
+    lat, lon, km = near
+    d_lat = km / _KM_PER_DEGREE
+    conds: list[ColumnElement[bool]] = [f.c.lat.between(lat - d_lat, lat + d_lat), f.c.lon.is_not(None)]
+    cos_lat = math.cos(math.radians(min(90.0, abs(lat) + d_lat)))  # the box's widest latitude
+    if cos_lat > 1e-9:
+        d_lon = km / (_KM_PER_DEGREE * cos_lat)
+        if lon - d_lon >= -180 and lon + d_lon <= 180:  # else the box crosses the antimeridian: no lon test
+            conds.append(f.c.lon.between(lon - d_lon, lon + d_lon))
+    conds.append(getattr(func, DISTANCE_FUNCTION)(f.c.lat, f.c.lon, lat, lon) <= km)
     return and_(*conds)
 
 
@@ -97,6 +135,11 @@ def _passing_items(kind: str, passing: Any) -> Select[Any]:
 
 def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model: str) -> np.ndarray:
     """The sorted int64 ids of ``model``'s embeddings of ``kinds`` whose item passes ``filters``."""
+    if not catalog.has_photo_meta and (filters.tags or filters.near or filters.taken_after or filters.taken_before):
+        raise BadQueryError(
+            "this index's catalog predates tags, dates taken and places (it is open read-only and could not "
+            "be upgraded): filter by path, extension, kind, file time or duration instead"
+        )
     f = files.alias("pf")
     # The passing files, found once (one scan of files) for every kind.
     passing = (
@@ -126,10 +169,10 @@ def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model:
 def catalog_version(catalog: Catalog) -> tuple[str, ...]:
     """A value that changes whenever what :func:`allowed_ids` reads may have changed: every change to
     embeddings bumps a generation (``generation.MODEL.KIND``), every change to files is counted
-    (``FILES_CHANGES_META``); captions, segments and durations only change along with their embeddings.
+    (``FILES_CHANGES_META``), every change to tags too (``TAGS_CHANGES_META``); captions, segments and durations only change along with their embeddings.
     For caching allowed ids; one small read."""
     q = select(meta.c.key, meta.c.value).where(
-        or_(meta.c.key.like("generation.%"), meta.c.key == FILES_CHANGES_META)
+        or_(meta.c.key.like("generation.%"), meta.c.key.in_((FILES_CHANGES_META, TAGS_CHANGES_META)))
     )
     with catalog.read() as conn:
         return tuple(sorted(f"{key}={value}" for key, value in conn.execute(q)))

@@ -38,6 +38,11 @@ class ItemRow:
     start: float | None
     end: float | None
     media_id: int | None
+    # What the file says of itself (a photo's date taken, camera and place; None when unknown).
+    taken_at: float | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
 
 
 def resolve_items(
@@ -61,23 +66,25 @@ def resolve_items(
             .scalar_subquery()
         )
 
+    # (An older catalog opened read-only, not migrated, has none of them.)
+    photo = (f.c.taken_at, f.c.camera, f.c.lat, f.c.lon) if catalog.has_photo_meta else (null(),) * 4
     out: dict[int, ItemRow] = {}
     with catalog.read() as conn:
         for chunk in _chunks([int(i) for i in ids], 900):
             image_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id)
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id, *photo)
                 .select_from(e)
                 .join(f, f.c.id == first_file(e.c.media_id))
                 .where(e.c.id.in_(chunk), e.c.kind == "image")
             )
             caption_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id)
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id, *photo)
                 .join(c, c.c.id == e.c.caption_id)
                 .join(f, f.c.id == c.c.file_id)
                 .where(e.c.id.in_(chunk), e.c.kind == "caption")
             )
             segment_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id)
+                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id, *photo)
                 .select_from(e)
                 .join(s, s.c.id == e.c.segment_id)
                 .join(f, f.c.id == first_file(s.c.media_id))

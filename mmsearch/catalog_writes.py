@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import (
@@ -20,6 +20,7 @@ from mmsearch.errors import MmsearchError
 from mmsearch.schema import (
     ACTIVE_META,
     MODELS_META,
+    PHOTO_META_VERSION,
     REF_COLUMNS,
     TARGET_META,
     VECTOR_KINDS,
@@ -35,6 +36,7 @@ from mmsearch.schema import (
     path_key,
     segments,
     storable,
+    tags,
 )
 
 
@@ -112,8 +114,10 @@ def write_file(
     sha256: str | None,
     media_id: int | None,
     reason: str | None = None,
+    photo: PhotoFacts | None = None,
 ) -> None:
-    """Record a file as seen (``reason`` None) or skipped (why), replacing any row of the same path."""
+    """Record a file as seen (``reason`` None) or skipped (why), replacing any row of the same path, with
+    what the file says of itself (``photo``: its date taken, camera, place and keywords; none if None)."""
     from sqlalchemy.dialects.sqlite import insert
 
     key = path_key(path)
@@ -128,9 +132,40 @@ def write_file(
         "status": "skipped" if reason else "ok",
         "reason": None if reason is None else storable(reason),  # may quote a non-UTF-8 name
         "updated_at": time.time(),
+        "taken_at": photo.taken_at if photo else None,
+        "taken_source": photo.taken_source if photo else None,
+        "camera": storable(photo.camera) if photo and photo.camera else None,
+        "lat": photo.lat if photo else None,
+        "lon": photo.lon if photo else None,
+        "meta_version": PHOTO_META_VERSION if photo else None,
     }
     stmt = insert(files).values(**values)
     conn.execute(stmt.on_conflict_do_update(index_elements=[files.c.path_key], set_=values))
+    file_id = select(files.c.id).where(files.c.path_key == key).scalar_subquery()
+    conn.execute(tags.delete().where(tags.c.file_id == file_id))
+    if photo and photo.keywords:
+        fid = conn.execute(select(files.c.id).where(files.c.path_key == key)).scalar_one()
+        conn.execute(
+            tags.insert(),
+            [{"file_id": fid, "tag": storable(word), "source": src} for src, word in photo.keywords],
+        )
+
+
+class PhotoFacts(Protocol):
+    """What :func:`write_file` records of a photo (a :class:`mmsearch.photo_meta.PhotoMeta` is one)."""
+
+    @property
+    def taken_at(self) -> float | None: ...
+    @property
+    def taken_source(self) -> str | None: ...
+    @property
+    def camera(self) -> str | None: ...
+    @property
+    def lat(self) -> float | None: ...
+    @property
+    def lon(self) -> float | None: ...
+    @property
+    def keywords(self) -> Sequence[tuple[str, str]]: ...
 
 
 def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
@@ -229,6 +264,7 @@ def remove_files(conn: Connection, file_ids: Sequence[int]) -> dict[str, list[in
     cap_ids = select(captions.c.id).where(captions.c.file_id.in_(file_ids))
     removed = delete_embeddings(conn, embeddings.c.caption_id.in_(cap_ids))
     conn.execute(captions.delete().where(captions.c.file_id.in_(file_ids)))
+    conn.execute(tags.delete().where(tags.c.file_id.in_(file_ids)))
     conn.execute(files.delete().where(files.c.id.in_(file_ids)))
     return removed
 
@@ -251,6 +287,7 @@ def remove_orphan_media(conn: Connection) -> tuple[dict[str, list[int]], set[str
             for kind, ids in more.items():
                 removed.setdefault(kind, []).extend(ids)
         conn.execute(segments.delete().where(segments.c.media_id.in_(orphans)))
+        conn.execute(tags.delete().where(tags.c.media_id.in_(orphans)))
         conn.execute(media.delete().where(media.c.id.in_(orphans)))
     return removed, shas
 

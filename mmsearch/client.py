@@ -177,6 +177,10 @@ def search_options(
     max_duration: float | None,
     min_confidence: float | None,
     min_score: float | None,
+    tag: Sequence[str] | None = None,
+    taken_after: str | None = None,
+    taken_before: str | None = None,
+    near: str | None = None,
 ) -> dict[str, Any]:
     """Query options as given on a command line or in query parameters (``weight`` as ``ROLE=W`` or
     ``ROLE:W``, lists possibly None) -> :meth:`mmsearch.Index.search` keyword arguments; the CLI and the
@@ -204,6 +208,10 @@ def search_options(
         "before": before,
         "min_duration": min_duration,
         "max_duration": max_duration,
+        "tag": list(tag or []),
+        "taken_after": taken_after,
+        "taken_before": taken_before,
+        "near": near,
         "min_confidence": min_confidence,
         "min_score": min_score,
     }

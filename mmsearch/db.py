@@ -64,6 +64,7 @@ from mmsearch.schema import (
     MIGRATION_MODEL,
     MIGRATIONS,
     MODELS_META,
+    PHOTO_META_VERSION,
     READABLE_FROM,
     REF_COLUMNS,
     SCHEMA_VERSION,
@@ -83,6 +84,7 @@ from mmsearch.schema import (
     register_model,
     segments,
     storable,
+    tags,
     vector_counts,
 )
 
@@ -91,6 +93,7 @@ __all__ = [
     "MIGRATIONS",
     "MIGRATION_MODEL",
     "MODELS_META",
+    "PHOTO_META_VERSION",
     "PRIVATE_FILE_MODE",
     "READABLE_FROM",
     "REF_COLUMNS",
@@ -142,6 +145,7 @@ __all__ = [
     "set_active",
     "set_target",
     "storable",
+    "tags",
     "storage_errors",
     "target_in",
     "texts_of",

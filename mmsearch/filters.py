@@ -1,4 +1,5 @@
-"""Search filters: which files a hit may come from (path globs, extensions, file kinds, file time, duration).
+"""Search filters: which files a hit may come from (path globs, extensions, file kinds, file time, duration,
+tags, date taken, place).
 
 Standard library only: the CLI's fast path to a running server imports this without numpy or SQLAlchemy.
 :meth:`Filters.parse` turns user strings (CLI options, query parameters, API keyword arguments) into a
@@ -24,6 +25,12 @@ MAX_PATTERNS = 32
 MAX_PATTERN_LENGTH = 1024
 #: Longest extension, in characters (with its dot).
 MAX_EXT_LENGTH = 32
+#: Longest tag a filter may name, in characters.
+MAX_TAG_LENGTH = 200
+#: Half the Earth's circumference: no two places are farther apart (km).
+MAX_RADIUS_KM = 20_038.0
+#: The mean Earth radius (km) of :func:`distance_km`.
+EARTH_RADIUS_KM = 6371.0088
 
 Scalar = str | float | int | None
 Many = str | Iterable[str] | None
@@ -45,6 +52,10 @@ class Filters:
     before: float | None = None  # file mtime < before
     min_duration: float | None = None  # media duration (seconds) >=; files without one never pass
     max_duration: float | None = None  # media duration <=; files without one never pass
+    tags: tuple[str, ...] = ()  # lower-cased; a file passes with any of them (a keyword or a zero-shot tag)
+    taken_after: float | None = None  # date taken (else file mtime) >= taken_after (unix seconds)
+    taken_before: float | None = None  # date taken (else file mtime) < taken_before
+    near: tuple[float, float, float] | None = None  # (latitude, longitude, km): files without a place fail
 
     def is_empty(self) -> bool:
         return self == Filters()
@@ -60,11 +71,18 @@ class Filters:
         before: Scalar | Sequence[str] = None,
         min_duration: Scalar | Sequence[str] = None,
         max_duration: Scalar | Sequence[str] = None,
+        tag: Many = (),
+        taken_after: Scalar | Sequence[str] = None,
+        taken_before: Scalar | Sequence[str] = None,
+        near: str | Sequence[str] | None = None,
     ) -> Filters:
         """Filters from user input. ``ext`` and ``kind`` values may hold several, comma-separated; dates
         are ISO 8601 (``2024-05-01``, ``2024-05-01T10:00``, with an optional UTC offset or ``Z``; without
         one, local time) or unix seconds; durations are seconds. A scalar may come as a one-element list
-        (a query parameter). Raises :class:`BadQueryError` saying what is wrong."""
+        (a query parameter). ``tag`` values may hold several, comma-separated, and match case-insensitively;
+        ``taken_after``/``taken_before`` compare the date a photo was taken (its file time when it says
+        none); ``near`` is ``LAT,LON,KM`` (decimal degrees, south and west negative). Raises
+        :class:`BadQueryError` saying what is wrong."""
         paths = tuple(sorted(set(_patterns(_strings(path, "path")))))
         exts = tuple(sorted({_ext(e) for e in _split(_strings(ext, "ext"))}))
         kinds = tuple(sorted({_kind(k) for k in _split(_strings(kind, "kind"))}))
@@ -78,7 +96,16 @@ class Filters:
         high = _duration(_one(max_duration, "max_duration"), "max_duration")
         if low is not None and high is not None and low > high:
             raise BadQueryError(f"min_duration ({low:g}) is larger than max_duration ({high:g})")
-        return cls(paths, exts, kinds, start, end, low, high)
+        tags = tuple(sorted({_tag(t) for t in _split(_strings(tag, "tag"))}))
+        if len(tags) > MAX_PATTERNS:
+            raise BadQueryError(f"too many tag filters ({len(tags)}; at most {MAX_PATTERNS})")
+        t_start = _time(_one(taken_after, "taken_after"), "taken_after")
+        t_end = _time(_one(taken_before, "taken_before"), "taken_before")
+        if t_start is not None and t_end is not None and not t_start < t_end:
+            raise BadQueryError(
+                f"taken_after ({_show(t_start)}) must be earlier than taken_before ({_show(t_end)})"
+            )
+        return cls(paths, exts, kinds, start, end, low, high, tags, t_start, t_end, _near(_one(near, "near")))
 
     def as_params(self) -> dict[str, list[str]]:
         """The query-parameter form (``parse(**as_params())`` gives these filters back); unset fields are
@@ -92,9 +119,15 @@ class Filters:
             ("before", self.before),
             ("min_duration", self.min_duration),
             ("max_duration", self.max_duration),
+            ("taken_after", self.taken_after),
+            ("taken_before", self.taken_before),
         ):
             if value is not None:
                 out[name] = [repr(float(value))]
+        if self.tags:
+            out["tag"] = list(self.tags)
+        if self.near is not None:
+            out["near"] = [",".join(repr(float(v)) for v in self.near)]
         return out
 
 
@@ -158,6 +191,43 @@ def _kind(value: str) -> str:
     if kind not in FILE_KINDS:
         raise BadQueryError(f"kind: {value!r} is not one of {', '.join(FILE_KINDS)}")
     return kind
+
+
+def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """The great-circle distance between two places (haversine on a sphere: within 0.5 % of the
+    ellipsoid)."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    h = (
+        math.sin((p2 - p1) / 2) ** 2
+        + math.cos(p1) * math.cos(p2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    )
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
+
+
+def _tag(value: str) -> str:
+    if len(value) > MAX_TAG_LENGTH:
+        raise BadQueryError(f"tag: longer than {MAX_TAG_LENGTH} characters")
+    return value.lower()
+
+
+def _near(value: Scalar) -> tuple[float, float, float] | None:
+    """(latitude, longitude, km) from ``LAT,LON,KM``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts = str(value).split(",")
+    if len(parts) != 3:
+        raise BadQueryError(f"near: {value!r} is not LAT,LON,KM (e.g. 48.8584,2.2945,5)")
+    numbers = [_number(p.strip(), "near") for p in parts]
+    if None in numbers:
+        raise BadQueryError(f"near: {value!r} is not LAT,LON,KM (e.g. 48.8584,2.2945,5)")
+    lat, lon, km = (float(n) for n in numbers if n is not None)
+    if not -90 <= lat <= 90:
+        raise BadQueryError(f"near: latitude {lat:g} is not between -90 and 90")
+    if not -180 <= lon <= 180:
+        raise BadQueryError(f"near: longitude {lon:g} is not between -180 and 180")
+    if not 0 < km <= MAX_RADIUS_KM:
+        raise BadQueryError(f"near: the radius must be more than 0 and at most {MAX_RADIUS_KM:g} km")
+    return (lat, lon, km)
 
 
 def _one(value: Scalar | Sequence[str], name: str) -> Scalar:

@@ -33,6 +33,10 @@ HIT_FIELDS = (
     "end",
     "item_id",
     "file_id",
+    "taken_at",
+    "camera",
+    "lat",
+    "lon",
 )
 COLUMNS = ("#", "score", "conf", "kind", "path", "text")
 #: What a query that nothing in the collection answers well prints.

@@ -458,6 +458,12 @@ def search_options(
     before: str | None = Query(None, max_length=64, description="Files modified before"),
     min_duration: float | None = Query(None, ge=0, description="Recordings at least this long (s)"),
     max_duration: float | None = Query(None, ge=0, description="Recordings at most this long (s)"),
+    tag: Annotated[
+        list[str] | None, Query(max_length=200, description="Keyword or zero-shot tag (any matches)")
+    ] = None,
+    taken_after: str | None = Query(None, max_length=64, description="Photos taken at or after"),
+    taken_before: str | None = Query(None, max_length=64, description="Photos taken before"),
+    near: str | None = Query(None, max_length=96, description="LAT,LON,KM: photos taken within KM"),
     min_confidence: float | None = Query(None, ge=0, le=1, description="Calibrated confidence cut-off"),
     min_score: float | None = Query(None, ge=-1, le=1, description="Raw cosine cut-off"),
 ) -> dict[str, Any]:
@@ -470,7 +476,8 @@ def search_options(
         **parse_search_options(
             mode=mode, fusion=fusion, combine=combine, add=add, subtract=subtract, weight=weight, path=path,
             ext=ext, kind=kind, after=after, before=before, min_duration=min_duration,
-            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score,
+            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score, tag=tag,
+            taken_after=taken_after, taken_before=taken_before, near=near,
         ),
     }  # fmt: skip
 

@@ -64,6 +64,14 @@ files = Table(
     Column("status", String(8), nullable=False),  # ok | skipped
     Column("reason", Text),
     Column("updated_at", Float, nullable=False),
+    # What a photo says of itself (schema 7; NULL when unknown): see mmsearch.photo_meta.
+    Column("taken_at", Float),  # when it was taken, unix seconds
+    Column("taken_source", String(16)),  # exif | xmp | takeout
+    Column("camera", Text),
+    Column("lat", Float),  # WGS84 degrees, south and west negative
+    Column("lon", Float),
+    # The PHOTO_META_VERSION that read these (NULL: not read; the next run of the file's folder reads it).
+    Column("meta_version", Integer),
     sqlite_autoincrement=True,
 )
 
@@ -126,6 +134,30 @@ vector_counts = Table(
     Column("n", Integer, nullable=False),
 )
 
+#: Words attached to a file or to content (schema 7). Keywords people wrote (IPTC, XMP, Takeout) belong to
+#: the file that carries them (``file_id``); zero-shot tags belong to content (``media_id``), with the
+#: calibrated confidence as ``score``. Exactly one of ``file_id`` and ``media_id`` is set.
+tags = Table(
+    "tags",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("file_id", Integer, ForeignKey("files.id"), index=True),
+    Column("media_id", Integer, ForeignKey("media.id"), index=True),
+    Column("tag", Text, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("score", Float),
+    sqlite_autoincrement=True,
+)
+#: The schema version that added photo metadata (files.taken_at ...) and tags.
+PHOTO_META_FROM = 7
+#: The version of what indexing reads of a photo (mmsearch.photo_meta): a file read by an older one
+#: (``files.meta_version``) is read again by the next run of its folder.
+PHOTO_META_VERSION = 1
+#: Meta key: how many times a row of tags was inserted, updated or deleted (kept by triggers).
+TAGS_CHANGES_META = "tags.changes"
+#: ``tags.source`` of zero-shot tags (the other sources name where a keyword was read).
+ZERO_SHOT_SOURCE = "zero-shot"
+
 VECTOR_KINDS = ("image", "caption", "segment")
 
 
@@ -136,6 +168,7 @@ REF_COLUMNS = {"image": "media_id", "caption": "caption_id", "segment": "segment
 def _migration_1(conn: Connection) -> None:
     # The tables of version 1 (in their current shape); later migrations add the others.
     metadata.create_all(conn, tables=[meta, media, files, captions, segments, embeddings])
+    # create_all gave files its current columns: migration 7 adds them only to older catalogs.
 
 
 def _migration_2(conn: Connection) -> None:
@@ -386,6 +419,18 @@ def _fts_triggers(table: str, fts: str, column: str, value: str) -> list[tuple[s
     ]
 
 
+def _change_counter(table: str, key: str) -> list[tuple[str, str]]:
+    """(name, SQL) of the triggers counting every insert, update and delete of ``table`` in meta ``key``."""
+    bump = (
+        f"INSERT INTO meta (key, value) VALUES ('{key}', '1') ON CONFLICT (key) "
+        "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT);"
+    )
+    return [
+        (f"{table}_changed_{op}", f"AFTER {op.upper()} ON {table} BEGIN {bump} END")
+        for op in ("insert", "update", "delete")
+    ]
+
+
 def _migration_6(conn: Connection) -> None:
     """Full-text indexes of captions, transcript segments and file names, filled from the existing rows
     and kept in step by triggers (rerunnable: a catalog migrated again is indexed afresh), and an index
@@ -394,18 +439,11 @@ def _migration_6(conn: Connection) -> None:
         conn.execute(text(sql))
     # Every change to files counts in meta (FILES_CHANGES_META): with the generations, what says that a
     # filter's selection computed earlier is still right.
-    bump = (
-        f"INSERT INTO meta (key, value) VALUES ('{FILES_CHANGES_META}', '1') ON CONFLICT (key) "
-        "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT);"
-    )
     triggers = [
         *_fts_triggers("captions", "captions_fts", "text", "{row}.text"),
         *_fts_triggers("segments", "segments_fts", "text", "{row}.text"),
         *_fts_triggers("files", "files_fts", "name", _file_name_sql("{row}.path")),
-        *(
-            (f"files_changed_{op}", f"AFTER {op.upper()} ON files BEGIN {bump} END")
-            for op in ("insert", "update", "delete")
-        ),
+        *_change_counter("files", FILES_CHANGES_META),
     ]
     for name, body in triggers:
         conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
@@ -423,6 +461,34 @@ def _migration_6(conn: Connection) -> None:
     conn.execute(text(f"INSERT INTO files_fts (rowid, name) SELECT id, {_file_name_sql('path')} FROM files"))
 
 
+_PHOTO_COLUMNS = (
+    ("taken_at", "FLOAT"),
+    ("taken_source", "VARCHAR(16)"),
+    ("camera", "TEXT"),
+    ("lat", "FLOAT"),
+    ("lon", "FLOAT"),
+    ("meta_version", "INTEGER"),
+)
+
+
+def _migration_7(conn: Connection) -> None:
+    """What photos say of themselves: date taken, camera and place on files; keywords and zero-shot tags
+    in ``tags``. The image files already indexed have no ``meta_version``: the next indexing run of
+    their folder reads theirs (see mmsearch.ingest)."""
+    have = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(files)")}
+    for name, sql_type in _PHOTO_COLUMNS:
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE files ADD COLUMN {name} {sql_type}"))
+    tags.create(conn, checkfirst=True)
+    # Tag filters compare case-folded (ASCII) tags: lower(tag) is what they look up.
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_tags_tag ON tags (lower(tag))"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_files_taken_at ON files (taken_at)"))
+    # Tag filters' cached selections (mmsearch.catalog_filters.catalog_version) follow this count.
+    for name, body in _change_counter("tags", TAGS_CHANGES_META):
+        conn.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
+        conn.execute(text(f"CREATE TRIGGER {name} {body}"))
+
+
 # Append only: each entry brings a database at version i to version i+1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
@@ -431,6 +497,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot

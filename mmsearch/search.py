@@ -37,6 +37,11 @@ class Hit:
     file_id: int
     confidence: float | None = None
     matched: str = "vector"
+    # What a photo's file says of itself (None when unknown): unix seconds, "Make Model", WGS84 degrees.
+    taken_at: float | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
 
     @classmethod
     def of(cls, row: db.ItemRow, rank: int, score: float, **extra: object) -> Hit:
@@ -51,6 +56,10 @@ class Hit:
             end=row.end,
             item_id=row.id,
             file_id=row.file_id,
+            taken_at=row.taken_at,
+            camera=row.camera,
+            lat=row.lat,
+            lon=row.lon,
             **extra,  # type: ignore[arg-type]
         )
 

@@ -59,6 +59,10 @@ const FILTER_FIELDS = [
   ["before", ["f-before"], false],
   ["min_duration", ["f-min-duration"], false],
   ["max_duration", ["f-max-duration"], false],
+  ["tag", ["f-tag"], true],
+  ["taken_after", ["f-taken-after"], false],
+  ["taken_before", ["f-taken-before"], false],
+  ["near", ["f-near"], false],
 ];
 
 // [name, value] pairs of the filters set on the page, in the API's parameter names.
