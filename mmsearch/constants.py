@@ -30,7 +30,15 @@ MAX_K = 10_000
 #: Most results a server returns per query; `mmsearch query` answers a larger -k locally.
 SERVER_MAX_K = 200
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+#: Camera RAW files: decoded by rawpy (LibRaw), never by Pillow (see mmsearch/raw.py).
+RAW_SUFFIXES = frozenset({".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"})
+#: HEIF containers: HEIC/HEIF through pillow-heif, AVIF through Pillow's own plugin.
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".avif"})
+IMAGE_SUFFIXES = (
+    frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+    | HEIF_SUFFIXES
+    | RAW_SUFFIXES
+)
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
 
 #: Where an index lives when neither --index nor $MMSEARCH_INDEX says.
@@ -50,3 +58,7 @@ def hub_offline() -> bool:
     return any(
         os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
+
+#: The caption source of text read from inside a media file (``embedded:exif``, ``embedded:iptc``, ...):
+#: a sidecar's or manifest's source is its path instead.
+EMBEDDED_SOURCE = "embedded:"

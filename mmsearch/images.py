@@ -1,5 +1,10 @@
 """Safe image decoding: any supported file becomes an RGB PIL image of bounded size, or a BadMediaError.
 
+Pillow decodes JPEG, PNG, WebP, GIF, BMP and TIFF; AVIF through Pillow's own plugin; HEIC/HEIF through
+pillow-heif, registered the first time such a file is met; camera RAW files (by suffix) through rawpy in
+:mod:`mmsearch.raw`. Neither pillow-heif nor rawpy is imported before a file needs it, so a JPEG never pays
+for them, and a missing one is a reason on that file only.
+
 Memory is bounded before any pixel is decoded: the header's width x height is checked against a pixel
 budget (:data:`INDEX_MAX_PIXELS` for indexing, :data:`QUERY_MAX_PIXELS` for query images), and the
 pixels being decoded at once by all threads together are bounded too (:data:`PIXELS_IN_FLIGHT`).
@@ -9,7 +14,9 @@ and EXIF rotation, so those full-size copies are never made.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +26,26 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from mmsearch.constants import RAW_SUFFIXES
 from mmsearch.errors import BadMediaError
 
 log = logging.getLogger(__name__)
 
 # Pillow opens only the formats we index; anything else (EPS, PSD, ...) is never handed to a decoder.
-PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
+# Tried first. The ISO-BMFF containers (AVIF, HEIF) are tried only when none of these recognises the file,
+# which is when pillow-heif gets registered: a JPEG never loads it. AVIF comes before HEIF because both
+# accept the generic 'mif1' brand and pillow-heif cannot decode AV1 (it fails instead of passing it on).
+_CLASSIC_FORMATS = PIL_FORMATS[:6]
+_CONTAINER_FORMATS = ("AVIF", "HEIF")
+# The ftyp major brands of HEVC-coded HEIF files (pillow-heif's own list); AVIF's are "avif" and "avis".
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+_HEIC_ONLY_BRANDS = _HEIF_BRANDS - {b"mif1", b"msf1"}  # 'mif1'/'msf1' may be AVIF too
+# pillow-heif and Pillow's AVIF plugin read the whole file into memory before parsing its header.
+MAX_CONTAINER_BYTES = 256 * 1024 * 1024
+PHOTOS_HINT = "pip install 'mmsearch[photos]'"
 # Decoded images are shrunk to this longest side before the model transform; CLIP inputs are 224-384 px,
 # so this bounds memory for huge photos without changing what the model sees.
 DEFAULT_MAX_SIDE = 1024
@@ -97,21 +118,54 @@ class _PixelsInFlight:
 _in_flight = _PixelsInFlight(PIXELS_IN_FLIGHT)
 
 
+def hold_pixels(pixels: int) -> contextlib.AbstractContextManager[None]:
+    """Room for ``pixels`` being decoded, shared with every other decode of the process (waits for it)."""
+    return _in_flight.hold(pixels)
+
+
+_heif_lock = threading.Lock()
+_heif_registered: bool | None = None  # None: not tried yet; False: pillow-heif is not installed
+
+
+def _heif_available() -> bool:
+    """Register pillow-heif's HEIF opener with Pillow, once per process; False if it is not installed."""
+    global _heif_registered
+    with _heif_lock:
+        if _heif_registered is None:
+            try:
+                import pillow_heif
+            except ImportError:
+                _heif_registered = False
+            else:
+                # Depth maps and auxiliary images (portrait mattes, HDR gain maps) are never shown: not read.
+                pillow_heif.register_heif_opener(depth_images=False, aux_images=False)
+                _heif_registered = True
+                log.debug("registered pillow-heif %s for HEIC/HEIF", pillow_heif.__version__)
+        return _heif_registered
+
+
 def load_image(
     path: str | Path | IO[bytes],
     *,
     max_side: int = DEFAULT_MAX_SIDE,
     draft_size: int | None = None,
     max_pixels: int = INDEX_MAX_PIXELS,
+    suffix: str | None = None,
 ) -> Image.Image:
     """Decode ``path`` to RGB with EXIF orientation applied and its longest side at most ``max_side``.
 
     An image whose header declares more than ``max_pixels`` pixels (see :func:`pixel_budget`) is refused
-    before decoding. JPEGs are decoded at reduced scale (Pillow draft mode) when far larger than
-    ``draft_size`` (default: ``max_side``). Safe to call from several threads at once.
+    before decoding. JPEGs are decoded at reduced scale (Pillow draft mode), and HEIC files from an embedded
+    thumbnail, when far larger than ``draft_size`` (default: ``max_side``). Camera RAW files are recognised
+    by their suffix: ``path``'s, else ``suffix`` (give it for an open file whose name is unknown, such as
+    one from ``os.fdopen``), and decoded by :func:`mmsearch.raw.load_raw`. Safe to call from several threads.
     """
+    if (suffix if suffix is not None else _suffix(path)).lower() in RAW_SUFFIXES:
+        from mmsearch import raw  # rawpy is imported only when a RAW file is met
+
+        return raw.load_raw(path, max_side=max_side, target=draft_size or max_side, max_pixels=max_pixels)
     try:
-        with Image.open(path, formats=PIL_FORMATS) as im:
+        with _open(path) as im:
             width, height = im.size
             budget = pixel_budget(max_pixels)
             # Checked here, not by turning Pillow's DecompressionBombWarning into an error: warning filters
@@ -121,25 +175,32 @@ def load_image(
                     f"image too large: {width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is over the "
                     f"budget of {budget / 1e6:.1f} Mpx"
                 )
-            if im.format == "JPEG":
-                # draft() picks the largest DCT scale (1/2, 1/4, 1/8) that stays >= the requested size.
+            if im.format in ("JPEG", "HEIF"):
+                # JPEG: the largest DCT scale (1/2, 1/4, 1/8) that stays >= the requested size. HEIF: the
+                # smallest embedded thumbnail that is a scaled copy of the image and >= that size, if any.
                 target = draft_size or max_side
                 im.draft("RGB", (target, target))
-            progressive = im.format == "JPEG" and bool(im.info.get("progressive"))
-            charged = width * height if progressive or im.format != "JPEG" else im.width * im.height
+            # What decoding costs: the drafted size, except for progressive JPEGs (see the budgets above)
+            # and the formats that always decode at full size.
+            cheap = im.format == "HEIF" or (im.format == "JPEG" and not im.info.get("progressive"))
+            charged = im.width * im.height if cheap else width * height
+            if im.format in _CONTAINER_FORMATS:
+                charged *= 2  # libheif/libavif decode into their own buffer, which Pillow then copies
             with _in_flight.hold(charged):
-                im.seek(0)  # first frame of GIF / first page of TIFF
+                if im.format != "HEIF":  # a HEIF file opens on its primary image, not always the first
+                    im.seek(0)  # first frame of GIF / first page of TIFF
                 im.load()
-                out = _reduce(im, max_side)
+                out = reduce_image(im, max_side)
     except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused by Image.open itself
         raise BadMediaError(f"image too large (decompression bomb): {e}") from e
     except Image.DecompressionBombWarning as e:  # only if some caller turned Pillow's warning into an error
         raise BadMediaError(f"image too large (decompression-bomb limit): {e}") from e
     except UnidentifiedImageError as e:
         raise BadMediaError("not a supported image (unrecognised or corrupt data)") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # Pillow reports truncated/corrupt streams as OSError/SyntaxError/ValueError depending on the codec.
-        raise BadMediaError(f"corrupt or truncated image: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as e:
+        # Pillow reports truncated/corrupt streams as OSError/SyntaxError/ValueError depending on the codec;
+        # pillow-heif passes some libheif errors on as RuntimeError.
+        raise BadMediaError(f"corrupt or truncated image: {str(e).strip()}") from e
     except MemoryError as e:
         raise BadMediaError("image too large to decode in memory") from e
     if out.width == 0 or out.height == 0:
@@ -147,13 +208,87 @@ def load_image(
     return out
 
 
-def _reduce(im: Image.Image, max_side: int) -> Image.Image:
+def _suffix(path: str | Path | IO[bytes]) -> str:
+    """The name suffix of a path, or of an open file's name when it has one."""
+    name = path if isinstance(path, (str, Path)) else getattr(path, "name", None)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return os.path.splitext(name)[1] if isinstance(name, (str, Path)) else ""
+
+
+def _open(path: str | Path | IO[bytes]) -> ImageFile.ImageFile:
+    """The image at ``path`` opened (header read) by one of :data:`PIL_FORMATS`: the classic formats first,
+    then AVIF/HEIF, registering pillow-heif when the file is a HEIF container."""
+    start = None if isinstance(path, (str, Path)) else path.tell()
+    try:
+        return Image.open(path, formats=_CLASSIC_FORMATS)
+    except UnidentifiedImageError:
+        if start is not None:
+            path.seek(start)  # type: ignore[union-attr]
+        prefix = _peek(path, 12)
+        if prefix[4:8] != b"ftyp":
+            raise
+    brand = prefix[8:12]
+    size = _file_size(path)
+    if size > MAX_CONTAINER_BYTES:
+        raise BadMediaError(
+            f"HEIF/AVIF file of {size / 2**20:.0f} MiB is over the {MAX_CONTAINER_BYTES // 2**20} MiB limit"
+        )
+    heif = brand in _HEIF_BRANDS and _heif_available()
+    if brand in _HEIC_ONLY_BRANDS and not heif:
+        raise BadMediaError(f"HEIC/HEIF images need pillow-heif, which is not installed: {PHOTOS_HINT}")
+    try:
+        return Image.open(path, formats=_CONTAINER_FORMATS if heif else _CONTAINER_FORMATS[:1])
+    except UnidentifiedImageError:
+        if brand in (b"avif", b"avis") and not _avif_supported():
+            raise BadMediaError(
+                "AVIF images need a Pillow built with AVIF support (Pillow 11.3 or later)"
+            ) from None
+        if brand in _HEIF_BRANDS and not heif:
+            raise BadMediaError(
+                f"HEIF images need pillow-heif, which is not installed: {PHOTOS_HINT}"
+            ) from None
+        raise
+
+
+def _peek(path: str | Path | IO[bytes], n: int) -> bytes:
+    """The first ``n`` bytes of a file (an open file is left where it was)."""
+    if isinstance(path, (str, Path)):
+        with open(path, "rb") as f:
+            return f.read(n)
+    start = path.tell()
+    try:
+        return path.read(n)
+    finally:
+        path.seek(start)
+
+
+def _file_size(path: str | Path | IO[bytes]) -> int:
+    """Bytes from the start of the file (an open one: from where it is) to its end."""
+    if isinstance(path, (str, Path)):
+        return os.stat(path).st_size
+    start = path.tell()
+    try:
+        return path.seek(0, os.SEEK_END) - start
+    finally:
+        path.seek(start)
+
+
+def _avif_supported() -> bool:
+    from PIL import features
+
+    return bool(features.check("avif"))
+
+
+def reduce_image(im: Image.Image, max_side: int, orientation: int | None = None) -> Image.Image:
     """The loaded ``im`` as a new RGB image, upright, its longest side at most ``max_side``.
 
+    ``orientation`` is an EXIF orientation value (1-8); by default the one in ``im``'s EXIF.
     Every full-size step keeps at most one extra copy, 8-bit: deep greyscale is scaled strip by strip,
     and compositing, RGB conversion and rotation happen after shrinking.
     """
-    orientation = im.getexif().get(0x0112)  # read from the file's image: conversions drop its metadata
+    if orientation is None:
+        orientation = im.getexif().get(0x0112)  # read from the file's image: conversions drop its metadata
     out = _to_8bit(im)
     if out.width and out.height and max(out.size) > max_side:
         scale = max_side / max(out.size)

@@ -103,7 +103,11 @@ class Thumbnails:
             with self._decodes:
                 try:
                     image = load_image(
-                        f, max_side=THUMB_SIDE * 2, draft_size=THUMB_SIDE, max_pixels=INDEX_MAX_PIXELS
+                        f,
+                        max_side=THUMB_SIDE * 2,
+                        draft_size=THUMB_SIDE,
+                        max_pixels=INDEX_MAX_PIXELS,
+                        suffix=os.path.splitext(row.path)[1],  # an open file has no name: RAW is told by it
                     )
                 except BadMediaError as e:
                     raise HTTPException(404, f"item {row.id} cannot be read now: {e}") from e
