@@ -15,6 +15,15 @@ into the index, whose server then serves it. Such a link is listed in ``problems
 :data:`OUTSIDE_LINK_REASON`. Only link entries cost a ``realpath``: a folder without links is scanned at the
 same speed. Hard links cannot be told from ordinary files and are indexed like them.
 
+What is left out on purpose is listed in ``excluded`` with why (rules in :mod:`mmsearch.ignore`):
+folders named in :data:`~mmsearch.ignore.CACHE_FOLDERS` (``@eaDir``, ``.git``, ``__MACOSX``...), always;
+hidden folders (a name starting with ``.``) unless ``include_hidden``; folders and media files that a
+``.mmsearchignore`` file or an ``exclude`` pattern names (gitignore rules). An excluded folder is not walked
+at all, so, as in git, a file cannot be re-included (``!pattern``) if a folder above it is excluded: write
+``raw/*`` and ``!raw/keep.jpg``, not ``raw/`` and ``!raw/keep.jpg``. Hidden files are left out like hidden
+folders, counted in ``hidden_files`` when named like media rather than listed. A caption file or manifest
+that a rule names is not read.
+
 What could not be seen is reported, never guessed: unreadable folders and broken links are listed in
 ``problems``; folders that are mount points and folders holding nothing are listed in ``mount_points`` and
 ``empty_folders`` (an unplugged drive looks like an empty folder), so that the caller can keep what its
@@ -29,11 +38,21 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+from mmsearch.ignore import (
+    CACHE_FOLDER_REASON,
+    HIDDEN_FOLDER_REASON,
+    IGNORE_FILE,
+    RuleSet,
+    decide,
+    exclude_rules,
+    is_cache_folder,
+    read_ignore_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +89,12 @@ class ScanResult:
     mount_points: list[Path] = field(default_factory=list)
     # Walked folders with no visible entry at all (the root included): an unmounted drive looks like this.
     empty_folders: list[Path] = field(default_factory=list)
+    # Folders and media files left out on purpose, with why (see the module docstring); caption files left
+    # out by a rule are not listed.
+    excluded: list[tuple[Path, str]] = field(default_factory=list)
+    # Hidden files named like media that were left out: counted, not listed (a Mac leaves a "._name" file
+    # beside every file it copies to a foreign drive).
+    hidden_files: int = 0
 
 
 def kind_of(path: Path) -> str | None:
@@ -85,17 +110,30 @@ def kind_of_name(name: str) -> str | None:
     return None
 
 
-def scan(root: str | Path, *, follow_links: bool = False) -> ScanResult:
+def scan(
+    root: str | Path,
+    *,
+    follow_links: bool = False,
+    exclude: Iterable[str] = (),
+    include_hidden: bool = False,
+) -> ScanResult:
     """Scan ``root`` recursively. Never raises for a bad entry: it is listed in ``problems``.
 
     ``follow_links``: also follow links whose target lies outside ``root`` (see the module docstring).
+    ``exclude``: patterns with ``.gitignore`` meaning, relative to ``root``, of what to leave out; they win
+    over ``.mmsearchignore`` files. ``include_hidden``: walk hidden entries too (cache folders stay out).
+    Raises :class:`~mmsearch.errors.ConfigError` for an invalid ``exclude`` pattern.
     """
     root = Path(os.path.abspath(root))
+    excluding = exclude_rules(exclude)
     result = ScanResult(root=root)
     texts: list[str] = []
     outside_texts: set[str] = set()  # caption-named links not followed: reported only if an image wants them
     inside = None if follow_links else _inside_test(root)
-    for path, st in _walk(root, result, inside, outside_texts):
+    walk = _walk(
+        root, result, inside, outside_texts, () if excluding is None else (excluding,), include_hidden
+    )
+    for path, st in walk:
         kind = kind_of_name(path)
         if kind is not None:
             result.files.append(FoundFile(Path(path), kind, st.st_size, st.st_mtime_ns))
@@ -106,12 +144,15 @@ def scan(root: str | Path, *, follow_links: bool = False) -> ScanResult:
     images = {str(f.path): f.path for f in result.files if f.kind == "image"}
     _pair_sidecars(texts, images, result)
     _report_outside_sidecars(outside_texts, images, result)
+    left_out = {str(p) for p, _ in result.excluded}
     for name in MANIFESTS:
         manifest = root / name
+        if str(manifest) in left_out:
+            continue
         if inside is not None and manifest.is_symlink() and not inside(str(manifest)):
             result.problems.append((manifest, OUTSIDE_LINK_REASON))
         elif manifest.is_file():
-            _read_manifest(manifest, images, result)
+            _read_manifest(manifest, images, result, left_out, include_hidden)
     result.files.sort(key=lambda f: os.fsencode(f.path))
     return result
 
@@ -133,14 +174,17 @@ def _walk(
     result: ScanResult,
     inside: Callable[[str], bool] | None,
     outside_texts: set[str],
+    exclude: tuple[RuleSet, ...],
+    include_hidden: bool,
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Yield (path, stat) of regular files; follow directory symlinks once, never around a loop, and only
-    those ``inside`` accepts (all of them if it is None)."""
+    those ``inside`` accepts (all of them if it is None). Leave out what :mod:`mmsearch.ignore` says."""
     problems = result.problems
     seen_dirs: set[tuple[int, int]] = set()
-    stack: list[tuple[Path, int | None]] = [(root, None)]  # (folder, its parent folder's st_dev)
+    # (folder, its parent folder's st_dev, its path relative to root ending in "/", its ignore files' rules)
+    stack: list[tuple[Path, int | None, str, tuple[RuleSet, ...]]] = [(root, None, "", ())]
     while stack:
-        folder, parent_dev = stack.pop()
+        folder, parent_dev, rel, layers = stack.pop()
         try:
             st = folder.stat()
         except OSError as e:
@@ -162,18 +206,32 @@ def _walk(
         # Looked up in the listing, not with a stat: in a folder we may not search, stat raises EACCES.
         if folder != root and any(e.name == INDEX_MARKER for e in entries):
             continue
+        if any(e.name == IGNORE_FILE for e in entries):
+            layers = _with_ignore_file(folder, rel, layers, result)
+        # Rules are matched only when some apply: a folder without them costs what it did before them.
+        rules = layers + exclude
         subdirs = []
         visible = 0
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            hidden = not include_hidden and name.startswith(".")
+            if hidden:
+                _skip_hidden(entry, result)
                 continue
             visible += 1
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    if inside is not None and entry.is_symlink() and not inside(entry.path):
+                    why = CACHE_FOLDER_REASON if is_cache_folder(name) else None
+                    if why is None and rules:
+                        why = _excluded_by(rules, f"{rel}{name}/")
+                    if why is not None:
+                        result.excluded.append((Path(entry.path), why))
+                    elif inside is not None and entry.is_symlink() and not inside(entry.path):
                         problems.append((Path(entry.path), OUTSIDE_LINK_REASON))
                     else:
-                        subdirs.append((Path(entry.path), st.st_dev))
+                        subdirs.append((Path(entry.path), st.st_dev, f"{rel}{name}/", layers))
+                    continue
+                if rules and _excluded_file(entry, rel, rules, result):
                     continue
                 est = entry.stat(follow_symlinks=True)
             except FileNotFoundError:
@@ -185,19 +243,62 @@ def _walk(
                 continue
             # is_symlink() reads the listing's file type: only links pay for a realpath.
             if inside is not None and entry.is_symlink() and not inside(entry.path):
-                if kind_of_name(entry.name) is not None:
+                if kind_of_name(name) is not None:
                     problems.append((Path(entry.path), OUTSIDE_LINK_REASON))
-                elif os.path.splitext(entry.name)[1].lower() == CAPTION_SUFFIX:
+                elif os.path.splitext(name)[1].lower() == CAPTION_SUFFIX:
                     outside_texts.add(entry.path)
                 continue
             if stat.S_ISREG(est.st_mode):
                 yield entry.path, est
-            elif kind_of_name(entry.name) is not None:
+            elif kind_of_name(name) is not None:
                 # A FIFO, socket or device named like media: reading it could block forever.
                 problems.append((Path(entry.path), "not a regular file"))
         if not visible:
             result.empty_folders.append(folder)
         stack.extend(reversed(subdirs))
+
+
+def _skip_hidden(entry: os.DirEntry[str], result: ScanResult) -> None:
+    """A hidden entry left out: a folder is listed; a file is counted if named like media."""
+    try:
+        is_dir = entry.is_dir(follow_symlinks=True)
+    except OSError:
+        is_dir = False
+    if is_dir:
+        reason = CACHE_FOLDER_REASON if is_cache_folder(entry.name) else HIDDEN_FOLDER_REASON
+        result.excluded.append((Path(entry.path), reason))
+    elif kind_of_name(entry.name) is not None:
+        result.hidden_files += 1
+
+
+def _with_ignore_file(
+    folder: Path, rel: str, layers: tuple[RuleSet, ...], result: ScanResult
+) -> tuple[RuleSet, ...]:
+    """``layers`` with the rules of ``folder``'s ignore file after them; what cannot be applied is a problem."""
+    path = os.path.join(folder, IGNORE_FILE)
+    rules, why = read_ignore_file(path, str(folder), rel)
+    result.problems.extend((Path(path), reason) for reason in why)
+    return layers if rules is None else (*layers, rules)
+
+
+def _excluded_by(rules: tuple[RuleSet, ...], rel: str) -> str | None:
+    excluded, why = decide(rules, rel)
+    return why if excluded else None
+
+
+def _excluded_file(entry: os.DirEntry[str], rel: str, rules: tuple[RuleSet, ...], result: ScanResult) -> bool:
+    """Whether the rules leave out this file. Only the names a scan uses are matched (media, caption files,
+    the root's manifests); excluded media files and manifests are listed, caption files are not."""
+    name = entry.name
+    listed = kind_of_name(name) is not None or (not rel and name in MANIFESTS)
+    if not listed and os.path.splitext(name)[1].lower() != CAPTION_SUFFIX:
+        return False
+    why = _excluded_by(rules, rel + name)
+    if why is None:
+        return False
+    if listed:
+        result.excluded.append((Path(entry.path), why))
+    return True
 
 
 def _parent_dev(folder: Path) -> int | None:
@@ -251,7 +352,9 @@ def _report_outside_sidecars(texts: set[str], images: dict[str, Path], result: S
             result.problems.append((Path(text_path), OUTSIDE_LINK_REASON))
 
 
-def _read_manifest(manifest: Path, images: dict[str, Path], result: ScanResult) -> None:
+def _read_manifest(
+    manifest: Path, images: dict[str, Path], result: ScanResult, left_out: set[str], include_hidden: bool
+) -> None:
     try:
         content = _read_text(manifest)
     except (OSError, ValueError) as e:
@@ -259,11 +362,22 @@ def _read_manifest(manifest: Path, images: dict[str, Path], result: ScanResult) 
         return
     rows = _jsonl_rows(content, manifest, result) if manifest.suffix == ".jsonl" else _csv_rows(content)
     for line_no, rel, text in rows:
-        image = images.get(os.path.normpath(os.path.join(result.root, rel)))
+        path = os.path.normpath(os.path.join(result.root, rel))
+        image = images.get(path)
         if image is None:
-            result.problems.append((manifest, f"line {line_no}: no indexed image at '{rel}'"))
+            if not _left_out(path, str(result.root), left_out, include_hidden):
+                result.problems.append((manifest, f"line {line_no}: no indexed image at '{rel}'"))
         elif text.strip():
             result.captions.setdefault(image, []).append(Caption(text.strip(), str(manifest)))
+
+
+def _left_out(path: str, root: str, left_out: set[str], include_hidden: bool) -> bool:
+    """Whether ``path`` (under ``root``) was left out on purpose: a manifest's row for it is no problem."""
+    while path != root and len(path) > len(root):
+        if path in left_out or (not include_hidden and os.path.basename(path).startswith(".")):
+            return True
+        path = os.path.dirname(path)
+    return False
 
 
 def _jsonl_rows(content: str, manifest: Path, result: ScanResult) -> Iterator[tuple[int, str, str]]:

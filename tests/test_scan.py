@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from mmsearch.ignore import HIDDEN_FOLDER_REASON
 from mmsearch.scan import Caption, scan
 from tests.conftest import solid
 
@@ -78,10 +79,10 @@ def test_kinds_hidden_folders_and_nested_indexes(tmp_path: Path) -> None:
     solid(tmp_path / ".hidden" / "b.png")
     solid(tmp_path / "idx" / "c.png")
     (tmp_path / "idx" / "mmsearch.json").write_text("{}")
-    assert sorted((f.path.name, f.kind) for f in scan(tmp_path).files) == [
-        ("a.PNG", "image"),
-        ("talk.MP3", "audio"),
-    ]
+    result = scan(tmp_path)
+    assert sorted((f.path.name, f.kind) for f in result.files) == [("a.PNG", "image"), ("talk.MP3", "audio")]
+    # A hidden folder is listed with its reason; a nested index is not media, not an exclusion.
+    assert result.excluded == [(tmp_path / ".hidden", HIDDEN_FOLDER_REASON)]
 
 
 def test_symlink_loop_ends_and_broken_symlink_is_reported(tmp_path: Path) -> None:
