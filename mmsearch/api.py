@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmsearch import calibrate, constants, db, vocabulary
+from mmsearch import calibrate, constants, db, tags, vocabulary
 from mmsearch.errors import (
     ActiveModelChanged,
     BadMediaError,
@@ -47,7 +47,7 @@ from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from mmsearch.model import Embedder
     from mmsearch.retranscribe import RetranscribeReport
@@ -237,13 +237,18 @@ class Index:
         workers: int = 2,
         follow_links: bool = False,
         prune: bool = False,
+        exclude: Iterable[str] = (),
+        include_hidden: bool = False,
     ) -> IngestReport:
         """Index ``folder`` incrementally (only new or changed content does model work).
 
         ``follow_links``: also index what links pointing outside ``folder`` lead to (not followed by
         default: see :mod:`mmsearch.scan`). ``prune``: forget the files of sub-folders (or of ``folder``
         itself) that cannot be seen now, e.g. an unplugged drive; by default they are kept and reported in
-        ``IngestReport.unavailable``."""
+        ``IngestReport.unavailable``. ``exclude``: patterns (gitignore rules, relative to ``folder``) of
+        what to leave out, besides the ``.mmsearchignore`` files; ``include_hidden``: also index hidden
+        entries. What is left out is listed in ``IngestReport.excluded``, and what the index held there is
+        forgotten (see :mod:`mmsearch.scan`)."""
         self.store.lock_for_writing()
         try:
             self.store.follow_active()
@@ -256,6 +261,8 @@ class Index:
                 workers=workers,
                 follow_links=follow_links,
                 prune=prune,
+                exclude=exclude,
+                include_hidden=include_hidden,
             )
             target = self.store.catalog.target_model()
             if target is not None:  # a model being embedded (see reembed): new content gets its vectors too
@@ -279,6 +286,9 @@ class Index:
         queries are decoded with (recomputed when captions or transcripts changed)."""
         calibrate.ensure_calibrated(self.store, self.store.follow_active())
         vocabulary.refresh(self.store)
+        # Zero-shot tags: the labels last tagged with, applied again when the image vectors changed.
+        model = self.store.model
+        tags.refresh(self.store, model, lambda: self.embedder_for(model).embed_texts)
 
     def _indexing_embedder(self, key: str | None = None) -> Embedder:
         """The embedder of ``key`` (default: the active model), with the faster ONNX image tower when
@@ -396,6 +406,44 @@ class Index:
         finally:
             self.store.unlock()
 
+    # --- zero-shot tags (see mmsearch.tags) ----------------------------------------------------
+    def tag(
+        self,
+        labels: Sequence[str],
+        *,
+        min_confidence: float | None = None,
+        raw: bool = False,
+        progress: Progress | None = None,
+    ) -> tags.TagReport:
+        """Tag every image with those of ``labels`` it shows (CLIP zero-shot classification, calibrated
+        confidence at least ``min_confidence``, default :data:`mmsearch.tags.DEFAULT_MIN_CONFIDENCE`),
+        replacing earlier zero-shot tags of these labels; content indexed later is tagged with them too.
+        ``raw``: embed each label as it is, without the prompt templates."""
+        wanted = tags.clean_labels(labels)
+        threshold = tags.check_min_confidence(min_confidence)
+        self.store.lock_for_writing()
+        try:
+            model = self.store.follow_active()
+            return tags.run(
+                self.store,
+                model,
+                self.embedder_for(model).embed_texts,
+                wanted,
+                templates=tags.RAW_TEMPLATES if raw else tags.TEMPLATES,
+                min_confidence=threshold,
+                progress=progress,
+            )
+        finally:
+            self.store.unlock()
+
+    def clear_tags(self) -> int:
+        """Delete every zero-shot tag (keywords read from files stay); returns how many went."""
+        self.store.lock_for_writing()
+        try:
+            return tags.clear(self.store)
+        finally:
+            self.store.unlock()
+
     # --- search -------------------------------------------------------------------------------
     def search_vector(
         self, vector: np.ndarray, *, target: str = "images", k: int = 10, model: str | None = None
@@ -438,11 +486,15 @@ class Index:
         before: str | float | None = None,
         min_duration: float | None = None,
         max_duration: float | None = None,
+        tag: Sequence[str] = (),
+        taken_after: str | float | None = None,
+        taken_before: str | float | None = None,
+        near: str | None = None,
         min_confidence: float | None = None,
         min_score: float | None = None,
     ) -> SearchResult:
         """The query layer (:mod:`mmsearch.query`): words and meaning together (``mode`` hybrid | vector |
-        words), filters (a :class:`Filters` or the keywords ``path`` … ``max_duration``), several inputs with
+        words), filters (a :class:`Filters` or the keywords ``path`` … ``near``), several inputs with
         ``add``/``subtract`` terms and ``weights`` per role (text, image, audio, add, subtract), and cut-offs
         (``min_confidence``, calibrated, default :data:`mmsearch.calibrate.DEFAULT_MIN_CONFIDENCE`;
         ``min_score``, raw cosine). ``result.no_match`` says nothing passed them.
@@ -469,6 +521,10 @@ class Index:
             before=before,
             min_duration=min_duration,
             max_duration=max_duration,
+            tag=tag,
+            taken_after=taken_after,
+            taken_before=taken_before,
+            near=near,
             min_confidence=min_confidence,
             min_score=min_score,
         )
@@ -614,7 +670,20 @@ class Index:
             **counts,
             # Files kept because their folder could not be seen by the last run (see add_folder's prune).
             "unavailable": unavailable_summary(self.store),
+            # Contents per zero-shot tag (mmsearch tag).
+            "zero_shot_tags": self.zero_shot_tags(),
+            # Captions by origin; photos with a date taken, a place, a camera, keywords.
+            "photos": db.photo_summary(self.store.catalog),
         }
+
+    def zero_shot_tags(self) -> dict[str, int]:
+        """How many image contents carry each zero-shot tag, most first."""
+        from mmsearch import catalog_tags
+
+        if self.store.catalog.schema_version < 7:  # read-only on a full disk, not migrated: no tags table
+            return {}
+        with self.store.catalog.read() as conn:
+            return catalog_tags.zero_shot_counts(conn)
 
     def models(self) -> list[dict[str, Any]]:
         """Each model the index holds vectors of: its key, identity, whether it is active (searched) or the

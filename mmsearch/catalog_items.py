@@ -7,14 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    case,
     func,
+    literal,
     null,
+    or_,
     select,
     union_all,
 )
 
 from mmsearch.catalog import Catalog, FileRow, _chunks
 from mmsearch.catalog_filters import file_passes
+from mmsearch.constants import EMBEDDED_SOURCE
 from mmsearch.filters import Filters
 from mmsearch.schema import (
     VECTOR_KINDS,
@@ -23,6 +27,7 @@ from mmsearch.schema import (
     files,
     media,
     segments,
+    tags,
 )
 
 
@@ -84,7 +89,9 @@ def resolve_items(
                 .where(e.c.id.in_(chunk), e.c.kind == "caption")
             )
             segment_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id, *photo)
+                select(
+                    e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id, *photo
+                )
                 .select_from(e)
                 .join(s, s.c.id == e.c.segment_id)
                 .join(f, f.c.id == first_file(s.c.media_id))
@@ -194,3 +201,64 @@ def live_texts(catalog: Catalog) -> Iterator[str]:
     with catalog.read() as conn:
         for (text,) in conn.execution_options(yield_per=2048).execute(query):
             yield text
+
+
+# --- what photos say of themselves: for status -------------------------------------------------------
+def _caption_origin() -> Any:
+    """SQL naming where a caption came from, by its source: inside the file (exif, iptc, xmp), a Takeout
+    .json, an .xmp sidecar, a captions manifest or a text sidecar."""
+    src = captions.c.source
+    return case(
+        (src.like(f"{EMBEDDED_SOURCE}%"), func.substr(src, len(EMBEDDED_SOURCE) + 1)),
+        (func.lower(src).like("%.json"), literal("takeout")),
+        (func.lower(src).like("%.xmp"), literal("xmp sidecar")),
+        (or_(src.like("%/captions.jsonl"), src.like("%/captions.csv")), literal("manifest")),
+        else_=literal("text sidecar"),
+    )
+
+
+def photo_summary(catalog: Catalog) -> dict[str, Any]:
+    """Captions by origin, and how many live files have a date taken (by where it was read), a place, a
+    camera and keywords. An older catalog opened read-only (schema < 7) counts its captions only."""
+    origin = _caption_origin().label("origin")
+    out: dict[str, Any] = {}
+    with catalog.read() as conn:
+        q = select(origin, func.count()).group_by(origin)
+        out["caption_sources"] = dict(
+            sorted(((str(o), int(n)) for o, n in conn.execute(q)), key=lambda x: -x[1])
+        )
+        if not catalog.has_photo_meta:
+            return out
+        live = files.c.status == "ok"
+        q = select(files.c.taken_source, func.count()).where(live, files.c.taken_source.is_not(None))
+        out["taken"] = {str(s): int(n) for s, n in conn.execute(q.group_by(files.c.taken_source))}
+        out["placed"] = conn.execute(select(func.count()).where(live, files.c.lat.is_not(None))).scalar_one()
+        out["cameras"] = conn.execute(
+            select(func.count(func.distinct(files.c.camera))).where(live, files.c.camera.is_not(None))
+        ).scalar_one()
+        out["with_keywords"] = conn.execute(
+            select(func.count(func.distinct(tags.c.file_id))).where(tags.c.file_id.is_not(None))
+        ).scalar_one()
+    return out
+
+
+def photo_facts(catalog: Catalog, file_id: int, media_id: int) -> dict[str, Any]:
+    """What file ``file_id`` says of itself (date taken and where it was read, camera, place), its keywords
+    (with where each was read) and its content's zero-shot tags (with their confidence)."""
+    if not catalog.has_photo_meta:
+        return {}
+    f, t = files, tags
+    with catalog.read() as conn:
+        row = conn.execute(
+            select(f.c.taken_at, f.c.taken_source, f.c.camera, f.c.lat, f.c.lon).where(f.c.id == file_id)
+        ).first()
+        keywords = conn.execute(
+            select(t.c.tag, t.c.source).where(t.c.file_id == file_id).order_by(t.c.id)
+        ).all()
+        zero_shot = conn.execute(
+            select(t.c.tag, t.c.score).where(t.c.media_id == media_id).order_by(t.c.score.desc())
+        ).all()
+    out: dict[str, Any] = dict(row._mapping) if row is not None else {}
+    out["keywords"] = [{"tag": tag, "source": source} for tag, source in keywords]
+    out["tags"] = [{"tag": tag, "confidence": score} for tag, score in zero_shot]
+    return out

@@ -96,6 +96,10 @@ def _query_argparser() -> argparse.ArgumentParser:
     p.add_argument("--before")
     p.add_argument("--min-duration", type=float)
     p.add_argument("--max-duration", type=float)
+    p.add_argument("--tag", action="append")
+    p.add_argument("--taken-after")
+    p.add_argument("--taken-before")
+    p.add_argument("--near")
     p.add_argument("--min-confidence", type=float)
     p.add_argument("--min-score", type=float)
     p.add_argument("--preview", action="store_true")
@@ -108,7 +112,8 @@ def _args_options(a: argparse.Namespace) -> dict[str, Any]:
     return search_options(
         mode=a.mode, fusion=a.fusion, combine=a.combine, add=a.add, subtract=a.subtract, weight=a.weight,
         path=a.path_glob, ext=a.ext, kind=a.kind, after=a.after, before=a.before, min_duration=a.min_duration,
-        max_duration=a.max_duration, min_confidence=a.min_confidence, min_score=a.min_score,
+        max_duration=a.max_duration, min_confidence=a.min_confidence, min_score=a.min_score, tag=a.tag,
+        taken_after=a.taken_after, taken_before=a.taken_before, near=a.near,
     )  # fmt: skip
 
 
@@ -308,13 +313,36 @@ def _typer_app() -> "typer.Typer":
                 "kept by default.",
             ),
         ] = False,
+        exclude: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--exclude",
+                metavar="GLOB",
+                help="Leave out what this pattern names (.gitignore rules, relative to each folder; "
+                "repeatable). Files already indexed there are forgotten.",
+            ),
+        ] = None,
+        include_hidden: Annotated[
+            bool,
+            typer.Option(
+                "--include-hidden",
+                help="Also index hidden files and folders (thumbnail and cache folders stay left out).",
+            ),
+        ] = False,
         as_json: JsonOpt = False,
     ) -> None:
-        """Index FOLDERS (incrementally: only new or changed files do model work)."""
+        """Index FOLDERS (incrementally: only new or changed files do model work).
+
+        Left out: hidden entries, thumbnail/cache folders (@eaDir, .git, __MACOSX...), and what a
+        .mmsearchignore file (gitignore rules, in any folder) or --exclude names."""
         from mmsearch import default_index_path, open_or_create
         from mmsearch.store import Store
 
         path = index_dir or default_index_path()
+        if exclude:
+            from mmsearch.ignore import exclude_rules
+
+            exclude_rules(exclude)  # an invalid pattern is reported before any index is opened or created
         for folder in folders:
             # A folder missing now may be an unplugged drive the index knows: the run keeps its files.
             if not folder.is_dir() and not Store.exists(path):
@@ -337,7 +365,13 @@ def _typer_app() -> "typer.Typer":
                     with _progress(enabled=not as_json) as tick:
                         reports.append(
                             idx.add_folder(
-                                folder, progress=tick, workers=workers, follow_links=follow_links, prune=prune
+                                folder,
+                                progress=tick,
+                                workers=workers,
+                                follow_links=follow_links,
+                                prune=prune,
+                                exclude=exclude or (),
+                                include_hidden=include_hidden,
                             )
                         )
             except KeyboardInterrupt:
@@ -420,6 +454,19 @@ def _typer_app() -> "typer.Typer":
         max_duration: Annotated[
             float | None, typer.Option(help="Only recordings at most this many seconds long.")
         ] = None,
+        tag: Annotated[
+            list[str] | None,
+            typer.Option(help="Only files with this keyword or zero-shot tag (repeatable: any)."),
+        ] = None,
+        taken_after: Annotated[
+            str | None,
+            typer.Option(help="Only photos taken at or after this date (file time when a photo has none)."),
+        ] = None,
+        taken_before: Annotated[str | None, typer.Option(help="Only photos taken before this date.")] = None,
+        near: Annotated[
+            str | None,
+            typer.Option(help="LAT,LON,KM: only photos taken within KM of this place (e.g. 48.86,2.29,5)."),
+        ] = None,
         min_confidence: Annotated[
             float | None,
             typer.Option(help="Cut hits below this calibrated confidence (0-1; 0 shows everything)."),
@@ -447,7 +494,8 @@ def _typer_app() -> "typer.Typer":
         options = search_options(
             mode=mode, fusion=fusion, combine=combine, add=add, subtract=subtract, weight=weight,
             path=path_glob, ext=ext, kind=kind, after=after, before=before, min_duration=min_duration,
-            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score,
+            max_duration=max_duration, min_confidence=min_confidence, min_score=min_score, tag=tag,
+            taken_after=taken_after, taken_before=taken_before, near=near,
         )  # fmt: skip
         path = index_dir or _default_index_path()
         if _server_may_answer(local, model, pretrained, checkpoint, device, k):
@@ -555,6 +603,68 @@ def _typer_app() -> "typer.Typer":
         )
 
     @app.command()
+    def tag(
+        labels_file: Annotated[
+            Path | None,
+            typer.Option("--labels", help="A file of labels, one a line ('#' starts a comment)."),
+        ] = None,
+        label: Annotated[
+            list[str] | None, typer.Option("--label", help="A label (repeat for more).")
+        ] = None,
+        min_confidence: Annotated[
+            float | None,
+            typer.Option(
+                "--min-confidence",
+                min=0.0,
+                max=1.0,
+                help="Store tags at least this confident (calibrated, 0-1; default measured on the demo world).",
+            ),
+        ] = None,
+        raw: Annotated[
+            bool, typer.Option("--raw", help="Embed each label as it is, without prompt templates.")
+        ] = False,
+        clear: Annotated[bool, typer.Option("--clear", help="Delete every zero-shot tag, then stop.")] = False,
+        index_dir: IndexOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Tag every image with the labels it shows (CLIP zero-shot classification, calibrated confidence);
+        running it again with the same labels replaces their tags, and content indexed later gets them too."""
+        from mmsearch import Index, default_index_path
+        from mmsearch.tags import read_labels_file
+
+        if clear:
+            if labels_file or label:
+                _usage("--clear takes no labels")
+            with Index.open(index_dir or default_index_path()) as idx:
+                removed = idx.clear_tags()
+            if as_json:
+                _print_json({"index": str(idx.path), "removed": removed})
+            else:
+                _line(f"removed {removed} zero-shot tags")
+            return
+        labels = [*(read_labels_file(labels_file) if labels_file else []), *(label or [])]
+        if not labels:
+            _usage("give labels with --labels FILE or --label LABEL")
+        with Index.open(index_dir or default_index_path()) as idx, _progress(enabled=not as_json) as tick:
+            report = idx.tag(labels, min_confidence=min_confidence, raw=raw, progress=tick)
+        if as_json:
+            _print_json({"index": str(idx.path), **report.as_json()})
+            return
+        _line(
+            f"tagged {report.images} images with {len(report.labels)} labels: {report.total} tags "
+            f"(confidence >= {report.min_confidence}, {report.removed} earlier tags of these labels replaced)"
+        )
+        if report.reason:
+            _line(f"nothing tagged: {report.reason}")
+        elif report.calibration == "captions":
+            _line(
+                f"note: only {report.known_matches} captions name a label; confidences use the caption "
+                "calibration, which is stricter for single labels"
+            )
+        for name, n in sorted(report.tagged.items(), key=lambda kv: -kv[1]):
+            _line(f"  {n:6d}  {name}")
+
+    @app.command()
     def status(index_dir: IndexOpt = None, as_json: JsonOpt = False) -> None:
         """Show what an index holds, and the files it skipped with their reasons."""
         from mmsearch import Index, default_index_path
@@ -575,6 +685,18 @@ def _typer_app() -> "typer.Typer":
         _line(
             f"content {stats['media']} distinct, {stats['captions']} captions, {stats['segments']} transcript segments"
         )
+        photos = stats.get("photos", {})
+        if photos.get("caption_sources"):
+            _line("captions " + ", ".join(f"{n} {o}" for o, n in photos["caption_sources"].items()))
+        if photos.get("taken") or photos.get("placed") or photos.get("with_keywords"):
+            taken = ", ".join(f"{n} {s}" for s, n in sorted(photos.get("taken", {}).items()))
+            _line(
+                f"photos  {sum(photos.get('taken', {}).values())} dated ({taken or 'none'}), "
+                f"{photos.get('placed', 0)} placed, {photos.get('cameras', 0)} camera(s), "
+                f"{photos.get('with_keywords', 0)} with keywords"
+            )
+        if stats.get("zero_shot_tags"):
+            _line("tags    " + ", ".join(f"{t} {n}" for t, n in stats["zero_shot_tags"].items()))
         if len(stats.get("models", [])) > 1:  # coverage of each model while the index changes model
             for m in stats["models"]:
                 role = "active" if m["active"] else "target" if m["target"] else "kept"
@@ -881,6 +1003,7 @@ def _print_report(r: "IngestReport") -> None:
         _line(f"  skipped {path}: {reason}")
     if len(r.skipped) > 20:
         _out().print(f"  … and {len(r.skipped) - 20} more (see `mmsearch status`)")
+    _print_excluded(r)
     if r.unavailable:
         _line(
             f"  kept {r.kept_unavailable} files of folders that cannot be seen now "
@@ -888,6 +1011,31 @@ def _print_report(r: "IngestReport") -> None:
         )
         for path, reason in r.unavailable:
             _line(f"    {path}: {reason}")
+
+
+def _print_excluded(r: "IngestReport") -> None:
+    """What was left out on purpose: counts by kind of reason, then the first entries (all in --json)."""
+    if not r.excluded and not r.hidden_files:
+        return
+    from collections import Counter
+
+    from mmsearch.ignore import CACHE_FOLDER_REASON, HIDDEN_FOLDER_REASON, IGNORE_FILE
+
+    def kind(reason: str) -> str:
+        if reason == CACHE_FOLDER_REASON:
+            return "thumbnail/cache folders"
+        if reason == HIDDEN_FOLDER_REASON:
+            return "hidden folders"
+        return f"by {IGNORE_FILE} rules" if reason.startswith(IGNORE_FILE) else "by --exclude"
+
+    parts = [f"{n} {k}" for k, n in Counter(kind(reason) for _, reason in r.excluded).most_common()]
+    if r.hidden_files:
+        parts.append(f"{r.hidden_files} hidden media files (use --include-hidden to index them)")
+    _line(f"  excluded {len(r.excluded) + r.hidden_files}: {', '.join(parts)}")
+    for path, reason in r.excluded[:10]:
+        _line(f"  excluded {path}: {reason}")
+    if len(r.excluded) > 10:
+        _out().print(f"  … and {len(r.excluded) - 10} more (see --json)")
 
 
 class _progress:

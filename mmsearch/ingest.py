@@ -39,6 +39,7 @@ from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import sha256_file, speech_key
 from mmsearch.images import load_image
+from mmsearch.photo_meta import EMBEDDED_SOURCE, PhotoMeta, read_embedded
 from mmsearch.scan import (
     BROKEN_LINK_REASON,
     OUTSIDE_LINK_REASON,
@@ -54,7 +55,7 @@ from mmsearch.store import Store, WriteUnit
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-"""progress(stage, done, total): stages are scan, hash, images, audio, captions, cleanup, save."""
+"""progress(stage, done, total): stages are scan, hash, metadata, images, audio, captions, cleanup, save."""
 
 # A transcript this short is also embedded whole, so a query can match words spread over segments.
 WHOLE_TRANSCRIPT_MAX_SECONDS = 30.0
@@ -107,6 +108,10 @@ class IngestReport:
     captions_removed: int = 0
     files_removed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    # Folders and media files left out on purpose (hidden, cache folder, .mmsearchignore, exclude pattern),
+    # with why; what the catalog held there is forgotten (see mmsearch.scan). Hidden media files: counted.
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
+    hidden_files: int = 0
     # Folders (or links) the catalog holds files under that this run could not see, and the number of
     # catalog files kept under them; removed only with prune=True.
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -119,6 +124,7 @@ class IngestReport:
         d = dict(self.__dict__)
         d["skipped"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.skipped]
         d["unavailable"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.unavailable]
+        d["excluded"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.excluded]
         return d
 
 
@@ -132,10 +138,15 @@ def ingest(
     workers: int = 2,
     follow_links: bool = False,
     prune: bool = False,
+    exclude: Iterable[str] = (),
+    include_hidden: bool = False,
 ) -> IngestReport:
     """Bring the index up to date with ``root``. ``embedder``/``transcriber`` are called only if needed.
 
     ``follow_links``: also index what links pointing outside ``root`` lead to (see :mod:`mmsearch.scan`).
+    ``exclude`` (gitignore patterns relative to ``root``), ``include_hidden``: what to leave out, with the
+    ``.mmsearchignore`` files (see :mod:`mmsearch.scan`). What the catalog holds that is now left out is
+    forgotten by this run, like a deleted file. Raises ConfigError for an invalid pattern.
     ``prune``: forget the files of folders that cannot be seen (see the module docstring) instead of
     keeping them.
     """
@@ -151,7 +162,18 @@ def ingest(
         gc.freeze()
     try:
         return _ingest(
-            store, root, report, embedder, transcriber, progress, workers, started, follow_links, prune
+            store,
+            root,
+            report,
+            embedder,
+            transcriber,
+            progress,
+            workers,
+            started,
+            follow_links,
+            prune,
+            exclude,
+            include_hidden,
         )
     finally:
         if freeze:
@@ -169,13 +191,17 @@ def _ingest(
     started: float,
     follow_links: bool,
     prune: bool,
+    exclude: Iterable[str] = (),
+    include_hidden: bool = False,
 ) -> IngestReport:
     tick = progress or (lambda stage, done, total: None)
     tick("scan", 0, 1)
-    found = scan(root, follow_links=follow_links)
+    found = scan(root, follow_links=follow_links, exclude=exclude, include_hidden=include_hidden)
     tick("scan", 1, 1)
     report.files_seen = len(found.files)
     report.skipped.extend((str(p), reason) for p, reason in found.problems)
+    report.excluded = [(str(p), reason) for p, reason in found.excluded]
+    report.hidden_files = found.hidden_files
     run = _Run(store, report, tick, embedder, transcriber, workers)
     known_mounts = _known_mount_points(store)
     plan = plan_run(found, run.existing, known_mounts, prune=prune)
@@ -184,6 +210,7 @@ def _ingest(
     report.unchanged += plan.unchanged
     run.record_problems(plan.problems)
     pending = run.hash_new_files(plan.to_hash)
+    run.reread_photos(plan.to_reread)
     run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
     run.sync_captions(root, found.captions, plan.kept, plan.kept_keys)
@@ -246,6 +273,9 @@ class IngestPlan:
     to_hash: list[FoundFile]
     #: Files whose row is current: nothing to do.
     unchanged: int
+    #: Of those, the images whose photo metadata was read by an older PHOTO_META_VERSION (or never): their
+    #: metadata is read again, nothing else.
+    to_reread: list[FoundFile]
     #: Skipped rows to write for what the scan could not read: key -> (path, reason); rows already saying
     #: so are left out, so that a no-op re-index writes nothing.
     problems: dict[bytes, tuple[Path, str]]
@@ -275,16 +305,19 @@ def plan_run(
     kept_keys = {db.path_key(p) for p, _ in unavailable}
     problem_keys, problems = _problem_rows(found.problems, seen, kept_keys, rows)
     seen |= problem_keys
-    to_hash, unchanged = [], 0
+    to_hash, unchanged, to_reread = [], 0, []
     for f in found.files:
         row = rows.get(db.path_key(f.path))
         if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
             unchanged += 1
+            if row.kind == "image" and row.status == "ok" and row.meta_version != db.PHOTO_META_VERSION:
+                to_reread.append(f)
         else:
             to_hash.append(f)
     return IngestPlan(
         to_hash=to_hash,
         unchanged=unchanged,
+        to_reread=to_reread,
         problems=problems,
         unavailable=unavailable,
         kept=kept,
@@ -525,6 +558,10 @@ class _Run:
         self.workers = workers
         self.existing = store.catalog.files_by_key()
         self._files_written = 0  # rows of `existing` are current until this run writes a file row
+        # What this run read of each image file (by path key): written with its row, and its embedded
+        # captions made the file's (see sync_captions).
+        self.photos: dict[bytes, PhotoMeta] = {}
+        self.meta_problems: list[tuple[str, str]] = []
 
     @property
     def embedder(self) -> Embedder:
@@ -566,6 +603,8 @@ class _Run:
                     # mtime, so this file is tried again on every run.
                     self._skip(tx, replace(f, size=-1), None, f"unreadable: {e.strerror or e}")
                     continue
+                if f.kind == "image":
+                    self.read_photo(f)
                 media_id = db.media_of_kind(tx.conn, sha, f.kind)
                 if media_id is not None:
                     self._write_file(tx, f, sha, media_id)
@@ -574,6 +613,28 @@ class _Run:
                     pending.setdefault(sha, []).append(f)
             self.tick("hash", len(todo), len(todo))
         return pending
+
+    def read_photo(self, f: FoundFile) -> None:
+        """Read what an image file says of itself (never raises): kept for its row and its captions."""
+        photo = read_embedded(f.path)
+        self.photos[db.path_key(f.path)] = photo
+        self.meta_problems.extend((str(f.path), why) for why in photo.problems)
+
+    def reread_photos(self, todo: list[FoundFile]) -> None:
+        """Read the photo metadata of unchanged image files (see :attr:`IngestPlan.to_reread`) and record
+        it with their rows: no hashing, no model work."""
+        bs = 256
+        for i in range(0, len(todo), bs):
+            self.tick("metadata", i, len(todo))
+            chunk = todo[i : i + bs]
+            for f in chunk:
+                self.read_photo(f)
+            with self.store.write() as tx:
+                for f in chunk:
+                    row = self.existing[db.path_key(f.path)]
+                    self._write_file(tx, f, row.sha256, row.media_id)
+        if todo:
+            self.tick("metadata", len(todo), len(todo))
 
     def _write_file(
         self, tx: WriteUnit, f: FoundFile, sha: str | None, media_id: int | None, reason: str | None = None
@@ -587,6 +648,7 @@ class _Run:
             sha256=sha,
             media_id=media_id,
             reason=reason,
+            photo=self.photos.get(db.path_key(f.path)) if reason is None else None,
         )
         self._files_written += 1
 
@@ -721,9 +783,16 @@ class _Run:
         to_add: list[tuple[int, Caption]] = []
         for key, row in rows.items():
             current = have.get(row.id, [])
-            if not current and key not in wanted_by_key:
+            photo = self.photos.get(key)
+            if not current and key not in wanted_by_key and not (photo and photo.captions):
                 continue  # the common case in a large folder: nothing to compare
             desired = Counter(wanted_by_key.get(key, [])) if key in ok_images else Counter()
+            if key in ok_images:
+                # Captions inside the file: as read by this run, else (file unchanged) as they are.
+                if photo is not None:
+                    desired.update(Caption(text, source) for source, text in photo.captions)
+                else:
+                    desired.update(Caption(t, src) for _, src, t in current if src.startswith(EMBEDDED_SOURCE))
             for cid, source, text in current:
                 c = Caption(text, source)
                 if desired[c] > 0:

@@ -42,6 +42,8 @@ def item_details(catalog: Catalog, file_id: int, max_segments: int) -> dict[str,
             for cid, src, txt in catalog.captions_of([file_id]).get(file_id, [])
         ],
         "segments": segments,
+        # A photo's date taken, camera, place, keywords and zero-shot tags.
+        **db.photo_facts(catalog, row.id, row.media_id),
     }
 
 

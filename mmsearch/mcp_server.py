@@ -99,6 +99,14 @@ class Filters(BaseModel):
     max_duration: float | None = Field(
         default=None, ge=0, description="Recordings at most this many seconds long"
     )
+    tag: list[str] = Field(default_factory=list, description="Keywords or zero-shot tags (any)")
+    taken_after: str | None = Field(
+        default=None, max_length=64, description="Photos taken at or after (ISO 8601 or unix time)"
+    )
+    taken_before: str | None = Field(default=None, max_length=64, description="Photos taken before")
+    near: str | None = Field(
+        default=None, max_length=96, description="LAT,LON,KM: photos taken within KM of a place"
+    )
 
 
 class Tools:
@@ -138,7 +146,9 @@ class Tools:
             result = self.index.search(
                 text, image=image, audio=audio, target=target, k=k, mode=mode,
                 path=f.path, ext=f.ext, kind=f.kind, after=f.after, before=f.before,
-                min_duration=f.min_duration, max_duration=f.max_duration, min_confidence=min_confidence,
+                min_duration=f.min_duration, max_duration=f.max_duration, tag=f.tag,
+                taken_after=f.taken_after, taken_before=f.taken_before, near=f.near,
+                min_confidence=min_confidence,
             )  # fmt: skip
             out: dict[str, Any] = {
                 "query": shown,
