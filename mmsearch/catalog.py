@@ -75,6 +75,8 @@ class FileRow:
     reason: str | None
     #: The PHOTO_META_VERSION that read the file's photo metadata (None: never read; images only).
     meta_version: int | None = None
+    #: When the row was written (unix seconds): a metadata sidecar changed since is read again.
+    updated_at: float = 0.0
 
 
 #: Mode of the catalog file; SQLite gives its -wal and -shm files the same one.
@@ -306,6 +308,7 @@ class Catalog:
                     files.c.status,
                     files.c.reason,
                     files.c.meta_version,
+                    files.c.updated_at,
                 )
             ).all()
         return {r.path_key: FileRow(**r._mapping) for r in rows}

@@ -1004,6 +1004,10 @@ def _print_report(r: "IngestReport") -> None:
     if len(r.skipped) > 20:
         _out().print(f"  … and {len(r.skipped) - 20} more (see `mmsearch status`)")
     _print_excluded(r)
+    for path, reason in r.metadata_problems[:10]:
+        _line(f"  metadata not read {path}: {reason}")
+    if len(r.metadata_problems) > 10:
+        _out().print(f"  … and {len(r.metadata_problems) - 10} more metadata problems (see --json)")
     if r.unavailable:
         _line(
             f"  kept {r.kept_unavailable} files of folders that cannot be seen now "

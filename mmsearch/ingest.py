@@ -39,7 +39,7 @@ from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import sha256_file, speech_key
 from mmsearch.images import load_image
-from mmsearch.photo_meta import EMBEDDED_SOURCE, PhotoMeta, read_embedded
+from mmsearch.photo_meta import EMBEDDED_SOURCE, PhotoMeta, read_embedded, read_sidecar
 from mmsearch.scan import (
     BROKEN_LINK_REASON,
     OUTSIDE_LINK_REASON,
@@ -50,6 +50,7 @@ from mmsearch.scan import (
     kind_of,
     scan,
 )
+from mmsearch.sidecars import Sidecar
 from mmsearch.store import Store, WriteUnit
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class IngestReport:
     # with why; what the catalog held there is forgotten (see mmsearch.scan). Hidden media files: counted.
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     hidden_files: int = 0
+    # Metadata that could not be read (an XMP bomb, a Takeout JSON that is not JSON): the photo is indexed
+    # without it. (path of the photo or sidecar, reason)
+    metadata_problems: list[tuple[str, str]] = field(default_factory=list)
     # Folders (or links) the catalog holds files under that this run could not see, and the number of
     # catalog files kept under them; removed only with prune=True.
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -125,6 +129,9 @@ class IngestReport:
         d["skipped"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.skipped]
         d["unavailable"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.unavailable]
         d["excluded"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.excluded]
+        d["metadata_problems"] = [
+            {**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.metadata_problems
+        ]
         return d
 
 
@@ -203,6 +210,7 @@ def _ingest(
     report.excluded = [(str(p), reason) for p, reason in found.excluded]
     report.hidden_files = found.hidden_files
     run = _Run(store, report, tick, embedder, transcriber, workers)
+    run.sidecars = found.sidecars
     known_mounts = _known_mount_points(store)
     plan = plan_run(found, run.existing, known_mounts, prune=prune)
     report.unavailable = [(str(p), reason) for p, reason in plan.unavailable]
@@ -310,7 +318,11 @@ def plan_run(
         row = rows.get(db.path_key(f.path))
         if row is not None and row.size == f.size and row.mtime_ns == f.mtime_ns:
             unchanged += 1
-            if row.kind == "image" and row.status == "ok" and row.meta_version != db.PHOTO_META_VERSION:
+            if (
+                row.kind == "image"
+                and row.status == "ok"
+                and _metadata_stale(row, found.sidecars.get(str(f.path)))
+            ):
                 to_reread.append(f)
         else:
             to_hash.append(f)
@@ -325,6 +337,15 @@ def plan_run(
         kept_unavailable=sum(1 for k in unseen if k in kept_keys or k.startswith(kept)),
         to_delete=[rows[k] for k in under_root if k not in seen and not k.startswith(kept)],
     )
+
+
+def _metadata_stale(row: db.FileRow, sidecars: list[Sidecar] | None) -> bool:
+    """Whether an unchanged image's metadata must be read again: read by an older PHOTO_META_VERSION (or
+    never), or one of its metadata sidecars changed or appeared since its row was written."""
+    if row.meta_version != db.PHOTO_META_VERSION:
+        return True
+    written_ns = row.updated_at * 1e9
+    return any(changed > written_ns for _, changed in sidecars or ())
 
 
 def _problem_rows(
@@ -561,7 +582,7 @@ class _Run:
         # What this run read of each image file (by path key): written with its row, and its embedded
         # captions made the file's (see sync_captions).
         self.photos: dict[bytes, PhotoMeta] = {}
-        self.meta_problems: list[tuple[str, str]] = []
+        self.sidecars: dict[str, list[Sidecar]] = {}  # image path -> its metadata sidecars (the scan's)
 
     @property
     def embedder(self) -> Embedder:
@@ -617,8 +638,16 @@ class _Run:
     def read_photo(self, f: FoundFile) -> None:
         """Read what an image file says of itself (never raises): kept for its row and its captions."""
         photo = read_embedded(f.path)
+        problems = [(str(f.path), why) for why in photo.problems]
+        for path, _ in self.sidecars.get(str(f.path), []):
+            # Sidecar captions are named by the sidecar (as a .txt one is): storable, as sources are kept.
+            from_sidecar = read_sidecar(Path(path), db.storable(path))
+            problems += [(path, why) for why in from_sidecar.problems]
+            photo = photo.merged(from_sidecar)
         self.photos[db.path_key(f.path)] = photo
-        self.meta_problems.extend((str(f.path), why) for why in photo.problems)
+        self.report.metadata_problems.extend(problems)
+        for path, why in problems:
+            log.warning("metadata of %s not read: %s", path, why)
 
     def reread_photos(self, todo: list[FoundFile]) -> None:
         """Read the photo metadata of unchanged image files (see :attr:`IngestPlan.to_reread`) and record
@@ -788,11 +817,17 @@ class _Run:
                 continue  # the common case in a large folder: nothing to compare
             desired = Counter(wanted_by_key.get(key, [])) if key in ok_images else Counter()
             if key in ok_images:
-                # Captions inside the file: as read by this run, else (file unchanged) as they are.
+                # Captions inside the file and its metadata sidecars: as read by this run, else (nothing
+                # changed) as they are, but for those of a sidecar that is gone.
                 if photo is not None:
                     desired.update(Caption(text, source) for source, text in photo.captions)
                 else:
-                    desired.update(Caption(t, src) for _, src, t in current if src.startswith(EMBEDDED_SOURCE))
+                    have_sidecars = {db.storable(p) for p, _ in self.sidecars.get(os.fsdecode(key), [])}
+                    desired.update(
+                        Caption(t, src)
+                        for _, src, t in current
+                        if src.startswith(EMBEDDED_SOURCE) or src in have_sidecars
+                    )
             for cid, source, text in current:
                 c = Caption(text, source)
                 if desired[c] > 0:

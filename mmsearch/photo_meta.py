@@ -223,6 +223,20 @@ def read_embedded(path: Path) -> PhotoMeta:
     )
 
 
+def read_sidecar(path: Path, source: str) -> PhotoMeta:
+    """A metadata sidecar file: XMP (``.xmp``) or Google Takeout JSON (anything else), read within
+    :data:`MAX_SIDECAR_BYTES` (one byte more is read, so that a larger file is told from one at the limit);
+    its captions get ``source``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as e:
+        return _problem(f"unreadable sidecar: {e.strerror or e}")
+    if path.suffix.lower() == ".xmp":
+        return read_xmp_sidecar(data, source=source)
+    return read_takeout(data, source=source)
+
+
 def read_xmp_sidecar(data: bytes, *, source: str = SIDECAR_SOURCE) -> PhotoMeta:
     """An ``.xmp`` sidecar's bytes; its captions get ``source`` (the caller passes the sidecar's path)."""
     if len(data) > MAX_SIDECAR_BYTES:

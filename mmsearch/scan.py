@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmsearch import sidecars
 from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
 from mmsearch.ignore import (
     CACHE_FOLDER_REASON,
@@ -95,6 +96,9 @@ class ScanResult:
     # Hidden files named like media that were left out: counted, not listed (a Mac leaves a "._name" file
     # beside every file it copies to a foreign drive).
     hidden_files: int = 0
+    # Image path -> its metadata sidecars (XMP, Takeout JSON) with their change times: read with the image
+    # (see mmsearch.sidecars, mmsearch.photo_meta), not on every run.
+    sidecars: dict[str, list[sidecars.Sidecar]] = field(default_factory=dict)
 
 
 def kind_of(path: Path) -> str | None:
@@ -128,6 +132,7 @@ def scan(
     excluding = exclude_rules(exclude)
     result = ScanResult(root=root)
     texts: list[str] = []
+    metadata_files: list[sidecars.Sidecar] = []
     outside_texts: set[str] = set()  # caption-named links not followed: reported only if an image wants them
     inside = None if follow_links else _inside_test(root)
     walk = _walk(
@@ -137,12 +142,18 @@ def scan(
         kind = kind_of_name(path)
         if kind is not None:
             result.files.append(FoundFile(Path(path), kind, st.st_size, st.st_mtime_ns))
-        elif os.path.splitext(path)[1].lower() == CAPTION_SUFFIX:
-            texts.append(path)
+        else:
+            suffix = os.path.splitext(path)[1].lower()
+            if suffix == CAPTION_SUFFIX:
+                texts.append(path)
+            elif suffix in sidecars.SIDECAR_SUFFIXES:
+                metadata_files.append((path, max(st.st_mtime_ns, st.st_ctime_ns)))
     # Pairing works on path strings: a no-op re-index of a large folder spends most of its time here,
     # and pathlib's hashing and with_suffix() cost several times more than str operations.
     images = {str(f.path): f.path for f in result.files if f.kind == "image"}
     _pair_sidecars(texts, images, result)
+    if metadata_files:
+        result.sidecars = sidecars.pair(metadata_files, set(images))
     _report_outside_sidecars(outside_texts, images, result)
     left_out = {str(p) for p, _ in result.excluded}
     for name in MANIFESTS:
