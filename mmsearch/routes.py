@@ -87,6 +87,11 @@ class HitOut(BaseModel):
     end: float | None
     item_id: int
     file_id: int
+    # What a photo says of itself (None when unknown): unix seconds, "Make Model", WGS84 degrees.
+    taken_at: float | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
     file_kind: str
     captions: list[str]
     thumb: str | None
@@ -132,6 +137,15 @@ class ItemOut(BaseModel):
     transcript: str | None
     captions: list[CaptionOut]
     segments: list[SegmentOut]
+    # A photo's date taken (unix seconds, and where it was read), camera, place, keywords (tag, source)
+    # and zero-shot tags (tag, confidence).
+    taken_at: float | None = None
+    taken_source: str | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    keywords: list[dict[str, str]] = []
+    tags: list[dict[str, Any]] = []
     thumb: str | None
     media: str
 
