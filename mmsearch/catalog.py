@@ -45,12 +45,14 @@ from mmsearch.schema import (
     REF_COLUMNS,
     SCHEMA_VERSION,
     TARGET_META,
+    VIDEO_FROM,
     _get_meta,
     _set_meta,
     captions,
     deletions,
     embeddings,
     files,
+    frames,
     media,
     meta,
     segments,
@@ -282,6 +284,9 @@ class Catalog:
                 ).scalar_one(),
                 "caption": conn.execute(select(func.count()).select_from(captions)).scalar_one(),
                 "segment": conn.execute(select(func.count()).select_from(segments)).scalar_one(),
+                "frame": conn.execute(select(func.count()).select_from(frames)).scalar_one()
+                if self.schema_version >= VIDEO_FROM
+                else 0,
             }
 
     def missing(self, model: str, kind: str, limit: int | None = None) -> list[int]:
@@ -593,8 +598,8 @@ def missing_query(model: str, kind: str) -> Any:
     if kind == "image":
         live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
         return select(media.c.id).where(media.c.kind == "image", live, ~has).order_by(media.c.id)
-    table = captions if kind == "caption" else segments
+    table = {"caption": captions, "segment": segments, "frame": frames}[kind]
     return select(table.c.id).where(~has).order_by(table.c.id)
 
 
-_ITEM_ID = {"image": media.c.id, "caption": captions.c.id, "segment": segments.c.id}
+_ITEM_ID = {"image": media.c.id, "caption": captions.c.id, "segment": segments.c.id, "frame": frames.c.id}

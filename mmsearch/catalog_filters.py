@@ -27,9 +27,11 @@ from mmsearch.schema import (
     REF_COLUMNS,
     TAGS_CHANGES_META,
     VECTOR_KINDS,
+    VIDEO_FROM,
     captions,
     embeddings,
     files,
+    frames,
     media,
     meta,
     segments,
@@ -130,12 +132,16 @@ def _passing_items(kind: str, passing: Any) -> Select[Any]:
         return select(captions.c.id).where(captions.c.file_id.in_(select(passing.c.id)))
     if kind == "segment":
         return select(segments.c.id).where(segments.c.media_id.in_(select(passing.c.media_id)))
+    if kind == "frame":
+        return select(frames.c.id).where(frames.c.media_id.in_(select(passing.c.media_id)))
     raise ValueError(f"unknown vector kind {kind!r}")
 
 
 def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model: str) -> np.ndarray:
     """The sorted int64 ids of ``model``'s embeddings of ``kinds`` whose item passes ``filters``."""
-    if not catalog.has_photo_meta and (filters.tags or filters.near or filters.taken_after or filters.taken_before):
+    if not catalog.has_photo_meta and (
+        filters.tags or filters.near or filters.taken_after or filters.taken_before
+    ):
         raise BadQueryError(
             "this index's catalog predates tags, dates taken and places (it is open read-only and could not "
             "be upgraded): filter by path, extension, kind, file time or duration instead"
@@ -150,6 +156,8 @@ def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model:
     )
     parts = []
     for kind in VECTOR_KINDS:
+        if kind == "frame" and catalog.schema_version < VIDEO_FROM:
+            continue  # an older catalog opened read-only: no video
         if kind in kinds:
             is_kind, item = item_of(kind)
             parts.append(

@@ -22,9 +22,11 @@ from mmsearch.constants import EMBEDDED_SOURCE
 from mmsearch.filters import Filters
 from mmsearch.schema import (
     VECTOR_KINDS,
+    VIDEO_FROM,
     captions,
     embeddings,
     files,
+    frames,
     media,
     segments,
     tags,
@@ -97,8 +99,27 @@ def resolve_items(
                 .join(f, f.c.id == first_file(s.c.media_id))
                 .where(e.c.id.in_(chunk), e.c.kind == "segment")
             )
-            for kind, q in (("image", image_q), ("caption", caption_q), ("segment", segment_q)):
-                if kind not in kinds:
+            fr = frames
+            frame_q = (  # a keyframe: its video's time (start = end)
+                select(
+                    e.c.id,
+                    e.c.kind,
+                    f.c.id,
+                    f.c.path_key,
+                    null(),
+                    fr.c.time,
+                    fr.c.time,
+                    fr.c.media_id,
+                    *photo,
+                )
+                .select_from(e)
+                .join(fr, fr.c.id == e.c.frame_id)
+                .join(f, f.c.id == first_file(fr.c.media_id))
+                .where(e.c.id.in_(chunk), e.c.kind == "frame")
+            )
+            queries = (("image", image_q), ("caption", caption_q), ("segment", segment_q), ("frame", frame_q))
+            for kind, q in queries:
+                if kind not in kinds or (kind == "frame" and catalog.schema_version < VIDEO_FROM):
                     continue
                 for row in conn.execute(q):
                     out[int(row[0])] = ItemRow(*row)

@@ -31,6 +31,7 @@ from mmsearch.schema import (
     display_path,
     embeddings,
     files,
+    frames,
     media,
     meta,
     path_key,
@@ -207,6 +208,42 @@ def add_transcript(
     return mid, _add_segments(conn, mid, spans)
 
 
+def add_video(
+    conn: Connection,
+    sha256: str,
+    *,
+    duration: float,
+    width: int | None,
+    height: int | None,
+    keyframes: Sequence[tuple[int, float, str]],
+    language: str | None = None,
+    text: str | None = None,
+    spans: Sequence[tuple[int, float, float, str]] = (),
+    speech: str | None = None,
+) -> tuple[int, list[int], list[int]]:
+    """Record a video's content, its keyframes ``(idx, time, reason)`` and its spoken track's transcript
+    segments ``(idx, start, end, text)``; returns the media id, the frame ids and the segment ids, in order."""
+    mid = inserted_id(
+        conn.execute(
+            media.insert().values(
+                sha256=sha256,
+                kind="video",
+                duration=duration,
+                width=width,
+                height=height,
+                language=language,
+                transcript=text,
+                speech=speech,
+            )
+        )
+    )
+    frame_ids = [
+        inserted_id(conn.execute(frames.insert().values(media_id=mid, idx=idx, time=t, reason=reason)))
+        for idx, t, reason in keyframes
+    ]
+    return mid, frame_ids, _add_segments(conn, mid, spans)
+
+
 def _add_segments(conn: Connection, mid: int, spans: Sequence[tuple[int, float, float, str]]) -> list[int]:
     seg_ids = []
     for idx, start, end, seg_text in spans:
@@ -280,13 +317,16 @@ def remove_orphan_media(conn: Connection) -> tuple[dict[str, list[int]], set[str
     removed: dict[str, list[int]] = {}
     if orphans:
         seg_ids = select(segments.c.id).where(segments.c.media_id.in_(orphans))
+        frame_ids = select(frames.c.id).where(frames.c.media_id.in_(orphans))
         for more in (
             delete_embeddings(conn, embeddings.c.media_id.in_(orphans)),
             delete_embeddings(conn, embeddings.c.segment_id.in_(seg_ids)),
+            delete_embeddings(conn, embeddings.c.frame_id.in_(frame_ids)),
         ):
             for kind, ids in more.items():
                 removed.setdefault(kind, []).extend(ids)
         conn.execute(segments.delete().where(segments.c.media_id.in_(orphans)))
+        conn.execute(frames.delete().where(frames.c.media_id.in_(orphans)))
         conn.execute(tags.delete().where(tags.c.media_id.in_(orphans)))
         conn.execute(media.delete().where(media.c.id.in_(orphans)))
     return removed, shas

@@ -38,7 +38,7 @@ media = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("sha256", String(64), nullable=False, unique=True),
-    Column("kind", String(8), nullable=False),  # image | audio
+    Column("kind", String(8), nullable=False),  # image | audio | video
     Column("width", Integer),
     Column("height", Integer),
     Column("duration", Float),
@@ -105,6 +105,7 @@ embeddings = Table(
     Column("media_id", Integer, ForeignKey("media.id"), index=True),
     Column("caption_id", Integer, ForeignKey("captions.id"), index=True),
     Column("segment_id", Integer, ForeignKey("segments.id"), index=True),
+    Column("frame_id", Integer, ForeignKey("frames.id"), index=True),  # (schema 8)
     Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
     # The model that made the vector (identity.model_key): an index holds several while it changes model.
     Column("model", String, nullable=False),
@@ -158,11 +159,26 @@ TAGS_CHANGES_META = "tags.changes"
 #: ``tags.source`` of zero-shot tags (the other sources name where a keyword was read).
 ZERO_SHOT_SOURCE = "zero-shot"
 
-VECTOR_KINDS = ("image", "caption", "segment")
+#: The schema version that added video keyframes (frames, embeddings.frame_id).
+VIDEO_FROM = 8
+#: A video's keyframes (schema 8): a frame at its start, at each scene change and at least every N
+#: seconds (see mmsearch.video); each is one image-tower vector of kind "frame".
+frames = Table(
+    "frames",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("media_id", Integer, ForeignKey("media.id"), nullable=False, index=True),
+    Column("idx", Integer, nullable=False),
+    Column("time", Float, nullable=False),  # seconds from the video's start
+    Column("reason", String(8)),  # first | scene | interval
+    sqlite_autoincrement=True,
+)
+
+VECTOR_KINDS = ("image", "caption", "segment", "frame")
 
 
 #: The column of an embedding naming its item, by kind.
-REF_COLUMNS = {"image": "media_id", "caption": "caption_id", "segment": "segment_id"}
+REF_COLUMNS = {"image": "media_id", "caption": "caption_id", "segment": "segment_id", "frame": "frame_id"}
 
 
 def _migration_1(conn: Connection) -> None:
@@ -384,7 +400,9 @@ files_fts = _fts_table("files_fts")
 
 #: The item columns of ix_embeddings_items (model, kind, then these), in order. An embedding names its
 #: item in its kind's column (REF_COLUMNS) and leaves the others NULL.
-ITEM_COLUMNS = ("media_id", "caption_id", "segment_id")
+ITEM_COLUMNS = ("media_id", "caption_id", "segment_id", "frame_id")
+# ix_embeddings_items as migration 6 made it (migration 8 adds frame_id).
+_ITEM_COLUMNS_V6 = ITEM_COLUMNS[:3]
 
 
 def _file_name_sql(path: str) -> str:
@@ -452,7 +470,7 @@ def _migration_6(conn: Connection) -> None:
     # an embedding row holds its vector, so reading the rows of a million would read gigabytes.
     conn.execute(
         text(
-            f"CREATE INDEX IF NOT EXISTS ix_embeddings_items ON embeddings (model, kind, {', '.join(ITEM_COLUMNS)})"
+            f"CREATE INDEX IF NOT EXISTS ix_embeddings_items ON embeddings (model, kind, {', '.join(_ITEM_COLUMNS_V6)})"
         )
     )
     conn.execute(text("INSERT INTO captions_fts (captions_fts) VALUES ('rebuild')"))
@@ -489,6 +507,19 @@ def _migration_7(conn: Connection) -> None:
         conn.execute(text(f"CREATE TRIGGER {name} {body}"))
 
 
+def _migration_8(conn: Connection) -> None:
+    """Video: keyframes (``frames``), each embedding of kind ``frame`` naming its frame (``frame_id``), and
+    the item index extended to it."""
+    frames.create(conn, checkfirst=True)
+    if "frame_id" not in {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(embeddings)")}:
+        conn.execute(text("ALTER TABLE embeddings ADD COLUMN frame_id INTEGER REFERENCES frames (id)"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_embeddings_frame_id ON embeddings (frame_id)"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_embeddings_items"))
+    conn.execute(
+        text(f"CREATE INDEX ix_embeddings_items ON embeddings (model, kind, {', '.join(ITEM_COLUMNS)})")
+    )
+
+
 # Append only: each entry brings a database at version i to version i+1.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
@@ -498,6 +529,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The oldest schema this code can search without migrating it: what a catalog on a full disk, which cannot

@@ -122,7 +122,7 @@ def test_switch_to_another_model_and_back_while_search_answers(demo_index: tuple
             assert set(models) == {demo_key, tiny_key}
             assert models[tiny_key]["active"] and not models[demo_key]["active"]
             for m in models.values():
-                assert m["vectors"] == m["items"] == {"image": 24, "caption": 24, "segment": 0}
+                assert m["vectors"] == m["items"] == {"image": 24, "caption": 24, "segment": 0, "frame": 0}
             assert json.loads((index / "mmsearch.json").read_text())["model"]["arch"] == "tiny-clip"
             # Rollback: instant, no model work.
             assert idx.activate(DEMO) == demo_key
@@ -315,11 +315,11 @@ def test_status_and_activate_on_the_command_line(tmp_path: Path) -> None:
     second = json.loads(out.output)["model"]
     status = json.loads(runner.invoke(app, ["status", *args]).output)
     coverage = {m["key"]: (m["active"], m["vectors"]) for m in status["models"]}
-    full = {"image": 3, "caption": 3, "segment": 0}
+    full = {"image": 3, "caption": 3, "segment": 0, "frame": 0}
     assert coverage == {first: (False, full), second: (True, full)}
     assert status["vectors"] == {"image": 3, "caption": 3}  # the active model's
     text = runner.invoke(app, ["status", "-i", str(index)]).output
-    assert "[active]: 3/3 caption, 3/3 image, 0/0 segment" in text and "[kept]" in text
+    assert "[active]: 3/3 caption, 0/0 frame, 3/3 image, 0/0 segment" in text and "[kept]" in text
     out = runner.invoke(app, ["activate", "--model", TINY_MODEL, "--pretrained", "random", *args])
     assert out.exit_code == 0 and json.loads(out.output)["active"] == first
     with mmsearch.Index.open(index) as idx:
