@@ -177,7 +177,11 @@ def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
 
 def add_image_media(conn: Connection, sha256: str) -> int:
     """Record an image's content; returns its media id."""
-    return inserted_id(conn.execute(media.insert().values(sha256=sha256, kind="image")))
+    return _add_media(conn, sha256, "image")
+
+
+def _add_media(conn: Connection, sha256: str, kind: str, **values: Any) -> int:
+    return inserted_id(conn.execute(media.insert().values(sha256=sha256, kind=kind, **values)))
 
 
 def add_transcript(
@@ -193,17 +197,8 @@ def add_transcript(
     """Record a recording's content and its transcript segments ``(idx, start, end, text)`` made by the
     speech settings ``speech`` (a speech_key); returns the media id and the segment ids, in the order of
     ``spans``."""
-    mid = inserted_id(
-        conn.execute(
-            media.insert().values(
-                sha256=sha256,
-                kind="audio",
-                duration=duration,
-                language=language,
-                transcript=text,
-                speech=speech,
-            )
-        )
+    mid = _add_media(
+        conn, sha256, "audio", duration=duration, language=language, transcript=text, speech=speech
     )
     return mid, _add_segments(conn, mid, spans)
 
@@ -223,19 +218,16 @@ def add_video(
 ) -> tuple[int, list[int], list[int]]:
     """Record a video's content, its keyframes ``(idx, time, reason)`` and its spoken track's transcript
     segments ``(idx, start, end, text)``; returns the media id, the frame ids and the segment ids, in order."""
-    mid = inserted_id(
-        conn.execute(
-            media.insert().values(
-                sha256=sha256,
-                kind="video",
-                duration=duration,
-                width=width,
-                height=height,
-                language=language,
-                transcript=text,
-                speech=speech,
-            )
-        )
+    mid = _add_media(
+        conn,
+        sha256,
+        "video",
+        duration=duration,
+        width=width,
+        height=height,
+        language=language,
+        transcript=text,
+        speech=speech,
     )
     frame_ids = [
         inserted_id(conn.execute(frames.insert().values(media_id=mid, idx=idx, time=t, reason=reason)))
