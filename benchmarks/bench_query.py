@@ -3,6 +3,8 @@
     python benchmarks/bench_query.py                 # everything, 1M-vector latency (about 15 minutes)
     python benchmarks/bench_query.py --quick         # smaller sizes, a few minutes
     python benchmarks/bench_query.py --only rare,demo,edits,latency
+    python benchmarks/bench_query.py --only latency --work DIR   # builds the 1M catalog and FAISS file in
+                                                                 # DIR once; later runs reuse them
 
 * ``rare``: recordings (Piper voice, transcribed by Whisper tiny.en) and image captions that each say a rare
   word or name; each word is a query. Recall@1 of the item that says it, for vector, hybrid (rrf and
@@ -16,7 +18,8 @@
 * ``latency``: a catalog of N transcript segments (synthetic sentences over a Zipf vocabulary, FTS5 over
   all of them) with N random 512-d vectors; p50/p95 of :func:`mmsearch.query.execute` for vector-only and
   hybrid text queries with the same query vectors (the text tower's time is the same for both and is
-  measured apart), with and without a filter.
+  measured apart), with and without a filter; the load averages before and after are recorded, as the
+  ratio is what compares across runs on a shared machine.
 
 Prints tables and writes ``benchmarks/results/query.json``.
 """
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,8 +113,6 @@ SENTENCES = [
 
 
 def machine() -> dict[str, object]:
-    import os
-
     versions = package_versions(("open_clip_torch", "faiss-cpu", "faster-whisper", "piper-tts", "sqlalchemy"))
     import sqlite3
 
@@ -288,27 +291,42 @@ def bench_latency(work: Path, n: int, n_queries: int) -> dict[str, object]:
     p = 1.0 / ranks**1.07
     p /= p.sum()
     t0 = time.perf_counter()
-    idx = mmsearch.Index.create(
-        work / "latency" / "index", model="ViT-B-32", pretrained="random", device="cpu"
-    )
-    dim = idx.store.dim
+    folder = work / "latency" / f"index-{n}"
     # Embeddings are clustered (bench_ann's mixture); queries are fresh draws from it, as a text near
     # what the collection holds is.
+    dim = 512
     centres = rng.standard_normal((1024, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    batch = 20_000
-    with idx.store.catalog.begin() as conn:
-        for s in range(0, n, batch):
-            m = min(batch, n - s)
-            words = rng.choice(len(vocab), size=(m, 12), p=p)
-            texts = [" ".join(vocab[w] for w in row) for row in words]
-            insert_recordings(conn, texts, clustered(rng, centres, m, 1.0), s)
-    build_catalog_s = time.perf_counter() - t0
-    idx.close()
+    built = folder / "built"
+    if built.exists():  # a completed earlier run with the same --work and --n: the same data
+        build_catalog_s = None
+        rng = np.random.default_rng(8)
+    else:
+        if folder.exists():
+            shutil.rmtree(folder)
+        idx = mmsearch.Index.create(folder, model="ViT-B-32", pretrained="random", device="cpu")
+        assert idx.store.dim == dim
+        batch = 20_000
+        with idx.store.catalog.begin() as conn:
+            for s in range(0, n, batch):
+                m = min(batch, n - s)
+                words = rng.choice(len(vocab), size=(m, 12), p=p)
+                texts = [" ".join(vocab[w] for w in row) for row in words]
+                insert_recordings(conn, texts, clustered(rng, centres, m, 1.0), s)
+        build_catalog_s = round(time.perf_counter() - t0, 1)
+        idx.close()
+        rng = np.random.default_rng(8)  # the queries do not depend on whether the catalog was built now
     t0 = time.perf_counter()
-    idx = mmsearch.Index.open(work / "latency" / "index")
-    idx.store.vectors("segment")  # FAISS built from SQLite
+    idx = mmsearch.Index.open(folder)
+    if not built.exists():  # FAISS built from SQLite, saved for a later run with the same --work
+        idx.store.lock_for_writing()
+        idx.store.vectors("segment")
+        idx.store.save_vectors()
+        idx.store.unlock()
+    idx.store.vectors("segment")
     build_faiss_s = time.perf_counter() - t0
+    built.touch()
+    load_at_start = os.getloadavg()
     model = idx.store.follow_active()
     queries = [" ".join(vocab[int(r)] for r in rng.integers(50, 5000, size=2)) for _ in range(n_queries)]
     qvecs = clustered(rng, centres, n_queries, 1.0)
@@ -342,8 +360,10 @@ def bench_latency(work: Path, n: int, n_queries: int) -> dict[str, object]:
         "segments": n,
         "dim": dim,
         "queries": n_queries,
-        "build_catalog_s": round(build_catalog_s, 1),
+        "build_catalog_s": build_catalog_s,  # None: reused from an earlier run (--work)
         "build_faiss_s": round(build_faiss_s, 1),
+        "loadavg_at_start": load_at_start,
+        "loadavg_at_end": os.getloadavg(),
         "rows": rows,
         "hybrid_over_vector_p50": round(rows["hybrid"]["p50_ms"] / rows["vector"]["p50_ms"], 2),
     }
@@ -355,7 +375,9 @@ def main() -> None:
     ap.add_argument("--only", default="rare,demo,edits,latency")
     ap.add_argument("--n", type=int, default=None, help="segments for the latency part (default 1M)")
     ap.add_argument("--images", type=int, default=None, help="held-out images (default 432)")
-    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument(
+        "--work", type=Path, default=None, help="work folder; a latency catalog built there is reused"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-query-"))

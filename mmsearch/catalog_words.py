@@ -12,32 +12,32 @@ FTS5 only the rarer words of a query, those held by at most ``MAX_RANKED`` rows 
 When those do not reach enough hits, or every word is common, the newest rows holding any word,
 ``MAX_RANKED`` at a time (at most ``MAX_WINDOWS`` times), are scored here by the same BM25 formula, its
 counts taken in that window.
+
+A query runs a few small statements per index, so their fixed cost counts: they are plain SQL on the
+driver's connection (its statement cache keeps them prepared), and the statement mapping ranked rows to
+embeddings (through their live, passing files) is built with SQLAlchemy once per index and filters, then
+compiled and kept (:func:`_compiled_reach`); the rows it maps are passed as one JSON array.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sqlite3
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Select, and_, bindparam, func, select, union_all
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
-from mmsearch.catalog import Catalog, _chunks
+from mmsearch.catalog import Catalog
 from mmsearch.catalog_filters import file_passes, item_of
 from mmsearch.filters import Filters
-from mmsearch.schema import (
-    FTS_FROM,
-    captions,
-    captions_fts,
-    embeddings,
-    files,
-    files_fts,
-    segments,
-    segments_fts,
-)
+from mmsearch.schema import FTS_FROM, captions, embeddings, files, segments
 
 #: English words too common to say what a query is about: dropped from word queries.
 STOP_WORDS = frozenset(
@@ -136,10 +136,12 @@ def word_hits(
         return []
     best: dict[int, tuple[float, bool]] = {}
     with catalog.snapshot() as conn:
-        for source in _sources(kinds, filters):
-            for eid, (score, whole) in _read_source(
-                conn, source, terms, limit, catalog.of_model(model)
-            ).items():
+        # The statements below are plain SQL run on the driver's connection, whose statement cache keeps
+        # them prepared: SQLAlchemy's per-statement work would cost more than SQLite's for these reads.
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        for source in _sources(kinds):
+            for eid, (score, whole) in _read_source(raw, source, terms, limit, model, filters).items():
                 old = best.get(eid)
                 best[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
     ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
@@ -147,65 +149,102 @@ def word_hits(
 
 
 # --- from full-text rows to embeddings ------------------------------------------------------------------
-#: Full-text rows -> (row, item kind, item id, words of its text) of the items they reach through a live
-#: file that passes the filters.
-Reach = Callable[[Connection, list[int]], list[tuple[int, str, int, list[str]]]]
-
-
 @dataclass(frozen=True)
 class _Source:
-    fts: Table
-    reach: Reach
-    content: Table  # the table whose rows the index's rows are (same id)
-    text: Any  # its column holding the text indexed (files: the path, of which the name is indexed)
+    fts: str  # the full-text index
+    content: str  # the table whose rows the index's rows are (same id)
+    text: str  # its column holding the text indexed (files: the path, of which the name is indexed)
+    reach: tuple[str, ...]  # the item kinds its rows reach (see _reach_statement)
+
+    @property
+    def names(self) -> bool:
+        return self.content == "files"
 
 
-def _sources(kinds: Sequence[str], filters: Filters | None) -> Iterator[_Source]:
-    """The full-text indexes to read for ``kinds``, each with how its rows reach items."""
-    c, s = captions, segments
-
-    def caption_rows(conn: Connection, rows: list[int]) -> list[tuple[int, str, int, list[str]]]:
-        f = files.alias("wf")
-        q = (
-            select(c.c.id, c.c.text, f.c.media_id)
-            .join(f, f.c.id == c.c.file_id)
-            .where(c.c.id.in_(rows), file_passes(filters, f))
-        )
-        out = []
-        for cid, said, mid in conn.execute(q):
-            if "caption" in kinds:  # the caption's own embedding
-                out.append((cid, "caption", cid, words(said)))
-            if "image" in kinds and mid is not None:  # the image of the file it describes
-                out.append((cid, "image", mid, words(said)))
-        return out
-
-    def segment_rows(conn: Connection, rows: list[int]) -> list[tuple[int, str, int, list[str]]]:
-        f = files.alias("wf")
-        live = select(f.c.id).where(f.c.media_id == s.c.media_id, file_passes(filters, f)).exists()
-        q = select(s.c.id, s.c.text).where(s.c.id.in_(rows), live)
-        return [(sid, "segment", sid, words(said)) for sid, said in conn.execute(q)]
-
-    def name_rows(conn: Connection, rows: list[int]) -> list[tuple[int, str, int, list[str]]]:
-        f, s2 = files.alias("wf"), segments.alias("s2")
-        # A recording's first segment (segments are stored in time order).
-        first = select(func.min(s2.c.id)).where(s2.c.media_id == f.c.media_id).scalar_subquery()
-        q = select(f.c.id, f.c.kind, f.c.path, f.c.media_id, first).where(
-            f.c.id.in_(rows), file_passes(filters, f)
-        )
-        out = []
-        for fid, kind, path, mid, seg in conn.execute(q):
-            if kind == "image" and "image" in kinds and mid is not None:
-                out.append((fid, "image", mid, words(_file_name(path))))
-            elif kind == "audio" and "segment" in kinds and seg is not None:
-                out.append((fid, "segment", seg, words(_file_name(path))))
-        return out
-
+def _sources(kinds: Sequence[str]) -> Iterator[_Source]:
+    """The full-text indexes to read for ``kinds``, each with the item kinds its rows reach."""
     if "caption" in kinds or "image" in kinds:
-        yield _Source(captions_fts, caption_rows, c, c.c.text)
+        yield _Source(
+            "captions_fts", "captions", "text", tuple(k for k in ("caption", "image") if k in kinds)
+        )
     if "segment" in kinds:
-        yield _Source(segments_fts, segment_rows, s, s.c.text)
+        yield _Source("segments_fts", "segments", "text", ("segment",))
     if "image" in kinds or "segment" in kinds:
-        yield _Source(files_fts, name_rows, files, files.c.path)
+        yield _Source("files_fts", "files", "path", tuple(k for k in ("image", "segment") if k in kinds))
+
+
+def _reach_statement(source: _Source, filters: Filters | None) -> Select[Any]:
+    """(full-text row, its text, embedding id) of the embeddings of the model ``:model`` that the rows
+    ``:rows`` (a JSON array) reach through a live file that passes ``filters``: a caption its own
+    embedding and the image of its file; a segment its embedding; a file name the image of an image file,
+    or the first segment of a recording (segments are stored in time order). Each embedding is found
+    through ix_embeddings_items (see :func:`item_of`)."""
+    rows = select(func.json_each(bindparam("rows", "[]")).table_valued("value").c.value)
+    f, e = files.alias("wf"), embeddings.alias("we")
+
+    def embedding_of(kind: str, item: Any) -> Any:
+        is_kind, column = item_of(kind, e)
+        return and_(e.c.model == bindparam("model", ""), is_kind, column == item)
+
+    parts = []
+    if source.content == "captions":
+        c = captions
+        for kind in source.reach:  # the caption's own embedding, the image of the file it describes
+            item: Any = c.c.id if kind == "caption" else f.c.media_id
+            parts.append(
+                select(c.c.id, c.c.text, e.c.id)
+                .select_from(c.join(f, f.c.id == c.c.file_id).join(e, embedding_of(kind, item)))
+                .where(c.c.id.in_(rows), file_passes(filters, f))
+            )
+    elif source.content == "segments":
+        s = segments
+        live = select(f.c.id).where(f.c.media_id == s.c.media_id, file_passes(filters, f)).exists()
+        parts.append(
+            select(s.c.id, s.c.text, e.c.id)
+            .select_from(s.join(e, embedding_of("segment", s.c.id)))
+            .where(s.c.id.in_(rows), live)
+        )
+    else:
+        s2 = segments.alias("s2")
+        for kind in source.reach:
+            if kind == "image":
+                file_kind, item = "image", f.c.media_id
+            else:
+                file_kind = "audio"
+                item = select(func.min(s2.c.id)).where(s2.c.media_id == f.c.media_id).scalar_subquery()
+            parts.append(
+                select(f.c.id, f.c.path, e.c.id)
+                .select_from(f.join(e, embedding_of(kind, item)))
+                .where(f.c.id.in_(rows), f.c.kind == file_kind, file_passes(filters, f))
+            )
+    return parts[0] if len(parts) == 1 else union_all(*parts)  # type: ignore[return-value]
+
+
+#: (source, filters) -> the reach statement compiled: SQL, and its parameters in order ("rows" and
+#: "model" given per query, the filters' values bound here). Most recent last.
+_COMPILED: dict[tuple[_Source, Filters | None], tuple[str, list[tuple[str, Any]]]] = {}
+_COMPILED_SIZE = 64
+_compiled_lock = threading.Lock()
+_PER_QUERY = ("rows", "model")
+
+
+def _compiled_reach(source: _Source, filters: Filters | None) -> tuple[str, list[tuple[str, Any]]]:
+    key = (source, filters)
+    with _compiled_lock:
+        hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = _reach_statement(source, filters).compile(
+            dialect=sqlite_dialect(), compile_kwargs={"render_postcompile": True}
+        )
+        assert compiled.positiontup is not None
+        bound = compiled.params
+        order = [(name, None if name in _PER_QUERY else bound[name]) for name in compiled.positiontup]
+        hit = (compiled.string, order)
+        with _compiled_lock:
+            if len(_COMPILED) >= _COMPILED_SIZE:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = hit
+    return hit
 
 
 def _file_name(path: str) -> str:
@@ -215,27 +254,36 @@ def _file_name(path: str) -> str:
 
 
 def _read_source(
-    conn: Connection, source: _Source, terms: list[str], limit: int, of_model: Any
+    raw: sqlite3.Connection,
+    source: _Source,
+    terms: list[str],
+    limit: int,
+    model: str,
+    filters: Filters | None,
 ) -> dict[int, tuple[float, bool]]:
     """Embedding id -> (score of its best row, whether a row reaching it holds every term), from one
     full-text index: its ranked rows are mapped best first, in growing batches, until ``limit`` embeddings
     are reached (filters may drop many rows) or the rows run out."""
     reached: dict[int, tuple[float, bool]] = {}
     wanted = {word for term in terms for word in words(term)}
-    for ranked in _rankings(conn, source, terms):
+    sql, order = _compiled_reach(source, filters)
+    holds: dict[int, bool] = {}  # row -> whether its text holds every term
+    for ranking in _rankings(raw, source, terms):
         start, batch = 0, limit + _FIRST_MAP
-        while start < len(ranked) and len(reached) < limit:
-            part = ranked[start : start + batch]
+        while len(reached) < limit:
+            part = ranking.head(start + batch)[start:]
+            if not part:
+                break
             score_of = dict(part)
-            items = [
-                item for chunk in _chunks([row for row, _ in part], 900) for item in source.reach(conn, chunk)
-            ]
-            found = _embeddings_of(conn, [(kind, item) for _, kind, item, _ in items], of_model)
-            for row, kind, item, said in items:
-                score, whole = score_of[row], wanted <= set(said)
-                for eid in found.get((kind, item), ()):
-                    old = reached.get(eid)
-                    reached[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
+            given = {"rows": json.dumps([row for row, _ in part]), "model": model}
+            params = [given.get(name, value) for name, value in order]
+            for row, said, eid in raw.execute(sql, params):
+                whole = holds.get(row)
+                if whole is None:
+                    whole = holds[row] = wanted <= set(words(_file_name(said) if source.names else said))
+                score = score_of[row]
+                old = reached.get(eid)
+                reached[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
             start += batch
             batch *= _GROWTH
         if len(reached) >= limit:
@@ -243,34 +291,39 @@ def _read_source(
     return reached
 
 
-def _embeddings_of(
-    conn: Connection, items: list[tuple[str, int]], of_model: Any
-) -> dict[tuple[str, int], list[int]]:
-    """(item kind, item id) -> the ids of its embeddings of the model ``of_model`` selects."""
-    by_kind: dict[str, set[int]] = {}
-    for kind, item in items:
-        by_kind.setdefault(kind, set()).add(item)
-    out: dict[tuple[str, int], list[int]] = {}
-    for kind, ids in by_kind.items():
-        is_kind, item_col = item_of(kind)
-        for chunk in _chunks(sorted(ids), 900):
-            q = select(embeddings.c.id, item_col).where(of_model, is_kind, item_col.in_(chunk))
-            for eid, item in conn.execute(q):
-                out.setdefault((kind, int(item)), []).append(int(eid))
-    return out
-
-
 # --- ranking -------------------------------------------------------------------------------------------
-def _rankings(conn: Connection, source: _Source, terms: list[str]) -> Iterator[list[tuple[int, float]]]:
-    """Lists of (row, score) of ``source``'s index, each best first, each of at most MAX_RANKED rows (see
-    the module's docstring): the rows holding the rarer terms, then windows of the newest rows holding any
-    (read only while the caller asks for more)."""
+class _Ranking:
+    """(row, score) pairs, best first, at most MAX_RANKED: a list, or FTS5's ranking read only as far as
+    asked. FTS5 scores every matching row either way, but returning its whole sorted ranking costs about as
+    much again as the first rows; SQLite's sort keeps ties in the same order whatever the LIMIT, so the
+    first n rows of a short read are the first n of a long one."""
+
+    def __init__(
+        self, rows: list[tuple[int, float]], fetch: Callable[[int], list[tuple[int, float]]] | None = None
+    ) -> None:
+        self._rows = rows
+        self._fetch = fetch  # the first n rows, read from SQLite (None: ``rows`` is the whole ranking)
+
+    def head(self, n: int) -> list[tuple[int, float]]:
+        """The first ``n`` rows (fewer when the ranking has fewer)."""
+        if n > len(self._rows) and self._fetch is not None:
+            # The first read is what is asked; a second one reads the whole ranking.
+            want = min(MAX_RANKED, n if not self._rows else MAX_RANKED)
+            self._rows = self._fetch(want)
+            if len(self._rows) < want or want >= MAX_RANKED:
+                self._fetch = None
+        return self._rows[:n]
+
+
+def _rankings(raw: sqlite3.Connection, source: _Source, terms: list[str]) -> Iterator[_Ranking]:
+    """Rankings of (row, score) of ``source``'s index, each best first, each of at most MAX_RANKED rows
+    (see the module's docstring): the rows holding the rarer terms, then windows of the newest rows holding
+    any (read only while the caller asks for more)."""
     fts = source.fts
-    hidden = getattr(fts.c, fts.name)
     held = {}
+    count = f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT ?)"
     for term in terms:  # how many rows hold each term, counted up to MAX_RANKED + 1 (cost: as many rows)
-        rows = select(fts.c.rowid).where(hidden.op("MATCH")(_match([term]))).limit(MAX_RANKED + 1).subquery()
-        held[term] = int(conn.execute(select(func.count()).select_from(rows)).scalar_one())
+        held[term] = int(raw.execute(count, (_match([term]), MAX_RANKED + 1)).fetchone()[0])
     rare, total = [], 0
     for term in sorted(terms, key=lambda t: held[t]):
         if total + held[term] > MAX_RANKED:
@@ -278,44 +331,38 @@ def _rankings(conn: Connection, source: _Source, terms: list[str]) -> Iterator[l
         rare.append(term)
         total += held[term]
     if rare:
-        yield _ranked(conn, fts, _match(rare))
+        match_rare = _match(rare)
+        yield _Ranking([], lambda n: _ranked(raw, fts, match_rare, n))
         if len(rare) == len(terms):
             return
     match, newer, stats = _match(terms), None, None
-    name = source.content is files
+    window_sql = (
+        f"SELECT {fts}.rowid, {source.content}.{source.text} FROM {fts} "
+        f"JOIN {source.content} ON {source.content}.id = {fts}.rowid WHERE {fts} MATCH ? "
+    )
     for _ in range(MAX_WINDOWS):
-        q = (
-            select(fts.c.rowid, source.text)
-            .select_from(fts)
-            .join(source.content, source.content.c.id == fts.c.rowid)
-            .where(hidden.op("MATCH")(match))
-        )
-        if newer is not None:
-            q = q.where(fts.c.rowid < newer)
-        window = {
-            int(row): _file_name(said) if name else said
-            for row, said in conn.execute(q.order_by(fts.c.rowid.desc()).limit(MAX_RANKED))
-        }
+        if newer is None:
+            found = raw.execute(window_sql + f"ORDER BY {fts}.rowid DESC LIMIT ?", (match, MAX_RANKED))
+        else:
+            found = raw.execute(
+                window_sql + f"AND {fts}.rowid < ? ORDER BY {fts}.rowid DESC LIMIT ?",
+                (match, newer, MAX_RANKED),
+            )
+        window = {int(row): _file_name(said) if source.names else said for row, said in found}
         if not window:
             return
         docs = {row: words(said) for row, said in window.items()}
         stats = stats or _window_stats(docs, terms, span=max(window) - min(window) + 1)
-        yield _scored(docs, terms, *stats)
+        yield _Ranking(_scored(docs, terms, *stats))
         if len(window) < MAX_RANKED:
             return
         newer = min(window)
 
 
-def _ranked(conn: Connection, fts: Table, match: str) -> list[tuple[int, float]]:
-    """(row, -BM25) of the rows of ``fts`` matching ``match``, best first."""
-    hidden = getattr(fts.c, fts.name)
-    q = (
-        select(fts.c.rowid, fts.c.rank)
-        .where(hidden.op("MATCH")(match))
-        .order_by(fts.c.rank)
-        .limit(MAX_RANKED)
-    )
-    return [(int(row), -float(rank)) for row, rank in conn.execute(q)]
+def _ranked(raw: sqlite3.Connection, fts: str, match: str, n: int) -> list[tuple[int, float]]:
+    """(row, -BM25) of the first ``n`` rows of ``fts`` matching ``match``, best first."""
+    q = f"SELECT rowid, rank FROM {fts} WHERE {fts} MATCH ? ORDER BY rank LIMIT ?"
+    return [(int(row), -float(rank)) for row, rank in raw.execute(q, (match, n))]
 
 
 def _window_stats(docs: dict[int, list[str]], terms: list[str], span: int) -> tuple[list[float], float]:

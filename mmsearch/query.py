@@ -25,10 +25,12 @@ the query; nothing left means "no good match".
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +52,9 @@ from mmsearch.filters import Filters
 from mmsearch.search import Hit, kinds_for
 from mmsearch.store import Store
 
+if TYPE_CHECKING:
+    from mmsearch.catalog_words import WordHit
+
 MODES, FUSIONS, COMBINES, ROLES = QUERY_MODES, QUERY_FUSIONS, QUERY_COMBINES, QUERY_ROLES
 #: The constant of reciprocal rank fusion (Cormack et al. 2009): 1 / (RRF_K + rank).
 RRF_K = 60
@@ -59,6 +64,9 @@ VECTOR_SHARE = 0.5
 MAX_TEXT_CHARS = 1000
 #: Most add + subtract terms in one query.
 MAX_TERMS = 16
+#: Worker threads searching the words of hybrid and words queries (each query's words side runs in one,
+#: beside its vector search in the caller's thread).
+WORDS_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -277,39 +285,51 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     embeds again."""
     from mmsearch import calibrate
 
-    active = store.refresh()
-    if active != model:
-        raise ActiveModelChanged(f"the index now searches model {active}, not {model}")
-    allowed = None if p.filters.is_empty() else _allowed(store, p.filters, p.kinds, model)
+    # The words side runs in a worker thread while this one follows the catalog, searches the vectors and
+    # reads the calibration: SQLite and FAISS release the GIL while they work. (It only reads the catalog:
+    # when this side fails, e.g. another model became active, its answer is not waited for.)
+    words_side = None
+    if p.words is not None:
+        words_side = _words_pool().submit(_words_side, store.catalog, p, model, bool(p.parts))
 
     query_vector: np.ndarray | None = None
     vector_scores: dict[int, float] = {}
     fused_vector: dict[int, float] | None = None
-    if p.parts:
-        assert vectors is not None and len(vectors) == len(p.parts)
-        if vectors.shape[1] != store.dim_of(model):
-            raise BadQueryError(
-                f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}"
-            )
-        weights = [part.weight for part in p.parts]
-        query_vector = combined_vector(vectors, weights)
-        if p.combine == "early" or len(p.parts) == 1:
-            vector_scores = _nearest(store, query_vector[None, :], p.kinds, p.depth, allowed, model)[0]
-        else:
-            per_part = _nearest(store, vectors, p.kinds, p.depth, allowed, model)
-            fused_vector = rrf([(_ranked(s), w) for s, w in zip(per_part, weights, strict=True)])
-            for s in per_part:  # a cosine for each candidate comes below
-                vector_scores.update(s)
+    try:
+        active = store.refresh()
+        if active != model:
+            raise ActiveModelChanged(f"the index now searches model {active}, not {model}")
+        allowed = None if p.filters.is_empty() else _allowed(store, p.filters, p.kinds, model)
+        if p.parts:
+            assert vectors is not None and len(vectors) == len(p.parts)
+            if vectors.shape[1] != store.dim_of(model):
+                raise BadQueryError(
+                    f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}"
+                )
+            query_vector = combined_vector(vectors, [part.weight for part in p.parts])
+        calibration = calibrate.load(store, model)
+        if query_vector is not None:
+            assert vectors is not None
+            weights = [part.weight for part in p.parts]
+            if p.combine == "early" or len(p.parts) == 1:
+                vector_scores = _nearest(store, query_vector[None, :], p.kinds, p.depth, allowed, model)[0]
+            else:
+                per_part = _nearest(store, vectors, p.kinds, p.depth, allowed, model)
+                fused_vector = rrf([(_ranked(s), w) for s, w in zip(per_part, weights, strict=True)])
+                for s in per_part:  # a cosine for each candidate comes below
+                    vector_scores.update(s)
+    except BaseException:
+        if words_side is not None:
+            words_side.cancel()  # (a words search already running only reads; it is left to finish)
+        raise
+    found_by_words, word_vectors = words_side.result() if words_side is not None else ([], {})
 
     word_hits: dict[int, float] = {}
     all_terms: set[int] = set()
-    if p.words is not None:
-        from mmsearch.catalog_words import word_hits as find_words
-
-        for w in find_words(store.catalog, p.words, p.kinds, model, p.depth, filters=p.filters):
-            word_hits[w.id] = w.score
-            if w.all_terms:
-                all_terms.add(w.id)
+    for w in found_by_words:
+        word_hits[w.id] = w.score
+        if w.all_terms:
+            all_terms.add(w.id)
 
     # The ranking.
     vector_rank = fused_vector if fused_vector is not None else vector_scores
@@ -329,10 +349,12 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     cosines = dict(vector_scores) if fused_vector is None else {}
     if query_vector is not None:
         missing = [i for i in order if i not in cosines]
-        for i, v in store.catalog.vectors_for(missing).items():
-            cosines[i] = float(v @ query_vector)
+        unread = [i for i in missing if i not in word_vectors]
+        read = {**word_vectors, **store.catalog.vectors_for(unread)} if unread else word_vectors
+        for i in missing:
+            if i in read:
+                cosines[i] = float(read[i] @ query_vector)
 
-    calibration = calibrate.load(store, model)
     threshold = p.min_confidence
     if threshold is None:
         threshold = calibrate.DEFAULT_MIN_CONFIDENCE if calibration is not None else 0.0
@@ -370,6 +392,31 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
         if len(hits) == p.k:
             break
     return SearchResult(hits=hits, no_match=not hits, target=p.target, mode=p.mode)
+
+
+def _words_side(
+    catalog: Catalog, p: Plan, model: str, with_vectors: bool
+) -> tuple[list[WordHit], dict[int, np.ndarray]]:
+    """The words list of ``p`` and, when a query vector will score them, the vectors of its hits (most of
+    the hits found by words alone are among them)."""
+    from mmsearch.catalog_words import word_hits
+
+    assert p.words is not None
+    hits = word_hits(catalog, p.words, p.kinds, model, p.depth, filters=p.filters)
+    return hits, catalog.vectors_for([h.id for h in hits]) if with_vectors and hits else {}
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _words_pool() -> ThreadPoolExecutor:
+    """The threads that search words beside the vector search of concurrent queries."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=WORDS_THREADS, thread_name_prefix="mmsearch-words")
+        return _pool
 
 
 def _nearest(

@@ -30,7 +30,8 @@ order of centroid similarity until :data:`FILTER_BUDGET` times the vectors an un
 have passed the selector, so the narrower the selection, the more lists are probed. When the selection
 is so small that scoring its vectors one by one is cheaper than testing the ids of the lists that
 probing would visit, those vectors are scored directly: ``compact`` reads its exact vectors, the other
-IVF types decode theirs through a FAISS direct map (id → list, offset) made on first use.
+IVF types decode theirs through a FAISS direct map (id → list, offset) made on first use, and keep the
+decoded vectors of the last read-only selection (as its selector is kept) until the index changes.
 
 A forced IVF type given too few vectors to train (:data:`MIN_TRAIN`) falls back to ``flat``, and
 :func:`needs_rebuild` says so once the collection is large enough. A ``VectorIndex`` is not
@@ -241,10 +242,13 @@ class _ExactStore:
 
 
 class _Selection:
-    """A FAISS IDSelector over allowed ids, holding the numpy buffer it reads for as long as it lives."""
+    """A FAISS IDSelector over allowed ids, holding the numpy buffer it reads for as long as it lives, and
+    the IVF search parameters made with it (per nprobe and max_codes: one filter_plan gives the same ones
+    for every query)."""
 
     def __init__(self, allowed: np.ndarray) -> None:
         faiss = _faiss()
+        self._ivf_params: dict[tuple[int, int], Any] = {}
         span = int(allowed.max()) + 1
         if len(allowed) >= BITMAP_MIN_DENSITY * span:
             dense = np.zeros(span, dtype=bool)
@@ -258,6 +262,16 @@ class _Selection:
             self.selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
             self.kind = "batch"
 
+    def ivf_params(self, nprobe: int, max_codes: int) -> Any:
+        """SearchParametersIVF with this selector (read-only in FAISS's search: shared by every query)."""
+        params = self._ivf_params.get((nprobe, max_codes))
+        if params is None:
+            params = _faiss().SearchParametersIVF(
+                sel=self.selector, nprobe=nprobe, max_codes=max_codes, ensure_topk_full=True
+            )
+            self._ivf_params[(nprobe, max_codes)] = params
+        return params
+
 
 # The selector built for the last read-only `allowed` array, reused when the same array object comes
 # again (a caller caching a filter's ids passes the same array to each kind's index and each query).
@@ -265,11 +279,17 @@ class _Selection:
 _last_selection: tuple[np.ndarray, _Selection] | None = None
 
 
+def _cached_selection(allowed: np.ndarray) -> _Selection | None:
+    """The selection built for this very (read-only) array, if it is the last one."""
+    last = _last_selection  # one read: another thread may replace it meanwhile
+    return last[1] if last is not None and last[0] is allowed else None
+
+
 def _selection(allowed: np.ndarray) -> _Selection:
     global _last_selection
-    last = _last_selection  # one read: another thread may replace it meanwhile
-    if last is not None and last[0] is allowed:
-        return last[1]
+    cached = _cached_selection(allowed)
+    if cached is not None:
+        return cached
     selection = _Selection(allowed)
     if not allowed.flags.writeable:
         _last_selection = (allowed, selection)
@@ -316,6 +336,8 @@ class VectorIndex:
         # IVF types, made on the first filtered search that scores a small selection directly: the ids
         # held, sorted (then kept up to date by add/remove), and a FAISS direct map (id -> list, offset).
         self._held: np.ndarray | None = None
+        # The last subset search's read-only allowed ids, the held ids then, and its held ids and vectors.
+        self._subset_cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lazy_lock = threading.Lock()
         self._apply_params()
 
@@ -561,7 +583,10 @@ class VectorIndex:
         if k < 1:
             raise ValueError("k must be >= 1")
         if allowed is not None:
-            scores, ids = self._search_filtered(q, k, _as_allowed(allowed))
+            # An array whose selector is cached was checked when the selector was built (read-only since).
+            if _cached_selection(allowed) is None:
+                allowed = _as_allowed(allowed)
+            scores, ids = self._search_filtered(q, k, allowed)
         elif self.spec == "compact":
             scores, ids = self._search_compact(q, k)
         else:
@@ -582,12 +607,7 @@ class VectorIndex:
             # IndexIDMap2 wraps the selector in an IDSelectorTranslated (row -> id); the flat scan tests
             # each row's id and computes inner products for the allowed rows only.
             return self._index.search(q, k, params=faiss.SearchParameters(sel=selection.selector))
-        params = faiss.SearchParametersIVF(
-            sel=selection.selector,
-            nprobe=plan["nprobe"],
-            max_codes=plan["max_codes"],
-            ensure_topk_full=True,
-        )
+        params = selection.ivf_params(plan["nprobe"], plan["max_codes"])
         if self.spec == "compact":
             return self._search_compact(q, k, params)
         return self._index.search(q, k, params=params)
@@ -612,20 +632,15 @@ class VectorIndex:
     def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score the allowed vectors the index holds one by one (few of them: see filter_plan)."""
         faiss = _faiss()
-        held = (
-            self._store.held(allowed)
-            if self._store is not None
-            else allowed[_member(self._held_ids(), allowed)]
-        )
+        if self._store is not None:  # compact: the exact vectors, read per block below
+            held, decoded = self._store.held(allowed), None
+        else:  # ivf-sq8 / ivf-pq: decoded, as their list scan scores them
+            held, decoded = self._decoded_subset(allowed)
         best_scores, best_ids = _no_hits(len(q), k)
         # In blocks, so that the rows just read are scored while they are in the CPU cache.
-        buffer = np.empty((min(_SUBSET_BLOCK, len(held)), self.dim), dtype=np.float32)
         for s in range(0, len(held), _SUBSET_BLOCK):
             part = held[s : s + _SUBSET_BLOCK]
-            if self._store is not None:  # compact: the exact vectors
-                rows = self._store.get(part)
-            else:  # ivf-sq8 / ivf-pq: decoded, as their list scan scores them
-                rows = self._decode(part, buffer[: len(part)])
+            rows = self._store.get(part) if decoded is None else decoded[s : s + _SUBSET_BLOCK]  # type: ignore[union-attr]
             scores, pos = faiss.knn(q, rows, min(k, len(part)), faiss.METRIC_INNER_PRODUCT)
             ids = np.where(pos >= 0, part[np.maximum(pos, 0)], -1)
             scores = np.concatenate([best_scores, scores], axis=1)
@@ -634,6 +649,22 @@ class VectorIndex:
             best_scores = np.take_along_axis(scores, top, axis=1)
             best_ids = np.take_along_axis(ids, top, axis=1)
         return best_scores, best_ids
+
+    def _decoded_subset(self, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The allowed ids this IVF index holds and their decoded vectors. Kept for the last read-only
+        ``allowed`` array while the held ids stay the same array (add and remove replace it): decoding
+        is most of a subset search, and a caller caching a filter's ids asks for the same ones again."""
+        held_ids = self._held_ids()
+        last = self._subset_cache  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] is allowed and last[1] is held_ids:
+            return last[2], last[3]
+        held = allowed[_member(held_ids, allowed)]
+        decoded = np.empty((len(held), self.dim), dtype=np.float32)
+        for s in range(0, len(held), _SUBSET_BLOCK):
+            self._decode(held[s : s + _SUBSET_BLOCK], decoded[s : s + _SUBSET_BLOCK])
+        if not allowed.flags.writeable:
+            self._subset_cache = (allowed, held_ids, held, decoded)
+        return held, decoded
 
     def _held_ids(self) -> np.ndarray:
         """The ids this IVF index holds, sorted; listed once, then kept up to date by add/remove."""

@@ -224,3 +224,35 @@ def test_a_query_batch_matches_single_queries(
         batch = index.search(data["q"][:5], K, allowed=allowed)[1]
         single = np.vstack([index.search(qv[None], K, allowed=allowed)[1] for qv in data["q"][:5]])
         np.testing.assert_array_equal(batch, single)
+
+
+@pytest.mark.parametrize("spec", ["ivf-sq8", "ivf-pq"])
+def test_decoded_subset_is_reused_until_the_index_changes(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subset method keeps the decoded vectors of a read-only selection: the same answers from them,
+    and a removed id never comes back from them after remove (nor is an added one missed after add)."""
+    rng = np.random.default_rng(5)
+    centres = unit(rng, 32)
+    x = clustered(rng, 2000, centres)
+    ids = np.arange(10, 2010, dtype=np.int64)
+    index = VectorIndex.build(DIM, ids, x, spec=spec)
+    force(monkeypatch, "subset")
+    allowed = ids[::20].copy()
+    allowed.setflags(write=False)
+    first = index.search(x[:5], K, allowed=allowed)
+    cached = index._subset_cache
+    assert cached is not None and cached[0] is allowed
+    again = index.search(x[:5], K, allowed=allowed)
+    assert index._subset_cache is cached
+    np.testing.assert_array_equal(again[1], first[1])
+    np.testing.assert_array_equal(again[0], first[0])
+
+    top = first[1][:, 0]
+    assert index.remove(top) == len(np.unique(top))
+    after = index.search(x[:5], K, allowed=allowed)[1]
+    assert not np.isin(after, top).any() and np.isin(after, allowed).all()
+    index.add(top[:1], x[top[0] - 10][None])  # back, with its vector
+    assert top[0] in index.search(x[:1], K, allowed=allowed)[1][0]
+
+    writable = ids[::20].copy()
+    index.search(x[:1], K, allowed=writable)
+    assert index._subset_cache is None or index._subset_cache[0] is not writable
