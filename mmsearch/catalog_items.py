@@ -45,7 +45,9 @@ class ItemRow:
     start: float | None
     end: float | None
     media_id: int | None
-    # What the file says of itself (a photo's date taken, camera and place; None when unknown).
+    # The file's kind (image, audio, video), then what it says of itself (a photo's date taken, camera and
+    # place; None when unknown).
+    file_kind: str | None = None
     taken_at: float | None = None
     camera: str | None = None
     lat: float | None = None
@@ -74,7 +76,11 @@ def resolve_items(
         )
 
     # (An older catalog opened read-only, not migrated, has none of them.)
-    photo = (f.c.taken_at, f.c.camera, f.c.lat, f.c.lon) if catalog.has_photo_meta else (null(),) * 4
+    photo = (
+        (f.c.kind, f.c.taken_at, f.c.camera, f.c.lat, f.c.lon)
+        if catalog.has_photo_meta
+        else (f.c.kind,) + (null(),) * 4
+    )
     out: dict[int, ItemRow] = {}
     with catalog.read() as conn:
         for chunk in _chunks([int(i) for i in ids], 900):
@@ -134,7 +140,7 @@ class FileDetails:
     id: int
     path_key: bytes  # the exact path bytes
     path: str  # display form
-    kind: str  # image | audio
+    kind: str  # image | audio | video
     size: int
     mtime_ns: int
     media_id: int
@@ -283,3 +289,31 @@ def photo_facts(catalog: Catalog, file_id: int, media_id: int) -> dict[str, Any]
     out["keywords"] = [{"tag": tag, "source": source} for tag, source in keywords]
     out["tags"] = [{"tag": tag, "confidence": score} for tag, score in zero_shot]
     return out
+
+
+# --- a video's keyframes: what the server shows of a moment ---------------------------------------------
+def frame_at(catalog: Catalog, media_id: int, seconds: float) -> tuple[int, float] | None:
+    """The keyframe of content ``media_id`` on screen at ``seconds``: the last one at or before it (the first
+    one if none is), as (idx, time); None if the content has no keyframes."""
+    fr = frames
+    cols = (fr.c.idx, fr.c.time)
+    with catalog.read() as conn:
+        row = conn.execute(
+            select(*cols)
+            .where(fr.c.media_id == media_id, fr.c.time <= seconds)
+            .order_by(fr.c.time.desc(), fr.c.idx.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            row = conn.execute(
+                select(*cols).where(fr.c.media_id == media_id).order_by(fr.c.time, fr.c.idx).limit(1)
+            ).first()
+    return None if row is None else (int(row[0]), float(row[1]))
+
+
+def frame_times(catalog: Catalog, media_id: int, limit: int) -> list[float]:
+    """The times (seconds) of the first ``limit`` keyframes of content ``media_id``, in time order."""
+    fr = frames
+    q = select(fr.c.time).where(fr.c.media_id == media_id).order_by(fr.c.time, fr.c.idx).limit(limit)
+    with catalog.read() as conn:
+        return [float(t) for t in conn.execute(q).scalars()]

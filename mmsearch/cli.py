@@ -441,7 +441,7 @@ def _typer_app() -> "typer.Typer":
         ] = None,
         kind: Annotated[
             list[str] | None,
-            typer.Option("--kind", help="Only files of this kind: image | audio (repeatable)."),
+            typer.Option("--kind", help="Only files of this kind: image | audio | video (repeatable)."),
         ] = None,
         after: Annotated[
             str | None,
@@ -608,9 +608,7 @@ def _typer_app() -> "typer.Typer":
             Path | None,
             typer.Option("--labels", help="A file of labels, one a line ('#' starts a comment)."),
         ] = None,
-        label: Annotated[
-            list[str] | None, typer.Option("--label", help="A label (repeat for more).")
-        ] = None,
+        label: Annotated[list[str] | None, typer.Option("--label", help="A label (repeat for more).")] = None,
         min_confidence: Annotated[
             float | None,
             typer.Option(
@@ -623,7 +621,9 @@ def _typer_app() -> "typer.Typer":
         raw: Annotated[
             bool, typer.Option("--raw", help="Embed each label as it is, without prompt templates.")
         ] = False,
-        clear: Annotated[bool, typer.Option("--clear", help="Delete every zero-shot tag, then stop.")] = False,
+        clear: Annotated[
+            bool, typer.Option("--clear", help="Delete every zero-shot tag, then stop.")
+        ] = False,
         index_dir: IndexOpt = None,
         as_json: JsonOpt = False,
     ) -> None:

@@ -7,13 +7,17 @@ import os
 from pathlib import Path
 
 # What a user asks for -> which vector indexes answer. "texts" are captions and transcript segments.
+# "video" is a video's keyframes and the segments of its spoken track (only a video's: see VIDEO_TARGET).
 TARGETS: dict[str, tuple[str, ...]] = {
     "images": ("image",),
     "texts": ("caption", "segment"),
     "captions": ("caption",),
     "audio": ("segment",),
-    "all": ("image", "caption", "segment"),
+    "video": ("frame", "segment"),
+    "all": ("image", "caption", "segment", "frame"),
 }
+#: The target whose hits come from video files only.
+VIDEO_TARGET = "video"
 #: Search modes: words and meaning together, meaning (vectors) only, words (FTS5/BM25) only.
 QUERY_MODES = ("hybrid", "vector", "words")
 #: How the words and the vector list of a hybrid query are merged: reciprocal rank fusion or weighted scores.
@@ -40,6 +44,9 @@ IMAGE_SUFFIXES = (
     | RAW_SUFFIXES
 )
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".opus"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi"})
+#: A phone's Live Photo is a still and a short video of the same name: the video is part of the photo.
+LIVE_PHOTO_VIDEO_SUFFIXES = frozenset({".mov", ".mp4"})
 
 #: Where an index lives when neither --index nor $MMSEARCH_INDEX says.
 DEFAULT_INDEX = Path("indexes") / "default"
@@ -58,6 +65,7 @@ def hub_offline() -> bool:
     return any(
         os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
+
 
 #: The caption source of text read from inside a media file (``embedded:exif``, ``embedded:iptc``, ...):
 #: a sidecar's or manifest's source is its path instead.

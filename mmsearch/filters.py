@@ -18,7 +18,7 @@ from datetime import datetime
 from mmsearch.errors import BadQueryError
 
 #: The file kinds a filter may name (``files.kind``).
-FILE_KINDS = ("image", "audio")
+FILE_KINDS = ("image", "audio", "video")
 #: Most path patterns (and extensions, kinds) one query may give.
 MAX_PATTERNS = 32
 #: Longest path pattern, in characters.

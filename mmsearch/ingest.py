@@ -39,6 +39,7 @@ from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 from mmsearch.identity import sha256_file, speech_key
 from mmsearch.images import load_image
+from mmsearch.ingest_video import commit_video, read_video, save_frame_thumb, skip_reason
 from mmsearch.photo_meta import EMBEDDED_SOURCE, PhotoMeta, read_embedded, read_sidecar
 from mmsearch.scan import (
     BROKEN_LINK_REASON,
@@ -103,6 +104,8 @@ class IngestReport:
     images_embedded: int = 0
     audio_transcribed: int = 0
     segments_embedded: int = 0
+    videos_indexed: int = 0
+    frames_embedded: int = 0
     linked: int = 0  # moved, renamed or duplicate content: no model work
     captions_added: int = 0
     captions_embedded: int = 0  # of those, the texts the model had to embed (not already in the index)
@@ -116,6 +119,9 @@ class IngestReport:
     # Metadata that could not be read (an XMP bomb, a Takeout JSON that is not JSON): the photo is indexed
     # without it. (path of the photo or sidecar, reason)
     metadata_problems: list[tuple[str, str]] = field(default_factory=list)
+    # Videos indexed with part of what they hold: a picture that stopped decoding part-way, or that could
+    # not be read while the speech could (path, what was left out and why).
+    partial: list[tuple[str, str]] = field(default_factory=list)
     # Folders (or links) the catalog holds files under that this run could not see, and the number of
     # catalog files kept under them; removed only with prune=True.
     unavailable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -129,6 +135,7 @@ class IngestReport:
         d["skipped"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.skipped]
         d["unavailable"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.unavailable]
         d["excluded"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.excluded]
+        d["partial"] = [{**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.partial]
         d["metadata_problems"] = [
             {**db.path_json(os.fsencode(p)), "reason": r} for p, r in self.metadata_problems
         ]
@@ -221,6 +228,7 @@ def _ingest(
     run.reread_photos(plan.to_reread)
     run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
+    run.index_videos([(sha, group) for sha, group in pending.items() if group[0].kind == "video"])
     run.sync_captions(root, found.captions, plan.kept, plan.kept_keys)
     run.remove_missing(plan.to_delete)
     tick("save", 0, 1)
@@ -788,6 +796,48 @@ class _Run:
                 self._write_file(tx, f, sha, mid)
         self.report.audio_transcribed += 1
         self.report.segments_embedded += len(texts)
+
+    # --- video --------------------------------------------------------------------------------
+    def index_videos(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
+        """Each new video content: keyframes and spoken track read, embedded and committed with its files
+        in one transaction (see :mod:`mmsearch.ingest_video`)."""
+        for i, (sha, group) in enumerate(groups):
+            self.tick("video", i, len(groups))
+            path = group[0].path
+            read = read_video(
+                path,
+                self.embedder,
+                lambda p: transcribe_file(self.transcriber, p),
+                save_frame_thumb(self.store, sha),
+            )
+            if read.empty:
+                with self.store.write() as tx:
+                    for g in group:
+                        self._skip(tx, g, sha, skip_reason(read))
+                continue
+            texts, spans = transcript_spans(read.transcript) if read.transcript is not None else ([], [])
+            said = self.embedder.embed_texts(texts) if texts else None
+            with self.store.write("frame", "segment") as tx:
+                speech = speech_key(self.store.config.get("speech") or {})
+                mid, frame_ids, seg_ids = commit_video(tx.conn, sha, read, spans, speech)
+                if frame_ids:
+                    seen = np.stack(read.vectors).astype(np.float32, copy=False)
+                    tx.added("frame", db.add_embeddings(tx.conn, "frame", seen, frame_ids), seen)
+                if said is not None:
+                    tx.added("segment", db.add_embeddings(tx.conn, "segment", said, seg_ids), said)
+                for f in group:
+                    self._write_file(tx, f, sha, mid)
+            self.report.videos_indexed += 1
+            self.report.frames_embedded += len(frame_ids)
+            self.report.segments_embedded += len(texts)
+            for why in (
+                read.truncated and f"picture read only in part: {read.truncated}",
+                read.picture_problem and f"picture not read: {read.picture_problem}",
+            ):
+                if why:
+                    self.report.partial.append((str(path), why))
+        if groups:
+            self.tick("video", len(groups), len(groups))
 
     # --- captions -----------------------------------------------------------------------------
     def sync_captions(

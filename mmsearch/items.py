@@ -21,7 +21,7 @@ def item_details(catalog: Catalog, file_id: int, max_segments: int) -> dict[str,
     if row is None:
         return None
     segments: list[dict[str, Any]] = []
-    if row.kind == "audio":
+    if row.kind in ("audio", "video"):
         segments = [
             {"start": a, "end": b, "text": t}
             for a, b, t in db.segments_of(catalog, row.media_id, max_segments)
@@ -55,7 +55,7 @@ def hits_with_files(catalog: Catalog, hits: list[Hit]) -> list[dict[str, Any]]:
     for h in hits:
         d = h.as_dict()  # path in display form, path_b64 the exact bytes
         d["name"] = base_name(str(d["path"]))
-        d["file_kind"] = "audio" if h.kind == "segment" else "image"
+        d["file_kind"] = h.file_kind or ("audio" if h.kind == "segment" else "image")
         d["captions"] = [txt for _, _, txt in caps.get(h.file_id, [])][:HIT_CAPTIONS]
         out.append(d)
     return out

@@ -86,7 +86,7 @@ class Filters(BaseModel):
 
     path: list[str] = Field(default_factory=list, description="Globs on the file's full path")
     ext: list[str] = Field(default_factory=list, description="File extensions, e.g. jpg")
-    kind: list[str] = Field(default_factory=list, description="File kinds: image | audio")
+    kind: list[str] = Field(default_factory=list, description="File kinds: image | audio | video")
     after: str | None = Field(
         default=None, max_length=64, description="Modified at or after (ISO 8601 or unix time)"
     )

@@ -25,6 +25,7 @@ the query; nothing left means "no good match".
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ from mmsearch.constants import (
     QUERY_MODES,
     QUERY_ROLES,
     TARGETS,
+    VIDEO_TARGET,
 )
 from mmsearch.errors import ActiveModelChanged, BadQueryError
 from mmsearch.filters import Filters
@@ -223,7 +225,12 @@ def plan(query: Query) -> Plan:
         combine=query.combine,
         k=query.k,
         depth=min(MAX_K, max(3 * query.k, 50)),
-        filters=query.filters,
+        # The video target is a video's frames and the segments of its own spoken track.
+        filters=(
+            dataclasses.replace(query.filters, kinds=("video",))
+            if target == VIDEO_TARGET and not query.filters.kinds
+            else query.filters
+        ),
         # Which calibration reads the scores: a combined query's vector is neither a text's nor an image's.
         query_kind=None if len(parts) > 1 else "image" if query.image is not None else "text",
         min_confidence=query.min_confidence,
@@ -275,7 +282,7 @@ def _ranked(scores: Mapping[int, float]) -> list[int]:
 
 
 # --- execution --------------------------------------------------------------------------------------------
-_CALIBRATED_AS = {"segment": "caption"}
+_CALIBRATED_AS = {"segment": "caption", "frame": "image"}
 
 
 def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) -> SearchResult:
@@ -361,6 +368,9 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
 
     rows = db.resolve_items(store.catalog, order, p.kinds, filters=p.filters)
     hits: list[Hit] = []
+    # One result per video: its best moment; the others that pass are folded under it (by hit index).
+    video_hit: dict[int, int] = {}
+    moments: dict[int, list[dict[str, Any]]] = {}
     for item_id in order:
         row = rows.get(item_id)
         if row is None:
@@ -369,7 +379,7 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
         confidence = None
         if cosine is not None and calibration is not None and p.query_kind is not None:
             # A segment is text embedded by the text tower like a caption: an image's cosine to either is
-            # the same modality pair, read by the image→caption calibration.
+            # the same modality pair, read by the image→caption calibration. A keyframe is an image.
             confidence = calibration.confidence(p.query_kind, _CALIBRATED_AS.get(row.kind, row.kind), cosine)
         by_words = item_id in word_hits
         by_vector = item_id in vector_scores
@@ -380,6 +390,20 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
             if p.min_score is not None and cosine is not None and cosine < p.min_score:
                 continue
         score = cosine if cosine is not None else word_hits.get(item_id, 0.0)
+        if row.file_kind == "video" and row.file_id in video_hit:
+            moments[video_hit[row.file_id]].append(
+                {
+                    "kind": row.kind,
+                    "start": row.start,
+                    "end": row.end,
+                    "score": round(float(score), 6),
+                    "item_id": item_id,
+                }
+            )
+            continue
+        if row.file_kind == "video":
+            video_hit[row.file_id] = len(hits)
+            moments[len(hits)] = []
         hits.append(
             Hit.of(
                 row,
@@ -391,6 +415,9 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
         )
         if len(hits) == p.k:
             break
+    hits = [
+        dataclasses.replace(h, moments=tuple(moments[i])) if moments.get(i) else h for i, h in enumerate(hits)
+    ]
     return SearchResult(hits=hits, no_match=not hits, target=p.target, mode=p.mode)
 
 

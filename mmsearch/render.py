@@ -33,6 +33,8 @@ HIT_FIELDS = (
     "end",
     "item_id",
     "file_id",
+    "file_kind",
+    "moments",
     "taken_at",
     "camera",
     "lat",
@@ -117,8 +119,15 @@ def hit_rows(hits: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str, 
     rows = []
     for h in hits:
         snippet = h["text"] or ""
-        if h["start"] is not None and h["end"] is not None:
+        if h["kind"] == "frame" and h["start"] is not None:
+            snippet = f"[{clock(h['start'])}] {snippet}".rstrip()
+        elif h["start"] is not None and h["end"] is not None:
             snippet = f"[{clock(h['start'])}–{clock(h['end'])}] {snippet}"
+        if h.get("moments"):  # the other moments of the same video, folded under its best one
+            snippet += f" (+{len(h['moments'])} more: " + ", ".join(
+                clock(m["start"]) for m in h["moments"][:5]
+            )
+            snippet += ", …)" if len(h["moments"]) > 5 else ")"
         rows.append(
             (
                 str(h["rank"]),

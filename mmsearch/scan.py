@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsearch import sidecars
-from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+from mmsearch.constants import AUDIO_SUFFIXES, IMAGE_SUFFIXES, LIVE_PHOTO_VIDEO_SUFFIXES, VIDEO_SUFFIXES
 from mmsearch.ignore import (
     CACHE_FOLDER_REASON,
     HIDDEN_FOLDER_REASON,
@@ -63,13 +63,14 @@ MAX_CAPTION_FILE_BYTES = 1 << 20
 INDEX_MARKER = "mmsearch.json"  # a folder holding this file is an index: never scanned as media
 OUTSIDE_LINK_REASON = "symlink points outside the indexed folder (use --follow-links to index it)"
 BROKEN_LINK_REASON = "broken symlink"
+LIVE_PHOTO_REASON = "Live Photo video, part of the photo"  # followed by the photo's name
 UNREADABLE_FOLDER_REASON = "unreadable folder"  # followed by ": <why>"
 
 
 @dataclass(frozen=True)
 class FoundFile:
     path: Path  # absolute, symlinks in the folder part kept as the user sees them
-    kind: str  # "image" | "audio"
+    kind: str  # "image" | "audio" | "video"
     size: int
     mtime_ns: int
 
@@ -111,6 +112,8 @@ def kind_of_name(name: str) -> str | None:
         return "image"
     if suffix in AUDIO_SUFFIXES:
         return "audio"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
     return None
 
 
@@ -164,8 +167,25 @@ def scan(
             result.problems.append((manifest, OUTSIDE_LINK_REASON))
         elif manifest.is_file():
             _read_manifest(manifest, images, result, left_out, include_hidden)
+    _fold_live_photos(result)
     result.files.sort(key=lambda f: os.fsencode(f.path))
     return result
+
+
+def _fold_live_photos(result: ScanResult) -> None:
+    """A video beside a still of the same name (``IMG_1.MOV`` and ``IMG_1.HEIC``: a Live Photo) is part of
+    the photo: left out, with that reason, instead of indexed as an unrelated video."""
+    stills = {os.path.splitext(str(f.path))[0]: f.path.name for f in result.files if f.kind == "image"}
+    if not stills:
+        return
+    kept = []
+    for f in result.files:
+        stem, suffix = os.path.splitext(str(f.path))
+        if f.kind == "video" and suffix.lower() in LIVE_PHOTO_VIDEO_SUFFIXES and stem in stills:
+            result.excluded.append((f.path, f"{LIVE_PHOTO_REASON} {stills[stem]}"))
+        else:
+            kept.append(f)
+    result.files = kept
 
 
 def _inside_test(root: Path) -> Callable[[str], bool]:

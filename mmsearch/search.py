@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,11 @@ class Hit:
     file_id: int
     confidence: float | None = None
     matched: str = "vector"
+    # The kind of the hit's file (image, audio, video): a segment or a frame of a video is a moment in it.
+    file_kind: str | None = None
+    # A video's other moments in the results, folded under its best one (see mmsearch.query): each
+    # {"kind", "start", "end", "score", "item_id"}, best first.
+    moments: tuple[dict[str, Any], ...] = ()
     # What a photo's file says of itself (None when unknown): unix seconds, "Make Model", WGS84 degrees.
     taken_at: float | None = None
     camera: str | None = None
@@ -56,6 +62,7 @@ class Hit:
             end=row.end,
             item_id=row.id,
             file_id=row.file_id,
+            file_kind=row.file_kind,
             taken_at=row.taken_at,
             camera=row.camera,
             lat=row.lat,
