@@ -72,18 +72,49 @@ def open_file(row: FileDetails) -> IO[bytes]:
         raise
 
 
+#: The MIME types of the video containers indexed, whatever the system's MIME table says (a browser's
+#: ``<video>`` needs one it knows to try playing the file).
+VIDEO_TYPES = {
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".mov": "video/quicktime",
+    ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
+    ".avi": "video/x-msvideo",
+}
+
+
 def media_type(row: FileDetails) -> str:
     """The MIME type a file is served as: what its suffix says, never sniffed."""
-    return mimetypes.guess_type(display(row.path))[0] or "application/octet-stream"
+    path = display(row.path)
+    known = VIDEO_TYPES.get(os.path.splitext(path)[1].lower())
+    return known or mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
 class Thumbnails:
     """JPEG thumbnails of image items, made on first request and cached in the index folder (named by
-    content hash); at most :data:`THUMB_DECODES` decodes at once."""
+    content hash); at most :data:`THUMB_DECODES` decodes at once. A video's keyframes are served as saved
+    when it was indexed (:func:`mmsearch.ingest_video.frame_thumb_path`), never decoded here."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._decodes = threading.BoundedSemaphore(THUMB_DECODES)
+
+    def frame(self, row: FileDetails, idx: int) -> Path:
+        """The saved thumbnail of keyframe ``idx`` of video ``row``; 404 unless the file is still the one
+        indexed (see :func:`open_file`), or if none was saved (the index folder was read-only then)."""
+        from mmsearch.ingest_video import frame_thumb_path
+
+        if row.kind != "video":
+            raise HTTPException(404, f"item {row.id} is {row.kind}: no frames")
+        with open_file(row):
+            try:
+                saved: Path | None = frame_thumb_path(self.store, row.sha256, idx)
+            except (OSError, MmsearchError):  # no thumbnails folder, and a read-only index folder
+                saved = None
+            if saved is None or not saved.is_file():
+                raise HTTPException(404, f"item {row.id}: no thumbnail of keyframe {idx} was saved")
+        return saved
 
     def get(self, row: FileDetails) -> Path | bytes:
         """The cached thumbnail of ``row``, or its bytes if the index folder is read-only; 404 unless the

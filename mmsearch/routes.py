@@ -11,6 +11,7 @@ one request at a time. Metadata, thumbnails and media need no model and are serv
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -70,9 +71,24 @@ MAX_SEGMENTS = 5000
 TEXT_BATCH = 32  # most text queries embedded in one forward pass
 WEB_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 IntId = PathParam(ge=1, le=2**63 - 1, description="A file id from a search hit")
+MAX_FRAMES = 5000  # keyframe times listed for a video item
+MAX_AT = 7 * 24 * 3600.0  # the latest time a thumbnail may be asked at (seconds): a week
+# A frame hit's time goes through the URL as text: a hair of slack finds that frame, never the one before.
+FRAME_TIME_SLACK = 1e-3
 
 
 # --- response models (for the OpenAPI schema) ---------------------------------------------------------
+class MomentOut(BaseModel):
+    """Another moment of the same video, folded under its best hit."""
+
+    kind: str  # frame | segment
+    start: float | None
+    end: float | None
+    score: float
+    item_id: int
+    thumb: str | None = None  # the keyframe on screen at ``start``
+
+
 class HitOut(BaseModel):
     rank: int
     score: float  # cosine similarity to the query
@@ -94,9 +110,10 @@ class HitOut(BaseModel):
     lon: float | None = None
     file_kind: str
     captions: list[str]
-    thumb: str | None
+    thumb: str | None  # a video's hit: the keyframe on screen at ``start``
     media: str
     item: str
+    moments: list[MomentOut] = []  # a video's other moments in the results (see mmsearch.query)
 
 
 class SearchOut(BaseModel):
@@ -146,6 +163,7 @@ class ItemOut(BaseModel):
     lon: float | None = None
     keywords: list[dict[str, str]] = []
     tags: list[dict[str, Any]] = []
+    frames: list[float] = []  # a video's keyframe times (seconds), each shown by /api/thumbs/{id}?at=TIME
     thumb: str | None
     media: str
 
@@ -235,22 +253,40 @@ class Service:
         details = item_details(self.index.store.catalog, file_id, MAX_SEGMENTS)
         if details is None:
             raise HTTPException(404, f"no item {file_id}")
-        details["thumb"] = f"/api/thumbs/{file_id}" if details["kind"] == "image" else None
+        kind = details["kind"]
+        details["thumb"] = f"/api/thumbs/{file_id}" if kind in ("image", "video") else None
+        if kind == "video":
+            row = self.file_row(file_id)
+            details["frames"] = db.frame_times(self.index.store.catalog, row.media_id, MAX_FRAMES)
         details["media"] = f"/api/media/{file_id}"
         return details
 
     def hits_out(self, hits: list[Any]) -> list[dict[str, Any]]:
         out = hits_with_files(self.index.store.catalog, hits)
         for d in out:
-            d["thumb"] = f"/api/thumbs/{d['file_id']}" if d["file_kind"] == "image" else None
+            d["thumb"] = thumb_url(d["file_id"], d["file_kind"], d["start"])
             d["media"] = f"/api/media/{d['file_id']}"
             d["item"] = f"/api/items/{d['file_id']}"
+            d["moments"] = [
+                {**m, "thumb": thumb_url(d["file_id"], d["file_kind"], m.get("start"))}
+                for m in d.get("moments") or ()
+            ]
         return out
 
-    def thumbnail(self, file_id: int) -> Path | bytes:
-        """The cached JPEG thumbnail of image item ``file_id``, or its bytes if the index folder is
-        read-only; 404 unless the file is still the one indexed (see :func:`mmsearch.media.open_file`)."""
-        return self.thumbnails.get(self.file_row(file_id))
+    def thumbnail(self, file_id: int, at: float | None = None) -> Path | bytes:
+        """The JPEG thumbnail of item ``file_id``: an image's (cached, or its bytes if the index folder is
+        read-only), or a video's keyframe on screen at ``at`` seconds (the first one by default) as saved
+        at index time; 404 unless the file is still the one indexed (see :func:`mmsearch.media.open_file`)
+        and, for ``at``, unless it is a video."""
+        row = self.file_row(file_id)
+        if row.kind == "video":
+            found = db.frame_at(self.index.store.catalog, row.media_id, (at or 0.0) + FRAME_TIME_SLACK)
+            if found is None:
+                raise HTTPException(404, f"item {file_id} has no keyframes")
+            return self.thumbnails.frame(row, found[0])
+        if at is not None:
+            raise HTTPException(404, f"item {file_id} is {row.kind}: no frames")
+        return self.thumbnails.get(row)
 
     def media(self, file_id: int) -> tuple[IO[bytes], int, str]:
         """(the open file, its size, its MIME type) of item ``file_id``; see :func:`mmsearch.media.open_file`."""
@@ -398,9 +434,17 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}},
     )
-    def thumb(file_id: int = IntId) -> Response:
-        """A JPEG thumbnail of an image item (made once, cached in the index folder)."""
-        made = service.thumbnail(file_id)
+    def thumb(
+        file_id: int = IntId,
+        at: float | None = Query(
+            None, ge=0, le=MAX_AT, description="A video's time (seconds): its keyframe on screen then"
+        ),
+    ) -> Response:
+        """A JPEG thumbnail of an image item (made once, cached in the index folder), or of a video's
+        keyframe (the first, or the one on screen at ``at`` seconds)."""
+        if at is not None and not math.isfinite(at):
+            raise HTTPException(422, "at: a finite number of seconds")
+        made = service.thumbnail(file_id, at)
         headers = {"Cache-Control": "private, max-age=3600"}
         if isinstance(made, bytes):
             return Response(made, media_type="image/jpeg", headers=headers)
@@ -413,8 +457,8 @@ def create_app(
         responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "A byte range"}},
     )
     def media(file_id: int = IntId) -> Response:
-        """The file itself, by id, while it is the file indexed; supports HTTP range requests (audio
-        seeking)."""
+        """The file itself, by id, while it is the file indexed; supports HTTP range requests (audio and
+        video seeking)."""
         f, size, mime = service.media(file_id)
         return OpenFileResponse(f, size, mime, {"Content-Disposition": "inline"})
 
@@ -465,7 +509,9 @@ def search_options(
         list[str] | None, Query(max_length=1024, description="Glob on the file's full path (any matches)")
     ] = None,
     ext: Annotated[list[str] | None, Query(max_length=32, description="File extension")] = None,
-    kind: Annotated[list[str] | None, Query(max_length=16, description="File kind: image | audio")] = None,
+    kind: Annotated[
+        list[str] | None, Query(max_length=16, description="File kind: image | audio | video")
+    ] = None,
     after: str | None = Query(
         None, max_length=64, description="Files modified at or after (ISO 8601 / unix)"
     ),
@@ -494,6 +540,16 @@ def search_options(
             taken_after=taken_after, taken_before=taken_before, near=near,
         ),
     }  # fmt: skip
+
+
+def thumb_url(file_id: int, file_kind: str | None, start: float | None) -> str | None:
+    """The thumbnail of a hit: an image's own; a video's keyframe on screen at ``start`` (``repr`` keeps
+    every digit, so a frame hit's time names that very frame); None for audio."""
+    if file_kind == "image":
+        return f"/api/thumbs/{file_id}"
+    if file_kind == "video":
+        return f"/api/thumbs/{file_id}" if start is None else f"/api/thumbs/{file_id}?at={float(start)!r}"
+    return None
 
 
 def _check_target(target: str) -> None:

@@ -25,7 +25,9 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import mmsearch
-from mmsearch.demo.world import DemoFolder, write_demo_folder
+from mmsearch.demo.videos import Scene as VideoScene
+from mmsearch.demo.videos import VideoTruth, make_video
+from mmsearch.demo.world import Attributes, DemoFolder, write_demo_folder
 from tests._speech import speech_wav
 from tests.conftest import solid
 from tests.test_server import start
@@ -534,3 +536,98 @@ def test_a_query_the_collection_cannot_answer_says_so(browser: webdriver.Chrome,
     search(browser, site.demo.text_query)
     assert not browser.find_element(By.ID, "no-match").is_displayed()
     assert not browser.find_element(By.ID, "closest").is_displayed()
+
+
+# --- video (issue 14): a moment's keyframe, played from its time -------------------------------------------
+@dataclass
+class VideoSite:
+    url: str  # the address the server announced, with its token
+    truth: VideoTruth
+    screenshots: Path
+
+
+@pytest.fixture(scope="module")
+def video_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VideoSite]:
+    """Its own small index (one mute demo video and one image), so the video test costs no speech model."""
+    root = tmp_path_factory.mktemp("browser-video")
+    media = root / "media"
+    truth = make_video(media / "shots.mp4", VIDEO_SCENES, narrate=False)
+    solid(media / "photo.png", (200, 30, 30))
+    index = root / "index"
+    with mmsearch.Index.create(index, model="demo") as idx:
+        report = idx.add_folder(media)
+    assert not report.skipped, report.skipped
+    url, thread, stop = start(index)
+    shots = root / "screenshots"
+    shots.mkdir()
+    yield VideoSite(url, truth, shots)
+    stop.set()
+    thread.join(30)
+
+
+VIDEO_SCENES = (
+    VideoScene(Attributes("red", "circle", "large", 1, "white"), duration=3.0, background="white"),
+    VideoScene(Attributes("green", "square", "large", 1, "black"), duration=3.0, background="black"),
+    VideoScene(Attributes("blue", "triangle", "large", 1, "gray"), duration=3.0, background="gray"),
+)
+
+
+def video_state(browser: webdriver.Chrome, card: WebElement) -> tuple[bool, float, str]:
+    """(paused, currentTime, currentSrc) of a card's <video>."""
+    return tuple(  # type: ignore[return-value]
+        browser.execute_script(
+            "const v = arguments[0].querySelector('video'); return [v.paused, v.currentTime, v.currentSrc];",
+            card,
+        )
+    )
+
+
+def test_a_video_hit_shows_its_frame_and_plays_from_that_moment(
+    browser: webdriver.Chrome, video_site: VideoSite
+) -> None:
+    browser.get(video_site.url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "stats").text.strip() != "")
+    choose_target(browser, "video")
+    cards = search(browser, "a green square")
+    hits = browser.execute_script(
+        "return fetch('/api/search?' + new URLSearchParams({q: 'a green square', target: 'video', k: 12}))"
+        ".then(r => r.json()).then(j => j.hits)"
+    )
+    assert cards and len(cards) == len(hits)
+    best, card = hits[0], cards[0]
+    start_at = best["start"]
+    assert best["kind"] == "frame" and video_site.truth.scene_at(start_at).attributes.colour == "green"
+    assert "video" in (card.get_attribute("class") or "").split()
+    img = card.find_element(By.CSS_SELECTOR, ".moment-thumb img")
+    assert img.get_attribute("src").endswith(best["thumb"]) and "?at=" in best["thumb"]
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return arguments[0].naturalWidth", img) > 0)
+    minutes, seconds = divmod(int(start_at), 60)
+    assert card.find_element(By.CSS_SELECTOR, ".moment-thumb .at").text == f"▶ {minutes}:{seconds:02d}"
+    card.find_element(By.CSS_SELECTOR, ".moment-thumb").click()
+    WebDriverWait(browser, 30).until(lambda d: video_state(d, card)[1] > 0 and not video_state(d, card)[0])
+    paused, now, src = video_state(browser, card)
+    assert src.split("#")[0].endswith(best["media"])
+    assert start_at - 0.05 <= now <= start_at + 5.0, (start_at, now)
+    browser.save_screenshot(str(video_site.screenshots / "video-hit.png"))
+
+    # The moments folded under a video's best hit: clickable times that seek its player. (Rendered from a
+    # made-up answer with the real hit's links, so this holds whatever the server folds for this query.)
+    later = video_site.truth.scenes[2].start + 0.5
+    fake = {
+        "query": "x", "input": "text", "mode": "vector", "target": "video", "k": 1, "took_ms": 1,
+        "no_match": False,
+        "hits": [{**best, "moments": [
+            {"kind": "segment", "start": later, "end": later + 1, "score": 0.2, "item_id": 0, "thumb": None},
+            {"kind": "frame", "start": 0.0, "end": 0.0, "score": 0.1, "item_id": 0, "thumb": None},
+        ]}],
+    }  # fmt: skip
+    browser.execute_script("render(arguments[0])", fake)
+    card = browser.find_element(By.CSS_SELECTOR, "#results .card.video")
+    times = [b.text for b in card.find_elements(By.CSS_SELECTOR, ".moments button")]
+    assert times == ["0:00", f"0:{int(later):02d}"], times
+    card.find_element(By.CSS_SELECTOR, ".moments button.segment").click()
+    WebDriverWait(browser, 30).until(lambda d: abs(video_state(d, card)[1] - later) < 1.5)
+    assert not video_state(browser, card)[0]
+    card.find_element(By.CSS_SELECTOR, ".moments button.frame").click()
+    WebDriverWait(browser, 30).until(lambda d: video_state(d, card)[1] < 1.0)
+    assert browser.execute_script("return document.querySelectorAll('video').length") == 1

@@ -54,7 +54,7 @@ function listOf(id) {
 const FILTER_FIELDS = [
   ["path", ["f-path"], true],
   ["ext", ["f-ext"], true],
-  ["kind", ["f-kind-image", "f-kind-audio"], false],
+  ["kind", ["f-kind-image", "f-kind-audio", "f-kind-video"], false],
   ["after", ["f-after"], false],
   ["before", ["f-before"], false],
   ["min_duration", ["f-min-duration"], false],
@@ -164,6 +164,7 @@ function showQueryImage(file) {
 }
 
 function playFrom(src, start) {
+  pauseAllBut(player);
   player.hidden = false;
   const seekAndPlay = () => {
     player.currentTime = start || 0;
@@ -176,6 +177,77 @@ function playFrom(src, start) {
     player.load();
   } else {
     seekAndPlay();
+  }
+}
+
+// One thing plays at a time: the audio player or one card's video.
+function pauseAllBut(playing) {
+  for (const media of document.querySelectorAll("audio, video")) if (media !== playing) media.pause();
+}
+
+// A time as a media fragment's value: seconds, at most millisecond precision, never negative.
+function fragmentTime(seconds) {
+  return String(Math.max(0, Math.round((Number(seconds) || 0) * 1000) / 1000));
+}
+
+// The <video> of a card, made on first use in place of its keyframe thumbnail, seeked to `start` and played.
+// The media fragment (#t=) starts the first load at that moment; later seeks set currentTime.
+function playVideoAt(node, hit, start) {
+  const frame = node.querySelector(".frame");
+  let video = frame.querySelector("video");
+  const seekAndPlay = () => {
+    if (Math.abs(video.currentTime - start) > 0.05) video.currentTime = start;
+    pauseAllBut(video);
+    video.play().catch((e) => setStatus(`cannot play ${hit.name}: ${e.message}`, true));
+  };
+  node.querySelectorAll(".moments button").forEach((b) => b.classList.toggle("current", Number(b.dataset.start) === start));
+  if (!video) {
+    video = el("video", { controls: "", preload: "metadata", playsinline: "", title: hit.path });
+    video.addEventListener("play", () => pauseAllBut(video));
+    video.addEventListener("error", () => {
+      setStatus(`this browser cannot play ${hit.name}: open it with “open file”`, true);
+    });
+    video.addEventListener("loadedmetadata", seekAndPlay, { once: true });
+    video.src = `${hit.media}#t=${fragmentTime(start)}`;
+    frame.replaceChildren(video);
+    node.classList.add("playing");
+    return;
+  }
+  if (video.readyState >= HTMLMediaElement.HAVE_METADATA) seekAndPlay();
+  else video.addEventListener("loadedmetadata", seekAndPlay, { once: true });
+}
+
+// A video hit: the keyframe on screen at its moment, with that time; a click plays the video from there.
+// The other moments of the video found by the query are listed as times that seek its player.
+function videoCard(node, hit) {
+  const start = typeof hit.start === "number" ? hit.start : 0;
+  const frame = el("div", { class: "frame" });
+  const button = el("button", { type: "button", class: "moment-thumb", title: `play ${hit.name} from ${clock(start)}` });
+  if (hit.thumb) {
+    const img = el("img", { src: hit.thumb, alt: `${hit.name} at ${clock(start)}`, loading: "lazy" });
+    img.addEventListener("error", () => img.replaceWith(el("span", { class: "no-thumb", text: "no preview" })), { once: true });
+    button.append(img);
+  }
+  button.append(el("span", { class: "at", text: `▶ ${clock(start)}` }));
+  button.addEventListener("click", () => playVideoAt(node, hit, start));
+  frame.append(button);
+  node.append(frame, el("a", { class: "open", href: hit.media, target: "_blank", rel: "noopener", text: "open file" }));
+  const moments = Array.isArray(hit.moments) ? hit.moments.filter((m) => typeof m.start === "number") : [];
+  if (moments.length) {
+    const list = el("div", { class: "moments", title: "other moments of this video" }, el("span", { class: "muted", text: "also at" }));
+    for (const moment of [...moments].sort((a, b) => a.start - b.start)) {
+      const what = moment.kind === "segment" ? "said" : "seen";
+      const b = el("button", {
+        type: "button",
+        class: `moment ${moment.kind}`,
+        "data-start": String(moment.start),
+        title: `${what} at ${clock(moment.start)} (score ${Number(moment.score).toFixed(3)})`,
+        text: clock(moment.start),
+      });
+      b.addEventListener("click", () => playVideoAt(node, hit, moment.start));
+      list.append(b);
+    }
+    node.append(list);
   }
 }
 
@@ -200,6 +272,8 @@ function card(hit) {
     const link = el("a", { href: hit.media, target: "_blank", rel: "noopener", title: hit.path });
     link.append(el("img", { src: hit.thumb, alt: hit.name, loading: "lazy" }));
     node.append(link);
+  } else if (hit.file_kind === "video") {
+    videoCard(node, hit);
   } else {
     const when = hit.start !== null ? `${clock(hit.start)}–${clock(hit.end)}` : "";
     const button = el("button", { type: "button", class: "play", text: `▶ ${when}` });
