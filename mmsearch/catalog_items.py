@@ -204,11 +204,15 @@ def texts_of(catalog: Catalog, kind: str, ids: Sequence[int]) -> dict[int, str]:
 
 
 def recordings_not_by(catalog: Catalog, speech: str) -> list[int]:
-    """The recordings (audio content with a live file) whose transcript other speech settings made."""
+    """The recordings (audio or video content with a live file) whose transcript other speech settings made."""
     live = select(files.c.id).where(files.c.media_id == media.c.id, files.c.status == "ok").exists()
     q = (
         select(media.c.id)
-        .where(media.c.kind == "audio", live, (media.c.speech.is_(None)) | (media.c.speech != speech))
+        .where(
+            media.c.kind.in_(("audio", "video")),
+            live,
+            (media.c.speech.is_(None)) | (media.c.speech != speech),
+        )
         .order_by(media.c.id)
     )
     with catalog.read() as conn:
@@ -317,3 +321,16 @@ def frame_times(catalog: Catalog, media_id: int, limit: int) -> list[float]:
     q = select(fr.c.time).where(fr.c.media_id == media_id).order_by(fr.c.time, fr.c.idx).limit(limit)
     with catalog.read() as conn:
         return [float(t) for t in conn.execute(q).scalars()]
+
+
+def frames_of(catalog: Catalog, frame_ids: Sequence[int]) -> dict[int, list[tuple[int, float]]]:
+    """media id -> its keyframes among ``frame_ids``: (frame id, time), in time order."""
+    out: dict[int, list[tuple[int, float]]] = {}
+    with catalog.read() as conn:
+        for chunk in _chunks(list(frame_ids), 900):
+            q = select(frames.c.media_id, frames.c.id, frames.c.time).where(frames.c.id.in_(chunk))
+            for mid, fid, t in conn.execute(q):
+                out.setdefault(int(mid), []).append((int(fid), float(t)))
+    for stored in out.values():
+        stored.sort(key=lambda x: x[1])
+    return out

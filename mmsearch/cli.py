@@ -752,7 +752,8 @@ def _typer_app() -> "typer.Typer":
             _print_json(report.as_dict())
             return
         _line(
-            f"re-embedded {report.images} images, {report.captions} captions, {report.segments} segments "
+            f"re-embedded {report.images} images, {report.captions} captions, {report.segments} segments, "
+            f"{report.frames} keyframes "
             f"with {report.model} in {report.seconds:.1f}s"
         )
         for path, reason in report.skipped:
@@ -865,6 +866,18 @@ def _typer_app() -> "typer.Typer":
                     )
                 )
                 _print_hits([h.as_dict() for h in spoken.hits], spoken.no_match)
+            if made.videos:  # one hit per video, at its best moment; its other moments folded under it
+                shown = ", ".join(
+                    f"{p.relative_to(made.media_dir)} at {render.clock(t)}"
+                    for p, t in made.moments(made.video_query_stated)
+                )
+                _out().rule(_safe(f"text → moment: “{made.video_query_text}” (shown in {shown})"))
+                found = idx.search(made.video_query_text, target="video", k=k)
+                _print_hits([h.as_dict() for h in found.hits], found.no_match)
+                if speech and made.audio_query is not None:
+                    spoken = idx.search(audio=made.audio_query, target="video", k=k)
+                    _out().rule(_safe(f"audio → moment: {made.audio_query} (heard: “{spoken.transcript}”)"))
+                    _print_hits([h.as_dict() for h in spoken.hits], spoken.no_match)
         _out().print()
         _line(f'Try: mmsearch query --index {index_dir} "a small blue square"')
 
@@ -995,10 +1008,13 @@ def _interrupted(kept: str) -> NoReturn:
 def _print_report(r: "IngestReport") -> None:
     _line(
         f"indexed {r.root}: {r.files_seen} files seen, {r.unchanged} unchanged, {r.images_embedded} images embedded, "
-        f"{r.audio_transcribed} recordings transcribed ({r.segments_embedded} segments), {r.linked} moved/duplicate "
+        f"{r.audio_transcribed} recordings transcribed, {r.videos_indexed} videos ({r.frames_embedded} keyframes), "
+        f"{r.segments_embedded} spoken segments, {r.linked} moved/duplicate "
         f"reused, {r.captions_added} captions added ({r.captions_embedded} embedded), {r.captions_removed} removed, {r.files_removed} files gone, "
         f"{len(r.skipped)} skipped — {r.seconds:.1f} s"
     )
+    for path, reason in r.partial[:20]:
+        _line(f"  partly indexed {path}: {reason}")
     for path, reason in r.skipped[:20]:
         _line(f"  skipped {path}: {reason}")
     if len(r.skipped) > 20:

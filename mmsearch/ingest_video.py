@@ -119,6 +119,16 @@ def _read_keyframes(
     flush()
 
 
+def frame_vectors(path: Path, embedder: Embedder) -> tuple[list[float], list[np.ndarray]]:
+    """The keyframes of ``path`` as indexing chooses them: their times and vectors (for a new model).
+    :class:`BadMediaError` when none can be decoded."""
+    read = VideoRead()
+    _read_keyframes(path, embedder, read, None)
+    if read.picture_problem is not None:
+        raise BadMediaError(read.picture_problem)
+    return [t for _, t, _ in read.keyframes], read.vectors
+
+
 def save_frame_thumb(store: Store, sha256: str) -> Callable[[int, Image.Image], None]:
     """A thumbnail writer for one content's keyframes (best effort: a read-only or full thumbnails folder
     costs the server a placeholder, not the run)."""

@@ -36,6 +36,7 @@ from mmsearch.ingest import (
     image_batch_size,
     unchanged_file,
 )
+from mmsearch.ingest_video import frame_vectors
 from mmsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ReembedReport:
     images: int = 0
     captions: int = 0
     segments: int = 0
+    frames: int = 0
     #: Content none of whose files could be decoded now: (path, reason); its files are recorded as skipped.
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: Content whose files all changed or went since they were indexed: left to the next ``index`` run.
@@ -109,6 +111,7 @@ def fill(
         _embed_images(store, model, emb, todo["image"], report, tick, workers)
         for kind in ("caption", "segment"):
             _embed_texts(store, model, emb, kind, todo[kind], report, tick)
+        _embed_frames(store, model, emb, todo["frame"], report, tick)
         store.save_vectors()
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -137,6 +140,39 @@ def activate(store: Store, model: str, *, keep_old: bool) -> tuple[bool, str | N
             tx.removed(kind, ids)
     store.forget_vectors(previous)
     return True, previous
+
+
+def _embed_frames(
+    store: Store, model: str, emb: Embedder, frame_ids: list[int], report: ReembedReport, tick: Progress
+) -> None:
+    """Keyframes, decoded again from one of their video's unchanged files (the same keyframe choice as
+    indexing) and matched to the stored ones by time: each stored frame takes the nearest frame decoded
+    now (the same one, unless the keyframe choice changed since). One video per transaction."""
+    if not frame_ids:
+        return
+    by_video = db.frames_of(store.catalog, frame_ids)
+    live = db.live_files_of(store.catalog, list(by_video))
+    for done, (mid, stored) in enumerate(by_video.items()):
+        tick("frames", done, len(by_video))
+        path = unchanged_file(live.get(mid, []))
+        if path is None:
+            report.stale += 1
+            continue
+        try:
+            times, vectors = frame_vectors(path, emb)
+        except BadMediaError as e:
+            report.skipped.append((str(path), f"keyframes not decoded again: {e}"))
+            continue
+        if not times:
+            report.skipped.append((str(path), "no keyframe decoded again"))
+            continue
+        nearest = [int(np.argmin(np.abs(np.asarray(times) - t))) for _, t in stored]
+        chosen = np.stack([vectors[i] for i in nearest]).astype(np.float32, copy=False)
+        with store.write("frame", model=model) as tx:
+            ids = db.add_embeddings(tx.conn, "frame", chosen, [fid for fid, _ in stored], model=model)
+            tx.added("frame", ids, chosen)
+        report.frames += len(stored)
+    tick("frames", len(by_video), len(by_video))
 
 
 _Decoded = tuple[int, list[db.FileRow], Any, "str | None"]  # (media id, live files, tensor, error)

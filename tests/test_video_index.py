@@ -181,3 +181,23 @@ def test_hostile_videos_are_skipped_with_reasons_and_the_run_goes_on(tmp_path: P
             or any(Path(h.path).name == "truncated.mp4" for h in hits)
         )
         assert_consistent(idx)
+
+
+def test_a_new_model_embeds_the_keyframes_again(tmp_path: Path) -> None:
+    """reembed decodes each video's keyframes again (the same choice as indexing) for the new model; the
+    index switches only once every keyframe has its vector, and search finds the moment with it."""
+    from mmsearch.identity import ModelSpec
+    from tests.conftest import TINY_MODEL
+
+    folder = tmp_path / "media"
+    make_video(folder / "a.mp4", DEMO_VIDEOS["shapes_1.mp4"], narrate=False)
+    solid(folder / "keep.png")
+    with mmsearch.Index.create(tmp_path / "index", model=TINY_MODEL, pretrained="random") as idx:
+        first = idx.add_folder(folder)
+        report = idx.reembed(ModelSpec("demo"))
+        assert report.activated and report.frames == first.frames_embedded and not report.skipped
+        assert idx.stats()["vectors"]["frame"] == first.frames_embedded
+        hit = idx.search("a blue square", target="video", k=1).hits[0]
+        times = [hit.start] + [m["start"] for m in hit.moments]
+        assert any(7.5 <= t <= 8.0 + DEFAULT_INTERVAL for t in times if t is not None), times
+        assert_consistent(idx)
