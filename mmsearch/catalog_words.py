@@ -2,7 +2,7 @@
 (schema 6, see :mod:`mmsearch.schema`), mapped to the embeddings a search returns.
 
 A caption reaches its own embedding and the image of its file; a segment its embedding; a file name the
-image of an image file, or the first segment of a recording. User text is never read as FTS5 syntax: it is
+image of an image file, the first segment of a recording, or the first keyframe of a video. User text is never read as FTS5 syntax: it is
 split into words here, stop words dropped, each word quoted, and the words ORed (BM25 ranks the texts that
 hold more of them, and rarer ones, first).
 
@@ -37,7 +37,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from mmsearch.catalog import Catalog
 from mmsearch.catalog_filters import file_passes, item_of
 from mmsearch.filters import Filters
-from mmsearch.schema import FTS_FROM, captions, embeddings, files, segments
+from mmsearch.schema import FTS_FROM, VIDEO_FROM, captions, embeddings, files, frames, segments
 
 #: English words too common to say what a query is about: dropped from word queries.
 STOP_WORDS = frozenset(
@@ -134,6 +134,8 @@ def word_hits(
     terms = query_terms(text)
     if not terms or limit <= 0 or catalog.schema_version < FTS_FROM:
         return []
+    if catalog.schema_version < VIDEO_FROM:
+        kinds = [k for k in kinds if k != "frame"]  # (no keyframes before schema 8)
     best: dict[int, tuple[float, bool]] = {}
     with catalog.snapshot() as conn:
         # The statements below are plain SQL run on the driver's connection, whose statement cache keeps
@@ -169,15 +171,16 @@ def _sources(kinds: Sequence[str]) -> Iterator[_Source]:
         )
     if "segment" in kinds:
         yield _Source("segments_fts", "segments", "text", ("segment",))
-    if "image" in kinds or "segment" in kinds:
-        yield _Source("files_fts", "files", "path", tuple(k for k in ("image", "segment") if k in kinds))
+    named = tuple(k for k in ("image", "segment", "frame") if k in kinds)
+    if named:
+        yield _Source("files_fts", "files", "path", named)
 
 
 def _reach_statement(source: _Source, filters: Filters | None) -> Select[Any]:
     """(full-text row, its text, embedding id) of the embeddings of the model ``:model`` that the rows
     ``:rows`` (a JSON array) reach through a live file that passes ``filters``: a caption its own
     embedding and the image of its file; a segment its embedding; a file name the image of an image file,
-    or the first segment of a recording (segments are stored in time order). Each embedding is found
+    the first segment of a recording (segments are stored in time order), or the first keyframe of a video. Each embedding is found
     through ix_embeddings_items (see :func:`item_of`)."""
     rows = select(func.json_each(bindparam("rows", "[]")).table_valued("value").c.value)
     f, e = files.alias("wf"), embeddings.alias("we")
@@ -205,10 +208,13 @@ def _reach_statement(source: _Source, filters: Filters | None) -> Select[Any]:
             .where(s.c.id.in_(rows), live)
         )
     else:
-        s2 = segments.alias("s2")
+        s2, fr = segments.alias("s2"), frames.alias("fr")
         for kind in source.reach:
             if kind == "image":
                 file_kind, item = "image", f.c.media_id
+            elif kind == "frame":
+                file_kind = "video"
+                item = select(func.min(fr.c.id)).where(fr.c.media_id == f.c.media_id).scalar_subquery()
             else:
                 file_kind = "audio"
                 item = select(func.min(s2.c.id)).where(s2.c.media_id == f.c.media_id).scalar_subquery()

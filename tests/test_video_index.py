@@ -201,3 +201,8 @@ def test_a_new_model_embeds_the_keyframes_again(tmp_path: Path) -> None:
         times = [hit.start] + [m["start"] for m in hit.moments]
         assert any(7.5 <= t <= 8.0 + DEFAULT_INTERVAL for t in times if t is not None), times
         assert_consistent(idx)
+
+
+def test_a_video_is_found_by_its_file_name(indexed: mmsearch.Index) -> None:
+    hits = indexed.search("shapes_2", target="video", mode="words", k=3).hits
+    assert hits and Path(hits[0].path).name == "shapes_2.mp4" and hits[0].kind in ("frame", "segment")
