@@ -195,7 +195,7 @@ def test_as_params_round_trips() -> None:
         ({"ext": ["."]}, "not a file extension"),
         ({"ext": ["*.jpg"]}, "not a file extension"),
         ({"ext": ["a/b"]}, "not a file extension"),
-        ({"kind": ["video"]}, "not one of image, audio"),
+        ({"kind": ["document"]}, "not one of image, audio, video"),
         ({"after": "yesterday"}, "neither an ISO 8601 date"),
         ({"after": "2024-13-01"}, "neither an ISO 8601 date"),
         ({"before": float("nan")}, "finite"),
