@@ -93,7 +93,9 @@ def _check_rate(rate: int | None) -> None:
         )
 
 
-def _open(path: str | Path) -> av.container.InputContainer:
+def open_container(path: str | Path, what: str) -> av.container.InputContainer:
+    """``path`` opened by PyAV for reading; :class:`BadMediaError` for an empty or unreadable file, saying
+    it is not a readable ``what`` (audio, video) file."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -102,9 +104,15 @@ def _open(path: str | Path) -> av.container.InputContainer:
     if size == 0:
         raise BadMediaError("empty file")
     try:
-        container = av.open(str(p), mode="r")
+        return av.open(str(p), mode="r")
     except av.FFmpegError as exc:
-        raise BadMediaError(f"not a readable audio file ({_reason(exc)})") from exc
+        raise BadMediaError(f"not a readable {what} file ({reason(exc)})") from exc
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise BadMediaError(f"not a readable {what} file ({exc})") from exc
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    container = open_container(path, "audio")
     if not container.streams.audio:
         container.close()
         raise BadMediaError("no audio stream")
@@ -117,7 +125,8 @@ def _open(path: str | Path) -> av.container.InputContainer:
     return container
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
+    """A PyAV (or OS) error as a short reason."""
     # PyAV messages look like "[Errno 1094995529] Invalid data found when processing input: 'x.wav'".
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
@@ -159,7 +168,7 @@ def _iter_frames(
                 errors += 1
                 logger.debug("skipping undecodable packet: %s", exc)
                 if not decoded_any and errors >= 8:
-                    raise BadMediaError(f"undecodable audio ({_reason(exc)})") from exc
+                    raise BadMediaError(f"undecodable audio ({reason(exc)})") from exc
                 continue
             for frame in frames:
                 _check_rate(frame.sample_rate)  # a stream may change rate mid-way
@@ -170,8 +179,8 @@ def _iter_frames(
             yield counted(out.to_ndarray().reshape(-1))
     except av.FFmpegError as exc:  # demuxing itself failed
         if not decoded_any:
-            raise BadMediaError(f"undecodable audio ({_reason(exc)})") from exc
-        logger.warning("audio truncated by a read error: %s", _reason(exc))
+            raise BadMediaError(f"undecodable audio ({reason(exc)})") from exc
+        logger.warning("audio truncated by a read error: %s", reason(exc))
     if not decoded_any:
         raise BadMediaError("no audio samples" if errors == 0 else "undecodable audio")
 

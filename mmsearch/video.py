@@ -39,7 +39,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from mmsearch.audio import TimeBudget
+from mmsearch.audio import TimeBudget, open_container
+from mmsearch.audio import reason as media_error
 from mmsearch.errors import BadMediaError
 from mmsearch.images import INDEX_MAX_PIXELS, hold_pixels
 
@@ -133,24 +134,8 @@ class Keyframe:
 # ------------------------------------------------------------------------------------------------- opening
 
 
-def _reason(exc: Exception) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
 def _open(path: str | Path) -> av.container.InputContainer:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise BadMediaError(f"cannot read file: {exc.strerror or exc}") from exc
-    if size == 0:
-        raise BadMediaError("empty file")
-    try:
-        return av.open(str(p), mode="r")
-    except av.FFmpegError as exc:
-        raise BadMediaError(f"not a readable video file ({_reason(exc)})") from exc
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise BadMediaError(f"not a readable video file ({exc})") from exc
+    return open_container(path, "video")
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
@@ -259,7 +244,7 @@ def probe(
     try:
         return _probe(container, Path(path), budget, max_pixels)
     except av.FFmpegError as exc:
-        raise BadMediaError(f"unreadable video ({_reason(exc)})") from exc
+        raise BadMediaError(f"unreadable video ({media_error(exc)})") from exc
     except (MemoryError, OverflowError, ValueError) as exc:
         raise BadMediaError(f"unreadable video ({type(exc).__name__}: {exc})") from exc
     finally:
@@ -371,7 +356,7 @@ def _first_frames(
         except av.FFmpegError as exc:
             errors += 1
             if errors >= _UNDECODABLE_LIMIT:
-                raise BadMediaError(f"undecodable video ({_reason(exc)})") from exc
+                raise BadMediaError(f"undecodable video ({media_error(exc)})") from exc
             continue
         yield from frames
 
@@ -453,8 +438,8 @@ class KeyframeStream(Iterator[Keyframe]):
             yield from self._pass()
         except av.FFmpegError as exc:  # demuxing failed mid-way: a truncated or damaged file
             if not self._decoded_any:
-                raise BadMediaError(f"undecodable video ({_reason(exc)})") from exc
-            self.truncated = f"read error after {self._last_time or 0:.1f} s ({_reason(exc)})"
+                raise BadMediaError(f"undecodable video ({media_error(exc)})") from exc
+            self.truncated = f"read error after {self._last_time or 0:.1f} s ({media_error(exc)})"
         except (MemoryError, OverflowError, ValueError) as exc:
             raise BadMediaError(f"undecodable video ({type(exc).__name__}: {exc})") from exc
         finally:
@@ -557,7 +542,7 @@ class KeyframeStream(Iterator[Keyframe]):
             self._errors += 1
             logger.debug("skipping undecodable video packet: %s", exc)
             if not self._decoded_any and self._errors >= _UNDECODABLE_LIMIT:
-                raise BadMediaError(f"undecodable video ({_reason(exc)})") from exc
+                raise BadMediaError(f"undecodable video ({media_error(exc)})") from exc
             return
         for frame in frames:
             kept = self._consider(frame, tb)
