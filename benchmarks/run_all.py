@@ -57,6 +57,7 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--requests", "1000", "--cold-runs", "2"],
         ["--vectors", "10000", "--requests", "200", "--cold-runs", "1", "--warm-runs", "3"],
     ),
+    "video": ("bench_video.py", [], ["--quick"]),
 }
 
 

@@ -876,10 +876,13 @@ def _typer_app() -> "typer.Typer":
                 _print_hits([h.as_dict() for h in found.hits], found.no_match)
                 if speech and made.audio_query is not None:
                     spoken = idx.search(audio=made.audio_query, target="video", k=k)
-                    _out().rule(_safe(f"audio → moment: {made.audio_query} (heard: “{spoken.transcript}”)"))
+                    heard = spoken.transcript
+                    _out().rule(_safe(f"audio → moment: heard “{heard}” in {made.audio_query.name}"))
                     _print_hits([h.as_dict() for h in spoken.hits], spoken.no_match)
         _out().print()
         _line(f'Try: mmsearch query --index {index_dir} "a small blue square"')
+        if made.videos:
+            _line(f'     mmsearch query --index {index_dir} --target video "a yellow star"')
 
     return app
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine → working demo: install everything, then generate a demo folder (images, captions, spoken
-# audio), index it with the bundled demo model and query it text→image, image→text and audio→image.
+# audio, narrated videos), index it with the bundled demo model and query it text→image, image→text,
+# audio→image, and text→moment and audio→moment in the videos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

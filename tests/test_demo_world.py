@@ -151,11 +151,15 @@ def test_write_demo_folder_without_speech(tmp_path) -> None:
     folder = world.write_demo_folder(
         tmp_path / "demo", n_images=12, seed=1, speech=False, progress=lambda *a: seen.append(a)
     )
-    assert seen[-1] == ("images", 12, 12)
+    assert ("images", 12, 12) in seen and seen[-1] == ("videos", 2, 2)
     assert len(folder.images) == 12
     media_files = sorted(p for p in folder.media_dir.rglob("*") if p.is_file())
-    assert {p.suffix for p in media_files} == {".png", ".jpg", ".txt"}
-    assert len({p.parent for p in media_files}) == 2  # two subfolders
+    assert {p.suffix for p in media_files} == {".png", ".jpg", ".txt", ".mp4"}
+    assert len({p.parent for p in media_files}) == 3  # shapes/, photos/, videos/
+    # The videos are silent without speech; the video query's shapes appear in one at a known time.
+    assert [v.path.name for v in folder.videos] == ["shapes_1.mp4", "shapes_2.mp4"]
+    assert all(v.path.is_file() and v.audio_codec is None for v in folder.videos)
+    assert folder.moments(folder.video_query_stated) == [(folder.media_dir / "videos" / "shapes_1.mp4", 4.0)]
     for im in folder.images:
         assert im.path.is_file() and im.caption_path == im.path.with_suffix(".txt")
         assert im.caption_path.read_text(encoding="utf-8").strip() == im.caption.text
@@ -199,3 +203,13 @@ def test_write_demo_folder_with_speech(tmp_path) -> None:
     # Each episode reads the captions of three images, in order.
     first = folder.recordings[0].text.lower()
     assert all(im.caption.text.lower() in first for im in folder.images[:3])
+    # The videos are narrated: each scene that shows shapes says so while it is shown.
+    assert folder.videos and all(v.audio_codec is not None for v in folder.videos)
+    for scene in (s for v in folder.videos for s in v.scenes if s.narration is not None):
+        assert scene.speech_start is not None and scene.speech_end is not None
+        assert scene.start <= scene.speech_start < scene.speech_end <= scene.end
+
+
+def test_write_demo_folder_without_videos(tmp_path) -> None:
+    folder = world.write_demo_folder(tmp_path / "demo", n_images=8, seed=2, speech=False, videos=False)
+    assert folder.videos == [] and not (folder.media_dir / "videos").exists()

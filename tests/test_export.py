@@ -170,6 +170,8 @@ def test_transcript_segments_are_exported_with_their_times(tmp_path: Path) -> No
     segments = [(v, r) for v, r in zip(texts, rows, strict=True) if r["kind"] == "segment"]
     assert segments and rows[: len(rows) - len(segments)] == [r for r in rows if r["kind"] == "caption"]
     spoken = {str(f.path): f.text.lower() for f in folder.recordings}
+    for video in folder.videos:  # the demo videos' narrations are spoken segments too
+        spoken[str(video.path)] = " ".join(s.narration or "" for s in video.scenes).lower()
     for vector, row in segments:
         assert np.array_equal(stored[row["item_id"]], vector)
         assert row["image_path"] is None and 0 <= row["start"] < row["end"]

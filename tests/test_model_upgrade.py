@@ -44,8 +44,9 @@ QUERY = "a red circle"
 
 @pytest.fixture
 def demo_index(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
-    """(index, media folder): 24 demo images with their captions, indexed with the demo model."""
-    folder = world.write_demo_folder(tmp_path / "demo", n_images=24, seed=5, speech=False)
+    """(index, media folder): 24 demo images with their captions (no videos: the counts below are of
+    images and captions), indexed with the demo model."""
+    folder = world.write_demo_folder(tmp_path / "demo", n_images=24, seed=5, speech=False, videos=False)
     index = tmp_path / "index"
     with mmsearch.Index.create(index, model="demo") as idx:
         report = idx.add_folder(folder.media_dir)
@@ -223,6 +224,7 @@ def test_index_while_a_model_is_pending_embeds_new_content_with_both(demo_index:
                 "image": 25,
                 "caption": 25,
                 "segment": 0,
+                "frame": 0,
             }
         )
         # The searches still use the demo model; the target switches in with no model work left.

@@ -18,8 +18,12 @@ import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # mmsearch.demo.videos imports this module
+    from mmsearch.demo.videos import VideoTruth
 
 logger = logging.getLogger(__name__)
 
@@ -340,14 +344,27 @@ class DemoFolder:
     audio_query: Path | None = None
     audio_query_text: str = "a green triangle"
     audio_query_stated: Mapping[str, str | int] = field(default_factory=dict)
+    videos: list[VideoTruth] = field(default_factory=list)
+    video_query_text: str = "a green triangle"
+    video_query_stated: Mapping[str, str | int] = field(default_factory=dict)
 
     def relevant_images(self, stated: Mapping[str, str | int]) -> list[DemoImage]:
         return [im for im in self.images if matches(stated, im.attributes)]
+
+    def moments(self, stated: Mapping[str, str | int]) -> list[tuple[Path, float]]:
+        """Each (video, second) at which a scene agreeing with ``stated`` starts."""
+        return [
+            (video.path, scene.start)
+            for video in self.videos
+            for scene in video.scenes
+            if scene.attributes is not None and matches(stated, scene.attributes)
+        ]
 
 
 # The demo queries, and images guaranteed to be in the folder so that each query has answers.
 _TEXT_QUERY = ("a red circle", {"colour": "red", "shape": "circle"})
 _AUDIO_QUERY = ("a green triangle", {"colour": "green", "shape": "triangle"})
+_VIDEO_QUERY = _AUDIO_QUERY  # appears 4 s into videos/shapes_1.mp4 (mmsearch.demo.videos.DEMO_VIDEOS)
 _IMAGE_QUERY = Attributes("blue", "square", "large", 1, "white")
 _GUARANTEED = [
     Attributes("red", "circle", "large", 1, "white"),
@@ -367,12 +384,14 @@ def write_demo_folder(
     n_images: int = 48,
     seed: int = 0,
     speech: bool = True,
+    videos: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoFolder:
     """Write a demo media folder and demo queries under ``dest`` and describe what was written.
 
     ``dest/media/`` gets images (PNG in ``shapes/``, JPEG in ``photos/``), one caption ``name.txt`` per
-    image, and with ``speech`` a few ``podcast/*.wav`` recordings that read captions aloud.
+    image, with ``speech`` a few ``podcast/*.wav`` recordings that read captions aloud, and with ``videos``
+    the short videos of :data:`mmsearch.demo.videos.DEMO_VIDEOS` in ``videos/`` (narrated with ``speech``).
     ``dest/queries/`` (outside the media folder) gets an image to query with and, with ``speech``, a
     spoken query. Speech comes from :func:`mmsearch.tts.synthesize`.
     """
@@ -420,9 +439,17 @@ def write_demo_folder(
         image_query_caption=describe(_IMAGE_QUERY, phrasing="bare", stated=()).text,
         audio_query_text=_AUDIO_QUERY[0],
         audio_query_stated=dict(_AUDIO_QUERY[1]),
+        video_query_text=_VIDEO_QUERY[0],
+        video_query_stated=dict(_VIDEO_QUERY[1]),
     )
     if speech:
         _write_speech(folder, progress)
+    if videos:
+        from mmsearch.demo.videos import DEMO_VIDEOS, write_demo_videos  # PyAV; imports this module
+
+        folder.videos = write_demo_videos(media, narrate=speech, seed=seed)
+        if progress:
+            progress("videos", len(DEMO_VIDEOS), len(DEMO_VIDEOS))
     return folder
 
 
