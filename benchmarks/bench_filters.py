@@ -37,7 +37,7 @@ from bench_ann import DIM, K, clustered, machine_facts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsearch import vectors  # noqa: E402
-from mmsearch.vectors import FILTER_BUDGET, VectorIndex, choose_spec  # noqa: E402
+from mmsearch.vectors import FAR_BUDGET, FAR_SCORE_RATIO, FILTER_BUDGET, VectorIndex, choose_spec  # noqa: E402
 
 SELECTIVITIES = (0.5, 0.05, 0.001)
 GOALS = {"recall_at_10": 0.95, "p50_ms": 2.0}
@@ -167,10 +167,11 @@ def selections(
 
 def _cached_build(spec: str, ids: np.ndarray, xb: np.ndarray, args: argparse.Namespace) -> VectorIndex:
     """The index over ``xb``, built, or loaded from ``--index-cache`` when a run with the same data saved it
-    there (the data depend only on --n, --clusters, --spread and --seed)."""
+    there (the data depend only on --n, --clusters, --spread, --seed and --queries, which are drawn first)."""
     if args.index_cache is None:
         return VectorIndex.build(DIM, ids, xb, spec=spec)
-    path = args.index_cache / f"{spec}-n{len(xb)}-c{args.clusters}-s{args.spread}-seed{args.seed}.mmsvidx"
+    name = f"{spec}-n{len(xb)}-c{args.clusters}-s{args.spread}-seed{args.seed}-q{args.queries}"
+    path = args.index_cache / f"{name}.mmsvidx"
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         meta = json.loads(sidecar.read_text())
@@ -239,7 +240,8 @@ def run_index(
             "queries": qname,
             "method": plan["method"],
             "selector": selector if plan["method"] == "selector" else None,
-            "max_codes": plan.get("max_codes"),
+            "budget": plan.get("budget"),
+            "far_budget": plan.get("far_budget"),
             "p50_ms": round(p50, 4),
             "p95_ms": round(float(np.percentile(lat, 95)), 4),
             "p50_vs_unfiltered": round(p50 / unfiltered_p50, 2),
@@ -318,6 +320,8 @@ def main() -> None:
             "k": K,
             "query_threads": args.threads,
             "filter_budget": FILTER_BUDGET,
+            "far_budget": FAR_BUDGET,
+            "far_score_ratio": FAR_SCORE_RATIO,
             "ids": "row numbers in cluster order: a 'range' selection is a few whole clusters",
             "latency": "single query through VectorIndex.search(q, 10, allowed=ids), after 20 warm-up queries; "
             "the same read-only id array each time, so the selector is built once (selector_build_ms) and "

@@ -25,11 +25,15 @@ Index types (``spec``), chosen by collection size unless the caller forces one:
 
 Filtered search (``search(queries, k, allowed=ids)``) happens inside FAISS, so a selective filter still
 returns k hits: an ``IDSelector`` over the allowed ids (a bitmap, or a hash set for ids spread far apart)
-goes in ``SearchParameters``; ``IndexIDMap2`` translates it for ``flat``. IVF types probe their lists in
-order of centroid similarity until :data:`FILTER_BUDGET` times the vectors an unfiltered search scores
-have passed the selector, so the narrower the selection, the more lists are probed. When the selection
-is so small that scoring its vectors one by one is cheaper than testing the ids of the lists that
-probing would visit, those vectors are scored directly: ``compact`` reads its exact vectors, the other
+goes in ``SearchParameters``; ``IndexIDMap2`` translates it for ``flat``. IVF types count, once per
+selection, how many allowed ids each inverted list holds; a query then probes, in order of centroid
+similarity, only lists holding some, until they hold :data:`FILTER_BUDGET` times the vectors an unfiltered
+search scores (:data:`FAR_BUDGET` times when the lists holding allowed ids are all much farther from the
+query than its nearest list, :data:`FAR_SCORE_RATIO`: the filter moved the neighbours away from the query,
+where centroid order says less about where they are). So the narrower the selection, the more lists
+are probed, and lists holding none of it cost nothing. When the selection is so small that scoring its
+vectors one by one is cheaper than testing the ids of the lists that probing would visit, those vectors
+are scored directly: ``compact`` reads its exact vectors, the other
 IVF types decode theirs through a FAISS direct map (id → list, offset) made on first use, and keep the
 decoded vectors of the last read-only selection (as its selector is kept) until the index changes.
 
@@ -87,16 +91,22 @@ MIN_NPROBE = 4
 #: shortlist for recall@10 0.97, 128-byte codes 40, and the re-ranking is most of the query time.
 COMPACT_DIMS_PER_BYTE = 4
 
-#: Filtered IVF search stops probing lists once this many times the vectors an unfiltered search scores
-#: (nprobe lists of average length) passed the selector (FAISS ``max_codes`` with ``ensure_topk_full``,
-#: which counts only vectors that passed, and never stops before k). A random selection of a fraction s
-#: of the index then probes about FILTER_BUDGET·nprobe/s lists, the "nprobe / selectivity" rule; a
-#: selection gathered in a few lists (a folder of similar photos) probes on past the lists holding none
-#: of it instead of returning fewer than k hits. Filtered neighbours lie farther out than unfiltered
-#: ones, for which nprobe was tuned: with a factor 1, recall@10 of random 5 % selections fell to 0.94-0.98
-#: on clustered data; 2 keeps it at the unfiltered level, and each step costs about as much again.
+#: Filtered IVF search probes the nearest lists holding allowed ids until they hold this many times the
+#: vectors an unfiltered search scores (nprobe lists of average length), or all of them. A random
+#: selection of a fraction s of the index then probes about FILTER_BUDGET·nprobe/s lists, the "nprobe /
+#: selectivity" rule; a selection gathered in a few lists (a folder of similar photos) probes only those.
+#: Counting allowed ids exactly per list, recall@10 of random 50 % and 5 % selections on clustered data
+#: was the same at 0.5, 1 and 2 (the 8-bit codes' own loss), while time grows with the factor: the
+#: probed lists' ids are read and the allowed vectors are scattered across memory.
 #: Figures: benchmarks/results/filters.json.
-FILTER_BUDGET = 2.0
+FILTER_BUDGET = 1.0
+#: The budget, as FILTER_BUDGET, for a query far from the selection (FAR_SCORE_RATIO): its filtered
+#: neighbours' scores are mostly the vectors' own offsets from their centroids, so they are spread over
+#: many lists that centroid order barely ranks. Such queries cost this much more.
+FAR_BUDGET = 12.0
+#: A query is far from the selection when the best centroid score among the lists holding allowed ids is
+#: below this fraction of its best centroid score overall (which is positive).
+FAR_SCORE_RATIO = 0.5
 #: A bitmap selector is used when the allowed ids are at least this dense in [0, max id]: building it
 #: costs about a byte per id of that span and testing an id is one memory read, whereas FAISS's
 #: IDSelectorBatch (a hash set, for ids spread far apart) costs far more per allowed id to build.
@@ -243,12 +253,11 @@ class _ExactStore:
 
 class _Selection:
     """A FAISS IDSelector over allowed ids, holding the numpy buffer it reads for as long as it lives, and
-    the IVF search parameters made with it (per nprobe and max_codes: one filter_plan gives the same ones
-    for every query)."""
+    the IVF search parameters made with it (per nprobe: the widest probe of a query batch)."""
 
     def __init__(self, allowed: np.ndarray) -> None:
         faiss = _faiss()
-        self._ivf_params: dict[tuple[int, int], Any] = {}
+        self._ivf_params: dict[int, Any] = {}
         span = int(allowed.max()) + 1
         if len(allowed) >= BITMAP_MIN_DENSITY * span:
             dense = np.zeros(span, dtype=bool)
@@ -261,15 +270,27 @@ class _Selection:
             self.buffer = allowed  # IDSelectorBatch copies the ids into its own hash set
             self.selector = faiss.IDSelectorBatch(len(allowed), faiss.swig_ptr(allowed))
             self.kind = "batch"
+        self._allowed = allowed
 
-    def ivf_params(self, nprobe: int, max_codes: int) -> Any:
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of the ``ids`` (>= 0) this selection allows."""
+        if self.kind == "bitmap":
+            inside = ids < 8 * len(self.buffer)
+            out = np.zeros(len(ids), bool)
+            i = ids[inside]
+            out[inside] = (self.buffer[i >> 3] >> (i & 7).astype(np.uint8)) & 1 == 1
+            return out
+        allowed = self._allowed
+        if len(allowed) > 1 and not np.all(allowed[1:] >= allowed[:-1]):
+            allowed = self._allowed = np.sort(allowed)
+        return _member(allowed, ids)
+
+    def ivf_params(self, nprobe: int) -> Any:
         """SearchParametersIVF with this selector (read-only in FAISS's search: shared by every query)."""
-        params = self._ivf_params.get((nprobe, max_codes))
+        params = self._ivf_params.get(nprobe)
         if params is None:
-            params = _faiss().SearchParametersIVF(
-                sel=self.selector, nprobe=nprobe, max_codes=max_codes, ensure_topk_full=True
-            )
-            self._ivf_params[(nprobe, max_codes)] = params
+            params = _faiss().SearchParametersIVF(sel=self.selector, nprobe=nprobe)
+            self._ivf_params[nprobe] = params
         return params
 
 
@@ -338,6 +359,12 @@ class VectorIndex:
         self._held: np.ndarray | None = None
         # The last subset search's read-only allowed ids, the held ids then, and its held ids and vectors.
         self._subset_cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        # IVF types, made on the first filtered search that probes lists: the centroids (fixed once trained),
+        # the ids of every list (concatenated in list order, and where each list starts; made again after
+        # add/remove), and for the last selection the lists holding allowed ids and how many each holds.
+        self._centroids: np.ndarray | None = None
+        self._layout: tuple[np.ndarray, np.ndarray] | None = None
+        self._counts_cache: tuple[_Selection, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lazy_lock = threading.Lock()
         self._apply_params()
 
@@ -540,6 +567,7 @@ class VectorIndex:
         if (above is None or ids.min() <= above) and np.isin(ids, self.ids()).any():
             raise ValueError("duplicate ids: remove an id before adding it again")
         self._index.add_with_ids(x, ids)
+        self._layout = None
         if self._store is not None:
             self._store.add(ids, x)
         if self._held is not None:
@@ -563,6 +591,8 @@ class VectorIndex:
         else:
             selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
         removed = int(self._index.remove_ids(selector))
+        if removed:
+            self._layout = None
         if self._store is not None:
             self._store.discard(ids)
         if self._held is not None and removed:
@@ -607,27 +637,141 @@ class VectorIndex:
             # IndexIDMap2 wraps the selector in an IDSelectorTranslated (row -> id); the flat scan tests
             # each row's id and computes inner products for the allowed rows only.
             return self._index.search(q, k, params=faiss.SearchParameters(sel=selection.selector))
-        params = selection.ivf_params(plan["nprobe"], plan["max_codes"])
+        if not len(self._allowed_lists(selection)[0]):  # the index holds none of the allowed ids
+            return _no_hits(len(q), k)
+        probe = self._probe(q, k, selection, plan)
         if self.spec == "compact":
-            return self._search_compact(q, k, params)
-        return self._index.search(q, k, params=params)
+            return self._search_compact(q, k, probe)
+        return self._ivf_search(q, k, probe)
 
     def filter_plan(self, n_allowed: int) -> dict[str, Any]:
         """How a search restricted to ``n_allowed`` ids runs: ``method`` "selector" (FAISS scan with an
-        IDSelector; for IVF types with ``nprobe`` and ``max_codes``) or "subset" (the allowed vectors
-        scored one by one)."""
+        IDSelector; for IVF types of the nearest lists holding ``budget`` allowed ids, ``far_budget`` for a
+        query far from them) or "subset" (the allowed vectors scored one by one)."""
         if self.spec == "flat":
             return {"method": "selector"}
-        nlist = int(self.params["nlist"])
-        # Vectors scored before probing stops: FILTER_BUDGET times an unfiltered search's.
-        budget = FILTER_BUDGET * self.params["nprobe"] * self.ntotal / nlist
-        # A budgeted scan of a selection spread over the index tests about budget / selectivity ids
-        # (never more than the whole index); scoring the selection directly costs SUBSET_ROW_COST each.
+        per_probe = self.params["nprobe"] * self.ntotal / int(self.params["nlist"])
+        # Vectors scored: FILTER_BUDGET times an unfiltered search's.
+        budget = FILTER_BUDGET * per_probe
+        # Probing a selection spread over the index tests about budget / selectivity ids (never more than
+        # the whole index); scoring the selection directly costs SUBSET_ROW_COST each.
         scan_ids = min(float(self.ntotal), budget * self.ntotal / max(n_allowed, 1))
         if n_allowed * SUBSET_ROW_COST[self.spec] < scan_ids:
             return {"method": "subset"}
-        # nprobe = nlist: every list may be probed, in centroid order; max_codes decides where to stop.
-        return {"method": "selector", "nprobe": nlist, "max_codes": int(budget)}
+        return {"method": "selector", "budget": int(budget), "far_budget": int(FAR_BUDGET * per_probe)}
+
+    def _probe(
+        self, q: np.ndarray, k: int, selection: _Selection, plan: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The lists each query probes (-1 pads), their centroid scores, and the search parameters: the
+        nearest lists holding allowed ids, until they hold the plan's budget (and at least k) of them."""
+        lists, counts = self._allowed_lists(selection)
+        scores = self._centroid_scores(q)
+        allowed_scores = scores[:, lists]
+        nearest = scores.max(axis=1)
+        far = (nearest > 0) & (allowed_scores.max(axis=1) < FAR_SCORE_RATIO * nearest)
+        budget = np.maximum(np.where(far, plan["far_budget"], plan["budget"]), k)
+        # Only the nearest lists are ranked: twice as many as the budget needs on average, then all of
+        # them if those hold too few allowed ids.
+        guess = int(2 * budget.max() * len(lists) / counts.sum()) + 16
+        order = None
+        if guess < len(lists):
+            part = np.argpartition(-allowed_scores, guess - 1, axis=1)[:, :guess]
+            order = np.take_along_axis(
+                part,
+                np.argsort(-np.take_along_axis(allowed_scores, part, axis=1), axis=1, kind="stable"),
+                axis=1,
+            )
+            if (counts[order].sum(axis=1) < budget).any():
+                order = None
+        if order is None:
+            order = np.argsort(-allowed_scores, axis=1, kind="stable")
+        ranked = np.take_along_axis(allowed_scores, order, axis=1)
+        held = np.cumsum(counts[order], axis=1)
+        n_lists = np.minimum((held < budget[:, None]).sum(axis=1) + 1, len(lists))
+        width = int(n_lists.max())
+        used = np.arange(width) < n_lists[:, None]
+        assign = np.where(used, lists[order[:, :width]], -1).astype(np.int64)
+        dis = np.where(used, ranked[:, :width], 0).astype(np.float32)
+        return np.ascontiguousarray(assign), np.ascontiguousarray(dis), selection.ivf_params(width)
+
+    def _ivf_search(
+        self, q: np.ndarray, k: int, probe: tuple[np.ndarray, np.ndarray, Any] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of the IVF index: of the lists and with the parameters ``probe`` gives, if any."""
+        if probe is None:
+            return self._index.search(q, k)
+        faiss = _faiss()
+        assign, dis, params = probe
+        scores = np.empty((len(q), k), dtype=np.float32)
+        ids = np.empty((len(q), k), dtype=np.int64)
+        self._index.search_preassigned_c(
+            len(q),
+            faiss.swig_ptr(q),
+            k,
+            faiss.swig_ptr(assign),
+            faiss.swig_ptr(dis),
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(ids),
+            False,
+            params,
+        )
+        return scores, ids
+
+    def _centroid_scores(self, q: np.ndarray) -> np.ndarray:
+        """Inner products [nq, nlist] of the queries with the centroids, on this thread (FAISS's SIMD loop:
+        a BLAS call may wake threads of its own, which cost far more than this product on a busy machine)."""
+        faiss = _faiss()
+        centroids = self._centroid_matrix()
+        out = np.empty((len(q), len(centroids)), dtype=np.float32)
+        for i in range(len(q)):
+            faiss.fvec_inner_products_ny(
+                faiss.swig_ptr(out[i]),
+                faiss.swig_ptr(q[i]),
+                faiss.swig_ptr(centroids),
+                self.dim,
+                len(centroids),
+            )
+        return out
+
+    def _centroid_matrix(self) -> np.ndarray:
+        """The IVF centroids [nlist, dim] (they do not change once trained)."""
+        with self._lazy_lock:
+            if self._centroids is None:
+                quantizer = self._index.quantizer
+                self._centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+            return self._centroids
+
+    def _list_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of every inverted list, concatenated in list order, and where each list starts
+        (nlist + 1 offsets); listed once, then again after add/remove."""
+        faiss = _faiss()
+        with self._lazy_lock:
+            if self._layout is None:
+                invlists = self._index.invlists
+                sizes = np.array([invlists.list_size(i) for i in range(invlists.nlist)], dtype=np.int64)
+                starts = np.concatenate([[0], np.cumsum(sizes)])
+                ids = np.empty(int(starts[-1]), dtype=np.int64)
+                for list_no in np.flatnonzero(sizes).tolist():
+                    ptr = invlists.get_ids(list_no)
+                    ids[starts[list_no] : starts[list_no + 1]] = faiss.rev_swig_ptr(ptr, int(sizes[list_no]))
+                    invlists.release_ids(list_no, ptr)
+                self._layout = (ids, starts)
+            return self._layout
+
+    def _allowed_lists(self, selection: _Selection) -> tuple[np.ndarray, np.ndarray]:
+        """The lists holding ids ``selection`` allows, and how many each holds; kept for the last selection
+        while the lists stay the same (a cached filter's selection comes back for every query)."""
+        layout = self._list_layout()
+        last = self._counts_cache  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] is selection and last[1] is layout[0]:
+            return last[2], last[3]
+        ids, starts = layout
+        held = np.concatenate([[0], np.cumsum(selection.contains(ids), dtype=np.int64)])
+        counts = held[starts[1:]] - held[starts[:-1]]
+        lists = np.flatnonzero(counts)
+        self._counts_cache = (selection, ids, lists, counts[lists])
+        return lists, counts[lists]
 
     def _search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score the allowed vectors the index holds one by one (few of them: see filter_plan)."""
@@ -682,12 +826,15 @@ class VectorIndex:
                 self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
         return self._index.reconstruct_batch(ids, out)
 
-    def _search_compact(self, q: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """IVF-PQ shortlist, re-ranked by exact inner products with the stored float32 vectors."""
+    def _search_compact(
+        self, q: np.ndarray, k: int, probe: tuple[np.ndarray, np.ndarray, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ shortlist (from the lists ``probe`` gives, if any), re-ranked by exact inner products with
+        the stored float32 vectors."""
         assert self._store is not None
         # The shortlist was tuned for k = 10; scale it for other k.
         shortlist = max(k, int(self.params.get("shortlist", 100) * max(k, _TUNE_K) / _TUNE_K))
-        _, cand = self._index.search(q, shortlist, params=params)
+        _, cand = self._ivf_search(q, shortlist, probe)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         out = np.full((len(q), k), -1, dtype=np.int64)
         step = max(1, 4096 // shortlist)  # bounds the gathered block to ~8 MB for 512-d

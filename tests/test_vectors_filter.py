@@ -256,3 +256,56 @@ def test_decoded_subset_is_reused_until_the_index_changes(spec: str, monkeypatch
     writable = ids[::20].copy()
     index.search(x[:1], K, allowed=writable)
     assert index._subset_cache is None or index._subset_cache[0] is not writable
+
+
+@pytest.mark.parametrize("spec", ["ivf-sq8", "compact"])
+def test_a_contiguous_range_queried_from_other_clusters(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's files: ids in cluster order, a contiguous range of them is a few whole clusters. Queries
+    from the other clusters are far from every list holding allowed ids; recall@10 against exact filtered
+    search must still hold, with k hits, and only lists holding allowed ids are probed."""
+    rng = np.random.default_rng(21)
+    centres = unit(rng, 40)
+    labels = np.sort(rng.integers(0, len(centres), 8000))
+    noise = rng.standard_normal((8000, DIM), dtype=np.float32) / np.sqrt(DIM)
+    x = centres[labels] + noise
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(8000, dtype=np.int64)
+    index = VectorIndex.build(DIM, ids, x, spec=spec)
+    force(monkeypatch, "selector")
+    inside = labels < 4  # clusters 0-3: about a tenth of the index
+    allowed = ids[inside]
+    q = clustered(rng, 60, centres[10:])  # from clusters holding no allowed id
+    _, found = index.search(q, K, allowed=allowed)
+    s = q @ x[inside].T
+    truth = allowed[np.argsort(-s, axis=1, kind="stable")[:, :K]]
+    assert np.isin(found, allowed).all() and (found >= 0).all()
+    assert recall_at_10(found, truth) >= 0.95
+
+    selection = vectors._Selection(allowed)
+    lists, counts = index._allowed_lists(selection)
+    assign = index._probe(q, K, selection, index.filter_plan(len(allowed)))[0]
+    assert np.isin(assign[assign >= 0], lists).all()
+    assert counts.sum() == len(allowed)
+
+
+@pytest.mark.parametrize("spec", IVF_SPECS)
+def test_allowed_counts_per_list_follow_add_and_remove(spec: str) -> None:
+    rng = np.random.default_rng(8)
+    x = clustered(rng, 3000, unit(rng, 32))
+    ids = np.arange(3000, dtype=np.int64) * 7
+    index = VectorIndex.build(DIM, ids, x, spec=spec)
+    allowed = ids[::3].copy()
+    allowed.setflags(write=False)
+    selection = vectors._selection(allowed)
+
+    def check(expected_total: int) -> None:
+        lists, counts = index._allowed_lists(selection)
+        assert (counts > 0).all() and counts.sum() == expected_total
+        held = set(index.ids().tolist()) & set(allowed.tolist())
+        assert len(held) == expected_total
+
+    check(1000)
+    index.remove(allowed[:10])
+    check(990)
+    index.add(allowed[:4], x[:4])
+    check(994)
