@@ -58,6 +58,7 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--vectors", "10000", "--requests", "200", "--cold-runs", "1", "--warm-runs", "3"],
     ),
     "video": ("bench_video.py", [], ["--quick"]),
+    "photos": ("bench_photos.py", [], ["--quick"]),
 }
 
 

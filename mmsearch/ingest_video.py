@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmsearch import db, video
+from mmsearch import db
 from mmsearch.errors import BadMediaError, MmsearchError
 
 if TYPE_CHECKING:
+    from mmsearch import video
     from mmsearch.ingest import Embedder
     from mmsearch.store import Store
 
@@ -66,19 +68,29 @@ def read_video(
     save_thumb: Callable[[int, Image.Image], None] | None = None,
 ) -> VideoRead:
     """Probe, keyframes embedded as they are decoded (a batch at a time: a long video's frames are never
-    all held), the spoken track transcribed. Never raises for a bad file (:class:`BadMediaError` becomes
-    a problem); a missing model does."""
+    all held), the spoken track transcribed meanwhile in another thread (Whisper, FFmpeg and ONNX Runtime
+    release the GIL: the two halves share the cores). Never raises for a bad file (:class:`BadMediaError`
+    becomes a problem); a missing model does."""
+    from mmsearch import video  # PyAV: imported when a video comes, not by every `index` or query
+
     out = VideoRead()
     try:
         out.info = video.probe(path)
     except BadMediaError as e:
         out.picture_problem = str(e)
         return out
-    if out.info.has_video:
-        _read_keyframes(path, embedder, out, save_thumb)
+    speech: Future[tuple[Any, str | None]] | None = None
     if out.info.has_audio:
-        transcript, reason = transcribe(path)
-        out.transcript, out.speech_problem = (transcript, None) if reason is None else (None, reason)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mmsearch-speech")
+        speech = pool.submit(transcribe, path)
+        pool.shutdown(wait=False)  # (the one task still runs)
+    try:
+        if out.info.has_video:
+            _read_keyframes(path, embedder, out, save_thumb)
+    finally:
+        if speech is not None:
+            transcript, reason = speech.result()
+            out.transcript, out.speech_problem = (transcript, None) if reason is None else (None, reason)
     return out
 
 
@@ -88,6 +100,8 @@ def _read_keyframes(
     out: VideoRead,
     save_thumb: Callable[[int, Image.Image], None] | None,
 ) -> None:
+    from mmsearch import video
+
     batch: list[Any] = []
     size = max(1, int(embedder.batch_size))
 
