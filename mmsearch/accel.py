@@ -38,6 +38,7 @@ import logging
 import os
 import queue
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -134,13 +135,27 @@ class OnnxImageTower:
         n = streams or (auto_streams if threads is None else 1)
         per_session = threads or (auto_threads if streams is None else max(1, usable_cpus() // n))
         # One session per stream: concurrent runs of one single-threaded session were no faster here.
-        self.sessions = [ort_session(self.path, per_session, spin) for _ in range(n)]
+        # The first is made here; the others in the background, each joining the sessions that run work as
+        # soon as it is made, so that the first batches run while they load (streams counts them all).
+        self.sessions = [ort_session(self.path, per_session, spin)]
         self.session = self.sessions[0]
         self.threads = per_session
+        self._streams = n
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="onnx-tower") if n > 1 else None
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # sessions free for submit()
-        for sess in self.sessions:
-            self._idle.put(sess)
+        self._idle.put(self.session)
+        self._all_made = threading.Event()  # __call__ splits a batch over them all, as many as streams
+        if n == 1:
+            self._all_made.set()
+        else:
+            # Not a daemon (even when made by one): the interpreter waits for it at exit, as ONNX Runtime
+            # aborts the process when it is torn down while a session is being made.
+            threading.Thread(
+                target=self._add_sessions,
+                args=(n - 1, per_session, spin),
+                name="onnx-sessions",
+                daemon=False,
+            ).start()
         meta_path = self.path.with_suffix(".json")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
@@ -192,6 +207,17 @@ class OnnxImageTower:
         tower.meta = meta
         return tower
 
+    def _add_sessions(self, count: int, threads: int, spin: bool) -> None:
+        try:
+            for _ in range(count):
+                session = ort_session(self.path, threads, spin)
+                self.sessions.append(session)
+                self._idle.put(session)
+        except Exception as e:  # noqa: BLE001 - the sessions made so far carry on
+            log.warning("could not make another ONNX Runtime session for %s: %s", self.path, e)
+        finally:
+            self._all_made.set()
+
     @property
     def dim(self) -> int:
         return int(self.session.get_outputs()[0].shape[1])
@@ -204,6 +230,7 @@ class OnnxImageTower:
         pixels = _pixels(batch)
         if not len(pixels):
             return np.zeros((0, self.dim), np.float32)  # ONNX Runtime cannot reshape an empty batch
+        self._all_made.wait()  # the same split, so the same vectors (int8: one activation scale per run)
         parts = np.array_split(pixels, min(len(self.sessions), len(pixels)))
         if self._pool is None or len(parts) == 1:
             return normalise(self._run(self.session, pixels))
@@ -242,7 +269,7 @@ class OnnxImageTower:
 
     @property
     def streams(self) -> int:
-        return len(self.sessions)
+        return self._streams
 
 
 def _pixels(batch: np.ndarray | torch.Tensor) -> np.ndarray:

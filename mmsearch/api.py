@@ -766,10 +766,9 @@ def check_image_tower(image_tower: str | None) -> str:
 def check_speech_settings(backend: str, model: str | None, language: str | None) -> dict[str, Any]:
     """The speech settings an index records, checked: a typo saved here would make every later run skip
     every recording."""
-    from mmsearch.transcribe import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown speech backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    backends = constants.SPEECH_BACKENDS  # not mmsearch.transcribe's: it imports PyAV
+    if backend not in backends:
+        raise ConfigError(f"unknown speech backend '{backend}' (choose from {', '.join(backends)})")
     if language is not None:
         code = _normalized("language", language)
         if code not in WHISPER_LANGUAGES:

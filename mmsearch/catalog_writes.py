@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 from sqlalchemy import (
     Connection,
+    bindparam,
     select,
     text,
 )
@@ -169,9 +170,15 @@ class PhotoFacts(Protocol):
     def keywords(self) -> Sequence[tuple[str, str]]: ...
 
 
+# Built once: asked for every file hashed, and building the statement cost five times running it.
+_MEDIA_OF_KIND = select(media.c.id).where(
+    media.c.sha256 == bindparam("sha"), media.c.kind == bindparam("kind")
+)
+
+
 def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
     """The id of the content with this hash if the catalog holds it as ``kind``."""
-    row = conn.execute(select(media.c.id).where(media.c.sha256 == sha256, media.c.kind == kind)).first()
+    row = conn.execute(_MEDIA_OF_KIND, {"sha": sha256, "kind": kind}).first()
     return int(row[0]) if row else None
 
 

@@ -118,9 +118,11 @@ def _args_options(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fast_query(argv: list[str]) -> bool:
-    """Answer `mmsearch query ...` through a running server for its index, without importing typer.
+    """Answer `mmsearch query ...` without importing typer: through a running server for its index, or
+    searched in this process as the typer command would (typer and click cost more than the search).
 
-    False, having printed nothing, whenever the typer command should handle the command line instead.
+    False, having printed nothing, whenever the typer command should handle the command line instead
+    (``--help``, a command line it explains the fault of, ``--serve`` with no server up).
     """
     if not argv or argv[0] != "query":
         return False
@@ -130,21 +132,28 @@ def _fast_query(argv: list[str]) -> bool:
         options = _args_options(a)
     except (_ArgvError, _UsageError):
         return False
-    if (
-        # click reads every word starting with "-" as an option; argparse takes "-5" or "-a b" as the TEXT.
-        (a.text or "").startswith("-")
-        or not 1 <= a.k <= MAX_K
-        or not _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device, a.k)
-    ):
+    # click reads every word starting with "-" as an option; argparse takes "-5" or "-a b" as the TEXT.
+    if (a.text or "").startswith("-") or not 1 <= a.k <= MAX_K:
         return False
     from mmsearch import client
 
+    path = a.index_dir or _default_index_path()
     try:
-        url = client.find_server(a.index_dir or _default_index_path())
-        if url is None:
-            return False  # typer starts one (--serve) or searches in this process
-        if not _answered_by_server(url, a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview):
-            return False  # the typer command searches in this process
+        if _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device, a.k):
+            url = client.find_server(path)
+            if url is None and a.serve:
+                return False  # the typer command starts one
+            answered = url is not None and _answered_by_server(
+                url, a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview
+            )
+        else:
+            answered = False
+        if not answered:
+            _configure_logging(verbose=False)  # as the typer application's callback does
+            _search_here(
+                path, a.model, a.pretrained, a.checkpoint, a.device,
+                a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview,
+            )  # fmt: skip
         sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(130)  # silently, as typer does
@@ -223,6 +232,40 @@ def _answered_by_server(
     return True
 
 
+def _search_here(
+    path: Path,
+    model: str | None,
+    pretrained: str | None,
+    checkpoint: str | None,
+    device: str,
+    text: str | None,
+    image: Path | None,
+    audio: Path | None,
+    target: str,
+    k: int,
+    options: dict[str, Any],
+    as_json: bool,
+    preview: bool,
+) -> None:
+    """Search the index at ``path`` in this process and print the answer."""
+    from mmsearch import Index
+
+    with Index.open(path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device) as idx:
+        result = idx.search(text, image=image, audio=audio, target=target, k=k, **options)
+    hits = [h.as_dict() for h in result.hits]
+    _print_query(target, hits, result.transcript, as_json, result.no_match, preview)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        # open_clip and faiss log routine INFO/WARNING lines on the root logger.
+        for name in ("root", "faiss", "faiss.loader"):
+            logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
+
+
 def _default_index_path() -> Path:
     return constants.default_index_path()
 
@@ -271,13 +314,7 @@ def _typer_app() -> "typer.Typer":
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
     ) -> None:
         _tolerant_streams()  # again: the application can be run without main()
-        logging.basicConfig(
-            level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-        )
-        if not verbose:
-            # open_clip and faiss log routine INFO/WARNING lines on the root logger.
-            for name in ("root", "faiss", "faiss.loader"):
-                logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
+        _configure_logging(verbose)
 
     @app.command()
     def index(
@@ -509,14 +546,10 @@ def _typer_app() -> "typer.Typer":
                 url, text, image, audio, target, k, options, as_json, preview
             ):
                 return
-        from mmsearch import Index
-
-        with Index.open(
-            path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device
-        ) as idx:
-            result = idx.search(text, image=image, audio=audio, target=target, k=k, **options)
-        hits = [h.as_dict() for h in result.hits]
-        _print_query(target, hits, result.transcript, as_json, result.no_match, preview)
+        _search_here(
+            path, model, pretrained, checkpoint, device,
+            text, image, audio, target, k, options, as_json, preview,
+        )  # fmt: skip
 
     @app.command()
     def serve(

@@ -20,17 +20,16 @@ isolated from the caller's folder (see :func:`server_command`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmsearch import discovery
 from mmsearch.constants import TARGETS
@@ -53,8 +52,18 @@ TARGET_NAMES = tuple(TARGETS)
 HEALTH_TIMEOUT = 0.5
 DEFAULT_IDLE_MINUTES = 15.0
 
-# Loopback needs no proxy, and an http_proxy in the environment must not see local queries.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+if TYPE_CHECKING:
+    import urllib.error
+    import urllib.request
+
+
+@functools.cache
+def _opener() -> urllib.request.OpenerDirector:
+    """Loopback needs no proxy, and an http_proxy in the environment must not see local queries. (Made on
+    first use: urllib.request imports http.client, email and ssl, which a local search never needs.)"""
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerError(MmsearchError):
@@ -290,9 +299,12 @@ def wait_for_server(index_path: str | Path, timeout: float) -> Server | None:
 def _request(
     url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float
 ) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(url, data=data, headers={"Accept": "application/json", **(headers or {})})
     try:
-        with _opener.open(req, timeout=timeout) as resp:
+        with _opener().open(req, timeout=timeout) as resp:
             return dict(json.loads(resp.read()))
     except urllib.error.HTTPError as e:
         detail = _detail(e)

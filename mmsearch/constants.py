@@ -26,6 +26,8 @@ QUERY_FUSIONS = ("rrf", "weighted")
 QUERY_COMBINES = ("early", "late")
 #: The roles of a query's inputs, each with a weight.
 QUERY_ROLES = ("text", "image", "audio", "add", "subtract")
+#: The speech-recognition backends an index can record (mmsearch.transcribe loads them).
+SPEECH_BACKENDS = ("faster-whisper", "openai-whisper")
 DEFAULT_MODE = "hybrid"
 DEFAULT_FUSION = "rrf"
 DEFAULT_COMBINE = "early"

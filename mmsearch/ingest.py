@@ -458,6 +458,9 @@ R = TypeVar("R")
 # faster than large ones (they stay in cache; bench_model_speed.py), and small batches leave less of a
 # run's tail to one stream while the others idle.
 STREAM_BATCH = 8
+# Images in a run's first batch: a small one is embedded and committed soon after the model is ready, so a
+# short run shows (and keeps) its first images early; the batches after it are full (bench_startup.py).
+FIRST_BATCH = 2
 
 
 def image_batch_size(embedder: Embedder) -> int:
@@ -583,6 +586,7 @@ class _Run:
         self.store, self.report, self.tick = store, report, tick
         self._embedder_factory, self._transcriber_factory = embedder, transcriber
         self._embedder: Embedder | None = None
+        self._embedder_loading: Future[Embedder] | None = None  # see prepare_embedder
         self._transcriber: Any = None
         self.workers = workers
         self.existing = store.catalog.files_by_key()
@@ -595,10 +599,31 @@ class _Run:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            self._embedder = self._embedder_factory()
+            loading, self._embedder_loading = self._embedder_loading, None
+            # A load started by prepare_embedder raises its error here, where the model is first used.
+            self._embedder = loading.result() if loading is not None else self._embedder_factory()
             if gc.get_freeze_count():
                 gc.freeze()  # the model just loaded joins what full collections skip (see ingest)
         return self._embedder
+
+    def prepare_embedder(self) -> None:
+        """Start loading the model in a background thread, its image streams too (an ONNX embedder makes
+        its sessions when asked for them): called when hashing finds the first new image content, so that
+        loading overlaps the rest of hashing instead of following it. :attr:`embedder` waits for it."""
+        if self._embedder is not None or self._embedder_loading is not None:
+            return
+        loading: Future[Embedder] = Future()
+        self._embedder_loading = loading
+
+        def load() -> None:
+            try:
+                embedder = self._embedder_factory()
+                embedder.image_streams  # noqa: B018 - asking starts the sessions' loading
+                loading.set_result(embedder)
+            except BaseException as e:  # handed to whoever asks for the embedder
+                loading.set_exception(e)
+
+        threading.Thread(target=load, name="mmsearch-model-load", daemon=True).start()
 
     @property
     def transcriber(self) -> Any:
@@ -639,6 +664,8 @@ class _Run:
                     self._write_file(tx, f, sha, media_id)
                     self.report.linked += 1
                 else:
+                    if f.kind == "image":
+                        self.prepare_embedder()
                     pending.setdefault(sha, []).append(f)
             self.tick("hash", len(todo), len(todo))
         return pending
@@ -724,8 +751,11 @@ class _Run:
         pool = DecodePool(self.workers)
         try:
             decoded = bounded_map(decode, groups, pool, ahead=2 * bs, budget=budget, on_timeout=overran)
+            # The image vectors' index (FAISS imported, its file read) made ready while the first images
+            # decode and the model's sessions load, rather than by the first commit.
+            self.store.vectors("image")
             while True:
-                batch = _take(decoded, bs)
+                batch = _take(decoded, min(bs, FIRST_BATCH) if done == 0 and not in_flight else bs)
                 if batch:
                     in_flight.append((batch, self._start_embedding(batch)))
                 if in_flight and (len(in_flight) >= streams or not batch):

@@ -252,12 +252,15 @@ def _opened(tower: Callable[[Path], T], path: Path) -> T:
 
 
 class _Loading:
-    """A call run on its own daemon thread; :meth:`result` waits for it and returns or raises its outcome."""
+    """A call run on its own thread; :meth:`result` waits for it and returns or raises its outcome.
+
+    Not a daemon thread: an exit (Ctrl-C) waits for the session being made, as ONNX Runtime aborts the
+    process when it is torn down in the middle of making one."""
 
     def __init__(self, call: Callable[[], OnnxImageTower]) -> None:
         self._call = call
         self._outcome: Future[OnnxImageTower] = Future()
-        threading.Thread(target=self._run, name="onnx-tower-load", daemon=True).start()
+        threading.Thread(target=self._run, name="onnx-tower-load", daemon=False).start()
 
     def _run(self) -> None:
         try:

@@ -41,12 +41,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from mmsearch.audio import QUERY_MAX_AUDIO_SECONDS, SAMPLE_RATE, TimeBudget, iter_pcm_chunks, load_pcm
-from mmsearch.constants import hub_offline
+from mmsearch.constants import SPEECH_BACKENDS, hub_offline
 from mmsearch.errors import MissingDependencyError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("faster-whisper", "openai-whisper")
+BACKENDS = SPEECH_BACKENDS
 # "base" when no model is named: multilingual, markedly more accurate than tiny on real recordings for
 # about twice the compute, still many times faster than real time on a 2-core CPU. The English-only
 # ".en" variant, more accurate on English, when the language is given as "en".
