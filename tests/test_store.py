@@ -43,7 +43,12 @@ def test_index_folder_describes_itself(built: Path) -> None:
     assert config["model"]["arch"] == "tiny-clip" and config["model"]["dim"] == 32
     (model_folder,) = (built / "vectors").iterdir()  # vectors/MODEL/KIND.faiss
     assert model_folder.name == model_key(config["model"])
-    assert sorted(p.name for p in model_folder.iterdir()) == ["caption.faiss", "frame.faiss", "image.faiss", "segment.faiss"]
+    assert sorted(p.name for p in model_folder.iterdir()) == [
+        "caption.faiss",
+        "frame.faiss",
+        "image.faiss",
+        "segment.faiss",
+    ]
     assert (built / "catalog.sqlite").is_file()
 
 
