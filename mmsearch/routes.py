@@ -184,7 +184,7 @@ class Service:
     def __init__(self, index: Index) -> None:
         self.index = index
         self.lock = threading.Lock()  # the embedder, the transcriber and the vector indexes
-        self._pending: list[tuple[str, Future[Any]]] = []
+        self._pending: list[tuple[list[str], Future[Any]]] = []
         self._pending_lock = threading.Lock()
         self.thumbnails = Thumbnails(index.store)
 
