@@ -88,13 +88,29 @@ def test_an_image_finds_the_frame(
     assert abs(hits[0].start - moment(videos[1], "shapes_1.mp4", "green", "triangle")) <= DEFAULT_INTERVAL
 
 
+@pytest.mark.parametrize(
+    ("said", "name", "colour", "shape"),
+    [
+        ("a green triangle", "shapes_1.mp4", "green", "triangle"),
+        ("a yellow star", "shapes_2.mp4", "yellow", "star"),
+    ],
+)
 def test_a_spoken_query_finds_the_moment(
-    indexed: mmsearch.Index, videos: tuple[Path, list[VideoTruth]]
+    indexed: mmsearch.Index,
+    videos: tuple[Path, list[VideoTruth]],
+    said: str,
+    name: str,
+    colour: str,
+    shape: str,
 ) -> None:
     from tests._speech import speech_wav
 
-    result = indexed.search(audio=speech_wav("a yellow star"), target="video", k=2)
-    assert result.hits and Path(result.hits[0].path).name == "shapes_2.mp4", result.transcript
+    result = indexed.search(audio=speech_wav(said), target="video", k=2)
+    assert result.hits and Path(result.hits[0].path).name == name, result.transcript
+    best = result.hits[0]
+    appears = moment(videos[1], name, colour, shape)
+    times = [best.start] + [m["start"] for m in best.moments]
+    assert any(t is not None and appears - 0.5 <= t <= appears + DEFAULT_INTERVAL for t in times), times
 
 
 def test_images_and_audio_targets_are_as_before(indexed: mmsearch.Index) -> None:
