@@ -356,6 +356,46 @@ def _export(
     return _export_once(model, hw, path, key, quantize, friendly=False)
 
 
+def trace_to_onnx(
+    tower: torch.nn.Module,
+    dummy: torch.Tensor,
+    out: Path,
+    what: str,
+    *,
+    input_name: str = INPUT_NAME,
+    patch: Any = None,
+) -> None:
+    """Trace ``tower`` on ``dummy`` (batch 2) into an ONNX file at ``out`` with a dynamic batch axis, input
+    ``input_name`` and output :data:`OUTPUT_NAME` (the
+    TorchScript exporter: torch >= 2.9 prefers the torch.export one, which needs onnxscript; the TorchScript
+    one handles OpenCLIP's towers and needs nothing more). :class:`MmsearchError` naming ``what`` when the
+    model cannot be exported (an unsupported operator, data-dependent control flow)."""
+    import torch
+
+    # Without grad, nn.MultiheadAttention takes a fused "fast path" that has no ONNX export.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(False), warnings.catch_warnings(), patch or contextlib.nullcontext():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                tower,
+                (dummy,),
+                str(out),
+                dynamo=False,
+                input_names=[input_name],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+            )
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MmsearchError(f"could not export {what} to ONNX: {first_line}") from e
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def _export_once(
     model: torch.nn.Module, hw: tuple[int, int], path: Path, key: str, quantize: bool, friendly: bool
 ) -> dict[str, Any]:
@@ -382,33 +422,10 @@ def _export_once(
         tower = _Tower().eval()
         with torch.no_grad():
             reference = encode(probe).float().numpy()
-        # Without grad, nn.MultiheadAttention takes a fused "fast path" that has no ONNX export.
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            patch = export_friendly(model) if friendly else contextlib.nullcontext()
-            with torch.inference_mode(False), warnings.catch_warnings(), patch:
-                # torch >= 2.9 prefers the torch.export-based exporter, which needs onnxscript; the
-                # TorchScript one handles OpenCLIP's towers and needs nothing more.
-                warnings.simplefilter("ignore")
-                # Batch 2, not 1: tracing with batch 1 can bake size-1 squeezes into the graph.
-                dummy = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
-                torch.onnx.export(
-                    tower,
-                    (dummy,),
-                    str(tmp_fp32),
-                    dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                    opset_version=OPSET,
-                    do_constant_folding=True,
-                )
-        except Exception as e:  # an exotic architecture: unsupported operator, data-dependent control flow
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise MmsearchError(f"could not export the image tower of {key} to ONNX: {first_line}") from e
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        # Batch 2, not 1: tracing with batch 1 can bake size-1 squeezes into the graph.
+        dummy = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
+        patch = export_friendly(model) if friendly else contextlib.nullcontext()
+        trace_to_onnx(tower, dummy, tmp_fp32, f"the image tower of {key}", patch=patch)
         if quantize:
             quantize_weights(tmp_fp32, tmp_out, FEATURE)
         got = OnnxImageTower(tmp_out, streams=1)(probe)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmsearch.accel import (
-    OPSET,
+    OUTPUT_NAME,
     cache_file_name,
     cosines,
     import_ort,
@@ -39,6 +38,7 @@ from mmsearch.accel import (
     publish_export,
     quantize_weights,
     temp_path,
+    trace_to_onnx,
     usable_cpus,
 )
 from mmsearch.errors import MmsearchError
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 FEATURE = "the ONNX text tower"
 TEXT_RECIPE_VERSION = 2  # 2: the cached graph is ONNX Runtime's extended-optimised one
 INPUT_NAME = "tokens"
-OUTPUT_NAME = "features"
 QUANTIZED_OPS = ("MatMul", "Gemm", "Gather")
 # A fresh export is kept only if every probe sentence's vector is at least this close (cosine) to torch's.
 PROBE_MIN_COSINE = {False: 0.9999, True: 0.995}
@@ -149,29 +148,9 @@ def _export(model: Any, probe: np.ndarray, path: Path, key: str, quantize: bool)
     try:
         with torch.no_grad():
             reference = model.encode_text(torch.from_numpy(probe)).float().numpy()
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)  # the fused attention has no ONNX export
-        try:
-            with torch.inference_mode(False), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # Batch 2 (tracing with 1 can bake size-1 squeezes into the graph), two different lengths.
-                dummy = torch.from_numpy(np.ascontiguousarray(probe[:2]))
-                torch.onnx.export(
-                    _Tower().eval(),
-                    (dummy,),
-                    str(tmp_fp32),
-                    dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                    opset_version=OPSET,
-                    do_constant_folding=True,
-                )
-        except Exception as e:
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise MmsearchError(f"could not export the text tower of {key} to ONNX: {first_line}") from e
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        # Batch 2 (tracing with 1 can bake size-1 squeezes into the graph), two different lengths.
+        dummy = torch.from_numpy(np.ascontiguousarray(probe[:2]))
+        trace_to_onnx(_Tower().eval(), dummy, tmp_fp32, f"the text tower of {key}", input_name=INPUT_NAME)
         if quantize:
             quantize_weights(tmp_fp32, tmp_out, FEATURE, QUANTIZED_OPS, per_channel=True)
         _save_optimised(tmp_out, tmp_opt)
