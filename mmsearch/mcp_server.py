@@ -82,7 +82,8 @@ QueryFile = Annotated[str, Field(min_length=1, max_length=4096, description="A f
 
 
 class Filters(BaseModel):
-    """Which files a search may return (each list: any of its values)."""
+    """Which files a search may return (each list: any of its values). The fields are
+    :data:`mmsearch.filters.FILTER_FIELDS`, passed to ``Index.search`` by name."""
 
     path: list[str] = Field(default_factory=list, description="Globs on the file's full path")
     ext: list[str] = Field(default_factory=list, description="File extensions, e.g. jpg")
@@ -145,10 +146,7 @@ class Tools:
         def answer() -> dict[str, Any]:
             result = self.index.search(
                 text, image=image, audio=audio, target=target, k=k, mode=mode,
-                path=f.path, ext=f.ext, kind=f.kind, after=f.after, before=f.before,
-                min_duration=f.min_duration, max_duration=f.max_duration, tag=f.tag,
-                taken_after=f.taken_after, taken_before=f.taken_before, near=f.near,
-                min_confidence=min_confidence,
+                min_confidence=min_confidence, **f.model_dump(),
             )  # fmt: skip
             out: dict[str, Any] = {
                 "query": shown,

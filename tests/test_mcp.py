@@ -253,3 +253,11 @@ def test_spoken_query(demo) -> None:
     result = answer(in_session(index, scenario))
     assert result["input"] == "audio" and "red circle" in result["transcript"].lower()
     assert world.matches({"colour": "red", "shape": "circle"}, attrs[exact(result["hits"][0])])
+
+
+def test_the_tools_filters_are_the_search_filters() -> None:
+    """The tools pass their filters to Index.search by field name: the names must be the search's."""
+    from mmsearch.filters import FILTER_FIELDS
+    from mmsearch.mcp_server import Filters
+
+    assert tuple(Filters.model_fields) == FILTER_FIELDS
