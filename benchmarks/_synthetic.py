@@ -50,6 +50,23 @@ def insert_images(conn: Any, vecs: np.ndarray, first: int) -> list[int]:
     return db.add_embeddings(conn, "image", vecs, [mid[s] for s in shas])
 
 
+def add_random_images(store: Any, n: int, *, seed: int = 0, chunk: int = 5000) -> np.ndarray:
+    """``n`` random L2-normalised image vectors written into ``store`` (with their content and file rows,
+    under its write lock, the FAISS files saved); returns the vectors."""
+    vecs = np.random.default_rng(seed).standard_normal((n, store.dim), dtype=np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    store.lock_for_writing()
+    try:
+        with store.catalog.begin() as conn:
+            for start in range(0, n, chunk):
+                insert_images(conn, vecs[start : start + chunk], start + 1)
+        store.refresh()
+        store.save_vectors()
+    finally:
+        store.unlock()
+    return vecs
+
+
 def insert_recordings(conn: Any, texts: list[str], vecs: np.ndarray, first: int, per_file: int = 10) -> None:
     """Transcript rows for ``texts`` (one segment each, ``per_file`` segments per recording) with their vectors
     ``vecs``, numbered from ``first`` inside the caller's transaction; bulk inserts, FTS kept by triggers."""

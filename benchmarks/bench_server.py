@@ -74,8 +74,7 @@ def machine() -> dict[str, Any]:
 # --- index -------------------------------------------------------------------------------------------
 def build_index(dest: Path, n_vectors: int, n_images: int, model: str) -> Path:
     """An index with ``n_images`` real images (ingested normally) and ``n_vectors`` synthetic ones."""
-    import numpy as np
-    from _synthetic import insert_images
+    from _synthetic import add_random_images
     from PIL import Image, ImageDraw
 
     import mmsearch
@@ -94,19 +93,7 @@ def build_index(dest: Path, n_vectors: int, n_images: int, model: str) -> Path:
     t0 = time.perf_counter()
     with mmsearch.Index.create(index_dir, model=model, pretrained="random") as idx:
         idx.add_folder(media)
-        store = idx.store
-        dim = store.dim
-        vecs = np.random.default_rng(0).standard_normal((n_vectors, dim), dtype=np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        store.lock_for_writing()
-        try:
-            with store.catalog.begin() as conn:
-                for start in range(0, n_vectors, 5000):
-                    insert_images(conn, vecs[start : start + 5000], start + 1)
-            store.refresh()
-            store.save_vectors()
-        finally:
-            store.unlock()
+        add_random_images(idx.store, n_vectors)
     print(
         f"index: {n_images} real + {n_vectors} synthetic image vectors ({model}) in {time.perf_counter() - t0:.0f} s"
     )

@@ -253,23 +253,12 @@ def rclip_synthetic(datadir: Path, folder: Path, vectors: np.ndarray) -> None:
 # --- the 100k index ------------------------------------------------------------------------------------
 def build_query_index(dest: Path, n_vectors: int, model: str) -> tuple[Path, np.ndarray]:
     """An index of ``n_vectors`` synthetic L2-normalised image vectors, written through the catalog."""
-    from _synthetic import insert_images
+    from _synthetic import add_random_images
 
     import mmsearch
 
     with mmsearch.Index.create(dest, model=model, pretrained="random") as idx:
-        store = idx.store
-        vecs = np.random.default_rng(0).standard_normal((n_vectors, store.dim), dtype=np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        store.lock_for_writing()
-        try:
-            with store.catalog.begin() as conn:
-                for start in range(0, n_vectors, 5000):
-                    insert_images(conn, vecs[start : start + 5000], start + 1)
-            store.refresh()
-            store.save_vectors()
-        finally:
-            store.unlock()
+        vecs = add_random_images(idx.store, n_vectors)
     return dest, vecs
 
 
