@@ -255,14 +255,7 @@ def demo_retrieval(args: argparse.Namespace) -> dict[str, Any]:
         emb.model, emb.model.visual.image_size, args.cache, tower_key(emb.identity), quantize=True
     )
     int8 = np.concatenate([int8_tower(pixels[i : i + 64]) for i in range(0, len(pixels), 64)])
-    present = set(attrs)
-    subsets: list[tuple[str, ...]] = [(), ("size",), ("count",), ("background",), world.OPTIONAL_ATTRIBUTES]
-    captions = world.distinct_captions(
-        world.held_out_caption(a, stated)
-        for a in world.all_attributes()
-        if a in present
-        for stated in subsets
-    )
+    captions = world.held_out_queries(attrs)
     texts = emb.embed_texts([c.text for c in captions])
     result: dict[str, Any] = {
         "images": len(attrs),

@@ -277,14 +277,7 @@ def demo_quality(n_images: int) -> dict[str, Any]:
     assert isinstance(onnx, OnnxEmbedder)
     items = world.generate(n_images, 2024)
     attrs, images = [a for a, _ in items], [im for _, im in items]
-    present = set(attrs)
-    subsets: list[tuple[str, ...]] = [(), ("size",), ("count",), ("background",), world.OPTIONAL_ATTRIBUTES]
-    captions = world.distinct_captions(
-        world.held_out_caption(a, stated)
-        for a in world.all_attributes()
-        if a in present
-        for stated in subsets
-    )
+    captions = world.held_out_queries(attrs)
     texts = [c.text for c in captions]
     vecs = {
         "torch_fp32": (reference.embed_texts(texts), reference.embed_images(images)),

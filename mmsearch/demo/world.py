@@ -234,6 +234,19 @@ def held_out_caption(attrs: Attributes, stated: Iterable[str] = OPTIONAL_ATTRIBU
     return describe(attrs, phrasing=HELD_OUT_PHRASING, stated=stated)
 
 
+#: The optional attributes a held-out query states (:func:`held_out_queries`): none, one, or all of them.
+QUERY_STATED: tuple[tuple[str, ...], ...] = ((), ("size",), ("count",), ("background",), OPTIONAL_ATTRIBUTES)
+
+
+def held_out_queries(present: Iterable[Attributes]) -> list[Caption]:
+    """The distinct held-out captions of the ``present`` attribute sets, each stating none, one or all of the
+    optional attributes (:data:`QUERY_STATED`): the text queries of a retrieval measurement."""
+    shown = set(present)
+    return distinct_captions(
+        held_out_caption(a, stated) for a in all_attributes() if a in shown for stated in QUERY_STATED
+    )
+
+
 def distinct_captions(captions: Iterable[Caption]) -> list[Caption]:
     """Captions with distinct texts, in first-seen order."""
     seen: dict[str, Caption] = {}
