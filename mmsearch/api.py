@@ -680,7 +680,7 @@ class Index:
         """How many image contents carry each zero-shot tag, most first."""
         from mmsearch import catalog_tags
 
-        if self.store.catalog.schema_version < 7:  # read-only on a full disk, not migrated: no tags table
+        if not self.store.catalog.has_photo_meta:  # read-only on a full disk, not migrated: no tags table
             return {}
         with self.store.catalog.read() as conn:
             return catalog_tags.zero_shot_counts(conn)

@@ -120,6 +120,11 @@ class Catalog:
         """Whether files hold what photos say of themselves and there are tags (schema 7)."""
         return self.schema_version >= PHOTO_META_FROM
 
+    @property
+    def has_video(self) -> bool:
+        """Whether there are video keyframes (schema 8): an older catalog opened read-only has none."""
+        return self.schema_version >= VIDEO_FROM
+
     def slot(self, prefix: str, kind: str, model: str) -> str:
         """The meta key of one (model, kind)'s ``prefix`` (generation, faiss, deletions_pruned)."""
         return f"{prefix}.{model}.{kind}" if self.has_models else f"{prefix}.{kind}"
@@ -285,7 +290,7 @@ class Catalog:
                 "caption": conn.execute(select(func.count()).select_from(captions)).scalar_one(),
                 "segment": conn.execute(select(func.count()).select_from(segments)).scalar_one(),
                 "frame": conn.execute(select(func.count()).select_from(frames)).scalar_one()
-                if self.schema_version >= VIDEO_FROM
+                if self.has_video
                 else 0,
             }
 

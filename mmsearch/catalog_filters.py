@@ -27,7 +27,6 @@ from mmsearch.schema import (
     REF_COLUMNS,
     TAGS_CHANGES_META,
     VECTOR_KINDS,
-    VIDEO_FROM,
     captions,
     embeddings,
     files,
@@ -156,7 +155,7 @@ def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model:
     )
     parts = []
     for kind in VECTOR_KINDS:
-        if kind == "frame" and catalog.schema_version < VIDEO_FROM:
+        if kind == "frame" and not catalog.has_video:
             continue  # an older catalog opened read-only: no video
         if kind in kinds:
             is_kind, item = item_of(kind)

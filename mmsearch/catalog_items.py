@@ -22,7 +22,6 @@ from mmsearch.constants import EMBEDDED_SOURCE
 from mmsearch.filters import Filters
 from mmsearch.schema import (
     VECTOR_KINDS,
-    VIDEO_FROM,
     captions,
     embeddings,
     files,
@@ -125,7 +124,7 @@ def resolve_items(
             )
             queries = (("image", image_q), ("caption", caption_q), ("segment", segment_q), ("frame", frame_q))
             for kind, q in queries:
-                if kind not in kinds or (kind == "frame" and catalog.schema_version < VIDEO_FROM):
+                if kind not in kinds or (kind == "frame" and not catalog.has_video):
                     continue
                 for row in conn.execute(q):
                     out[int(row[0])] = ItemRow(*row)

@@ -37,7 +37,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from mmsearch.catalog import Catalog
 from mmsearch.catalog_filters import file_passes, item_of
 from mmsearch.filters import Filters
-from mmsearch.schema import FTS_FROM, VIDEO_FROM, captions, embeddings, files, frames, segments
+from mmsearch.schema import FTS_FROM, captions, embeddings, files, frames, segments
 
 #: English words too common to say what a query is about: dropped from word queries.
 STOP_WORDS = frozenset(
@@ -134,7 +134,7 @@ def word_hits(
     terms = query_terms(text)
     if not terms or limit <= 0 or catalog.schema_version < FTS_FROM:
         return []
-    if catalog.schema_version < VIDEO_FROM:
+    if not catalog.has_video:
         kinds = [k for k in kinds if k != "frame"]  # (no keyframes before schema 8)
     best: dict[int, tuple[float, bool]] = {}
     with catalog.snapshot() as conn:
