@@ -59,8 +59,3 @@ def owners(path: str, images: set[str], by_stem: dict[str, list[str]]) -> list[s
         if image in images:
             return [image]
     return []
-
-
-def kind(path: str) -> str:
-    """'xmp' or 'takeout'."""
-    return "xmp" if path.lower().endswith(".xmp") else "takeout"
