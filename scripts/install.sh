@@ -26,4 +26,4 @@ fi
 if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-"$PY" -m pip install -q -e ".[offline,server,dev,mcp,langchain,llamaindex,export,photos]"
+"$PY" -m pip install -q -e ".[offline,server,dev,mcp,langchain,llamaindex,export,photos,ray]"

@@ -1,0 +1,106 @@
+"""The one module that imports Ray: finding it, joining or starting a cluster, and a local multi-node
+cluster for tests and benchmarks.
+
+Ray is optional (``pip install 'mmsearch[ray]'``); without it every ``--ray`` feature raises
+:class:`MissingDependencyError` saying what to install. The indexing pipeline (:mod:`mmsearch.ray_ingest`)
+and the sharded search (:mod:`mmsearch.shards`) ask this module for the ``ray`` module instead of importing
+it themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from mmsearch.errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+#: ``--ray auto``: join the cluster this machine is part of (``ray start`` ran here, or RAY_ADDRESS).
+AUTO = "auto"
+#: ``--ray local``: start a Ray instance on this machine for the run (the CLI's ``--ray`` with no address).
+LOCAL = "local"
+# Ray picks the machine's routable address for a node by default; a cluster started here for a test or a
+# benchmark stays on the loopback interface (this environment variable makes Ray use 127.0.0.1).
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_module() -> ModuleType:
+    """The ``ray`` module, or :class:`MissingDependencyError` naming the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("ray", "distributed indexing and search (--ray)", extra="ray") from None
+    return ray
+
+
+def ray_data() -> ModuleType:
+    """``ray.data`` (it needs pandas and pyarrow, which ``mmsearch[ray]`` brings)."""
+    ray_module()
+    try:
+        import ray.data
+    except ImportError as e:
+        raise MissingDependencyError(
+            e.name or "ray[data]", "distributed indexing (--ray)", extra="ray"
+        ) from None
+    return ray.data
+
+
+def connect(address: str | None = LOCAL) -> ModuleType:
+    """Join (``AUTO`` or an address such as ``ray://host:10001`` / ``host:6379``) or start (``LOCAL`` or
+    None) a Ray cluster for this process, once: a process already connected keeps its cluster.
+
+    Raises :class:`ConfigError` when the address cannot be reached."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
+    try:
+        if address in (None, LOCAL):
+            os.environ.setdefault(_LOOPBACK_ENV, "0")
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+    return ray
+
+
+def resources() -> dict[str, float]:
+    """What the connected cluster holds: CPU, GPU, memory... (``ray.cluster_resources()``)."""
+    return dict(ray_module().cluster_resources())
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, connect_driver: bool = True) -> Iterator[Any]:
+    """A cluster of ``nodes`` raylets on this machine, on loopback addresses only (Ray's own
+    ``ray.cluster_utils.Cluster``), connected to this process: for tests and benchmarks. Yields the
+    ``Cluster`` (``add_node`` / ``remove_node`` / ``address``); shuts it down on leaving."""
+    ray = ray_module()
+    from ray.cluster_utils import Cluster
+
+    previous = os.environ.get(_LOOPBACK_ENV)
+    os.environ[_LOOPBACK_ENV] = "0"  # inherited by every raylet and worker started below
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False},
+    )
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=cpus_per_node)
+        cluster.wait_for_nodes()
+        if connect_driver:
+            ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = previous
