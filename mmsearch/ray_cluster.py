@@ -62,12 +62,21 @@ def connect(address: str | None = LOCAL) -> ModuleType:
     try:
         if address in (None, LOCAL):
             os.environ.setdefault(_LOOPBACK_ENV, "0")
+            _use_loopback(ray)
             ray.init(**kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
     return ray
+
+
+def _use_loopback(ray: ModuleType) -> None:
+    """Make the nodes this process starts announce 127.0.0.1: Ray reads the switch once, at import, so the
+    already imported constant is set too (the processes it starts read the environment variable)."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def resources() -> dict[str, float]:
@@ -85,6 +94,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, connect_driver: boo
 
     previous = os.environ.get(_LOOPBACK_ENV)
     os.environ[_LOOPBACK_ENV] = "0"  # inherited by every raylet and worker started below
+    _use_loopback(ray)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False},
