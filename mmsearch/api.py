@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from mmsearch.model import Embedder
+    from mmsearch.ray_ingest import RayOptions, RayWork
     from mmsearch.retranscribe import RetranscribeReport
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ class Index:
         prune: bool = False,
         exclude: Iterable[str] = (),
         include_hidden: bool = False,
+        ray: str | RayOptions | None = None,
     ) -> IngestReport:
         """Index ``folder`` incrementally (only new or changed content does model work).
 
@@ -248,10 +250,16 @@ class Index:
         ``IngestReport.unavailable``. ``exclude``: patterns (gitignore rules, relative to ``folder``) of
         what to leave out, besides the ``.mmsearchignore`` files; ``include_hidden``: also index hidden
         entries. What is left out is listed in ``IngestReport.excluded``, and what the index held there is
-        forgotten (see :mod:`mmsearch.scan`)."""
+        forgotten (see :mod:`mmsearch.scan`).
+
+        ``ray``: embed and transcribe new images and audio on a Ray cluster (see :mod:`mmsearch.ray_ingest`):
+        ``"local"`` starts one on this machine, ``"auto"`` joins the running one, else its address, or
+        :class:`~mmsearch.ray_ingest.RayOptions`. This process still plans, hashes and writes the index;
+        every node must see ``folder`` at the same path."""
         self.store.lock_for_writing()
         try:
             self.store.follow_active()
+            remote = self._ray_work(ray) if ray is not None else None
             report = ingest(
                 self.store,
                 Path(folder).expanduser(),
@@ -263,7 +271,11 @@ class Index:
                 prune=prune,
                 exclude=exclude,
                 include_hidden=include_hidden,
+                remote=remote,
             )
+            speech = self._speech_settings()
+            if remote is not None and remote.speech_identity is not None and "resolved" not in speech:
+                self.store.update_config(speech={**speech, "resolved": remote.speech_identity})
             target = self.store.catalog.target_model()
             if target is not None:  # a model being embedded (see reembed): new content gets its vectors too
                 done = fill(
@@ -280,6 +292,26 @@ class Index:
         finally:
             self.store.unlock()
 
+    def _ray_work(self, ray: str | RayOptions) -> RayWork:
+        """The Ray side of an ``index`` run: the model's plain settings (its ONNX export is made here first
+        when the model has none yet) and the cluster to run on."""
+        from mmsearch import ingest as ingest_module
+        from mmsearch.ray_ingest import RayOptions, RayWork, model_settings
+
+        options = ray if isinstance(ray, RayOptions) else RayOptions(address=ray)
+        identity = self.store.identity_of(self.store.model)
+        try:
+            settings = model_settings(identity, self.image_tower)
+        except ConfigError:
+            self._indexing_embedder()  # exports the model's towers and preprocessing, once
+            settings = model_settings(identity, self.image_tower)
+        return RayWork(
+            options,
+            settings,
+            self._speech_settings(),
+            decode_budget=ingest_module.IMAGE_DECODE_BUDGET_SECONDS,
+        )
+
     def _after_change(self) -> None:
         """What a writer refreshes once the collection changed: the active model's score calibration (refit
         only when the collection changed enough, see :mod:`mmsearch.calibrate`) and the vocabulary spoken
@@ -291,13 +323,11 @@ class Index:
         tags.refresh(self.store, model, lambda: self.embedder_for(model).embed_texts)
 
     def _indexing_embedder(self, key: str | None = None) -> Embedder:
-        """The embedder of ``key`` (default: the active model), with the faster ONNX image tower when
-        indexing on the CPU: a model loaded with torch is exported here, once, so that later runs (queries
-        too) go without torch. Queries never export: a one-off export costs far more than a query."""
-        embedder = self.embedder_for(key or self.store.model)
-        if self.image_tower != "torch" and not embedder.has_onnx_image_tower:
-            embedder.use_onnx_image_tower(quantize=self.image_tower == "onnx-int8")
-        return embedder
+        """The embedder of ``key`` (default: the active model), prepared for indexing (see
+        :func:`mmsearch.model.prepare_for_indexing`)."""
+        from mmsearch.model import prepare_for_indexing
+
+        return prepare_for_indexing(self.embedder_for(key or self.store.model), self.image_tower)
 
     # --- model upgrades -----------------------------------------------------------------------
     def reembed(

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 def main() -> None:
     _tolerant_streams()
+    sys.argv[1:] = ray_address_argv(sys.argv[1:])
     try:
         if not _fast_query(sys.argv[1:]):
             _typer_app()()
@@ -51,6 +53,33 @@ def main() -> None:
             "interrupted: work committed so far is kept; run the same command again to resume", markup=False
         )
         sys.exit(130)
+
+
+RAY_OPTION = "--ray"
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")
+
+
+def ray_address_argv(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional address: a bare ``--ray`` means ``--ray=local`` (start a cluster here),
+    and the next word is its address only when it reads as one (``auto``, ``local``, ``HOST:PORT``,
+    ``ray://…``), never a folder to index."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == RAY_OPTION:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if following is not None and _RAY_ADDRESS.match(following) and not os.path.exists(following):
+                out.append(f"{RAY_OPTION}={following}")
+                i += 2
+                continue
+            out.append(f"{RAY_OPTION}=local")
+        elif word == "--":
+            return out + argv[i:]
+        else:
+            out.append(word)
+        i += 1
+    return out
 
 
 # --- `mmsearch query` through a running server, without typer -----------------------------------------
@@ -366,6 +395,21 @@ def _typer_app() -> "typer.Typer":
                 help="Also index hidden files and folders (thumbnail and cache folders stay left out).",
             ),
         ] = False,
+        ray: Annotated[
+            str | None,
+            typer.Option(
+                "--ray",
+                metavar="[ADDRESS]",
+                help="Embed and transcribe on a Ray cluster: bare --ray starts one here, --ray auto joins "
+                "the running one, or its HOST:PORT. Every node must see the folders at the same path.",
+            ),
+        ] = None,
+        ray_actors: Annotated[
+            int | None,
+            typer.Option(
+                "--ray-actors", min=1, help="Image embedding actors [default: one per GPU, else CPUs / 2]"
+            ),
+        ] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Index FOLDERS (incrementally: only new or changed files do model work).
@@ -396,6 +440,11 @@ def _typer_app() -> "typer.Typer":
             image_tower=image_tower,
         )
         reports = []
+        remote = None
+        if ray is not None:
+            from mmsearch.ray_ingest import RayOptions
+
+            remote = RayOptions(address=ray, image_actors=ray_actors)
         with idx:
             try:
                 for folder in folders:
@@ -409,6 +458,7 @@ def _typer_app() -> "typer.Typer":
                                 prune=prune,
                                 exclude=exclude or (),
                                 include_hidden=include_hidden,
+                                ray=remote,
                             )
                         )
             except KeyboardInterrupt:

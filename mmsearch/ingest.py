@@ -96,6 +96,38 @@ class Embedder(Protocol):
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class ImageDone:
+    """An image content embedded elsewhere (see :class:`RemoteWork`), or why it could not be."""
+
+    sha256: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class AudioDone:
+    """An audio content transcribed and its texts embedded elsewhere, or why it has no transcript."""
+
+    sha256: str
+    transcript: Any  # mmsearch.transcribe.Transcript, or None with an error
+    error: str | None
+    vectors: np.ndarray | None  # one per text of transcript_spans(transcript)
+
+
+class RemoteWork(Protocol):
+    """Model work done outside this process (:class:`mmsearch.ray_ingest.RayWork`, on a Ray cluster): the
+    run still plans, hashes and commits here, and hands over only the new images and audio content."""
+
+    def images(self, items: list[tuple[str, Path]]) -> Iterator[tuple[list[ImageDone], np.ndarray]]:
+        """(content hash, a file holding it) → per batch, in any order: each content's result and the
+        vectors of those without an error, in their order. Each content comes back once."""
+        ...
+
+    def transcripts(self, items: list[tuple[str, Path]]) -> Iterator[AudioDone]:
+        """(content hash, a file holding it) → each content's transcript and vectors, once, in any order."""
+        ...
+
+
 @dataclass
 class IngestReport:
     root: str
@@ -154,8 +186,12 @@ def ingest(
     prune: bool = False,
     exclude: Iterable[str] = (),
     include_hidden: bool = False,
+    remote: RemoteWork | None = None,
 ) -> IngestReport:
     """Bring the index up to date with ``root``. ``embedder``/``transcriber`` are called only if needed.
+
+    ``remote``: where new images and audio are embedded and transcribed (a Ray cluster); captions and
+    videos are still embedded here, with ``embedder``.
 
     ``follow_links``: also index what links pointing outside ``root`` lead to (see :mod:`mmsearch.scan`).
     ``exclude`` (gitignore patterns relative to ``root``), ``include_hidden``: what to leave out, with the
@@ -188,6 +224,7 @@ def ingest(
             prune,
             exclude,
             include_hidden,
+            remote,
         )
     finally:
         if freeze:
@@ -207,6 +244,7 @@ def _ingest(
     prune: bool,
     exclude: Iterable[str] = (),
     include_hidden: bool = False,
+    remote: RemoteWork | None = None,
 ) -> IngestReport:
     tick = progress or (lambda stage, done, total: None)
     tick("scan", 0, 1)
@@ -216,7 +254,7 @@ def _ingest(
     report.skipped.extend((str(p), reason) for p, reason in found.problems)
     report.excluded = [(str(p), reason) for p, reason in found.excluded]
     report.hidden_files = found.hidden_files
-    run = _Run(store, report, tick, embedder, transcriber, workers)
+    run = _Run(store, report, tick, embedder, transcriber, workers, remote)
     run.sidecars = found.sidecars
     known_mounts = _known_mount_points(store)
     plan = plan_run(found, run.existing, known_mounts, prune=prune)
@@ -582,8 +620,10 @@ class _Run:
         embedder: Callable[[], Embedder],
         transcriber: Callable[[], Any],
         workers: int,
+        remote: RemoteWork | None = None,
     ) -> None:
         self.store, self.report, self.tick = store, report, tick
+        self.remote = remote
         self._embedder_factory, self._transcriber_factory = embedder, transcriber
         self._embedder: Embedder | None = None
         self._embedder_loading: Future[Embedder] | None = None  # see prepare_embedder
@@ -664,7 +704,7 @@ class _Run:
                     self._write_file(tx, f, sha, media_id)
                     self.report.linked += 1
                 else:
-                    if f.kind == "image":
+                    if f.kind == "image" and self.remote is None:
                         self.prepare_embedder()
                     pending.setdefault(sha, []).append(f)
             self.tick("hash", len(todo), len(todo))
@@ -725,6 +765,8 @@ class _Run:
     def embed_images(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
         if not groups:
             return
+        if self.remote is not None:
+            return self._embed_images_remotely(self.remote, groups)
         emb = self.embedder
         # With several model streams (ONNX sessions), that many batches are embedded at once, each whole
         # on one stream, and committed one at a time, in order.
@@ -768,6 +810,17 @@ class _Run:
         finally:
             pool.close()  # never joins: a decode still stuck in Pillow must not hold the run (or its lock)
 
+    def _embed_images_remotely(self, remote: RemoteWork, groups: list[tuple[str, list[FoundFile]]]) -> None:
+        """Each batch that comes back embedded is committed as a local batch is."""
+        by_sha = dict(groups)
+        self.store.vectors("image")  # loaded before the first commit (see Store.write)
+        done = 0
+        for results, vectors in remote.images([(sha, group[0].path) for sha, group in groups]):
+            batch: list[_Decoded] = [(r.sha256, by_sha[r.sha256], None, r.error) for r in results]
+            self._commit_images(batch, vectors if len(vectors) else None)
+            done += len(batch)
+            self.tick("images", done, len(groups))
+
     def _start_embedding(self, batch: list[_Decoded]) -> Future[np.ndarray] | None:
         tensors = [t for _, _, t, err in batch if err is None]
         if not tensors:
@@ -797,6 +850,8 @@ class _Run:
 
     # --- audio --------------------------------------------------------------------------------
     def transcribe_audio(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
+        if self.remote is not None and groups:
+            return self._transcribe_remotely(self.remote, groups)
         for i, (sha, group) in enumerate(groups):
             self.tick("audio", i, len(groups))
             transcript, reason = transcribe_file(self.transcriber, group[0].path)
@@ -808,9 +863,26 @@ class _Run:
             self._commit_audio(group, sha, transcript)
         self.tick("audio", len(groups), len(groups))
 
-    def _commit_audio(self, group: list[FoundFile], sha: str, transcript: Any) -> None:
+    def _transcribe_remotely(self, remote: RemoteWork, groups: list[tuple[str, list[FoundFile]]]) -> None:
+        by_sha = dict(groups)
+        for i, done in enumerate(remote.transcripts([(sha, group[0].path) for sha, group in groups])):
+            self.tick("audio", i, len(groups))
+            group = by_sha[done.sha256]
+            if done.transcript is None or done.error is not None:
+                with self.store.write() as tx:
+                    for g in group:
+                        self._skip(tx, g, done.sha256, done.error or "no speech detected")
+                continue
+            self._commit_audio(group, done.sha256, done.transcript, done.vectors)
+        self.tick("audio", len(groups), len(groups))
+
+    def _commit_audio(
+        self, group: list[FoundFile], sha: str, transcript: Any, vectors: np.ndarray | None = None
+    ) -> None:
+        """``vectors``: of the transcript's texts (see :func:`transcript_spans`) when embedded elsewhere."""
         texts, spans = transcript_spans(transcript)
-        vectors = self.embedder.embed_texts(texts)
+        if vectors is None:
+            vectors = self.embedder.embed_texts(texts)
         with self.store.write("segment") as tx:
             mid, seg_ids = db.add_transcript(
                 tx.conn,

@@ -101,6 +101,15 @@ def _torch_free(
     return OnnxEmbedder({k: identity.get(k) for k in keep}, manifest, image, text, batch_size=batch_size)
 
 
+def prepare_for_indexing(embedder: Embedder, image_tower: str | None) -> Embedder:
+    """``embedder`` with the faster ONNX image tower when indexing on the CPU (``image_tower`` other than
+    "torch"): a model loaded with torch is exported here, once, so that later runs (queries too) go without
+    torch. Queries never export: a one-off export costs far more than a query."""
+    if image_tower != "torch" and not embedder.has_onnx_image_tower:
+        embedder.use_onnx_image_tower(quantize=image_tower == "onnx-int8")
+    return embedder
+
+
 def runs_on_cpu(device: str) -> bool:
     """Whether ``device`` means the CPU, decided without torch: "auto" is the CPU unless an accelerator that
     torch would pick is present (then the torch path decides, as before)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 #: ``--ray local``: start a Ray instance on this machine for the run (the CLI's ``--ray`` with no address).
 LOCAL = "local"
+#: How long an address is given to answer before ``connect`` says it cannot be reached.
+REACH_TIMEOUT_SECONDS = 5.0
 # Ray picks the machine's routable address for a node by default; a cluster started here for a test or a
 # benchmark stays on the loopback interface (this environment variable makes Ray use 127.0.0.1).
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -65,10 +68,26 @@ def connect(address: str | None = LOCAL) -> ModuleType:
             _use_loopback(ray)
             ray.init(**kwargs)
         else:
+            if address != AUTO:
+                _check_reachable(address)
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
     return ray
+
+
+def _check_reachable(address: str, timeout: float = REACH_TIMEOUT_SECONDS) -> None:
+    """Fail fast on an address nothing listens at: Ray itself retries for minutes before giving up."""
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"not a Ray cluster address: {address!r} (expected HOST:PORT, ray://HOST:PORT or auto)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
 def _use_loopback(ray: ModuleType) -> None:
