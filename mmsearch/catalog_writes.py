@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -57,20 +58,26 @@ def add_embeddings(
     or segment ids. Returns the new ids."""
     ref_col = REF_COLUMNS[kind]
     model = model or active_model(conn)
-    ids = []
-    for vec, ref in zip(vectors, refs, strict=True):
-        res = conn.execute(
-            embeddings.insert().values(
-                kind=kind,
-                model=model,
-                vector=np.ascontiguousarray(vec, np.float32).tobytes(),
-                **{ref_col: ref},
-            )
-        )
-        ids.append(inserted_id(res))
-    if ids:
-        bump_generation(conn, kind, model)
+    rows = [
+        {
+            "kind": kind,
+            "model": model,
+            "vector": np.ascontiguousarray(vec, np.float32).tobytes(),
+            ref_col: ref,
+        }
+        for vec, ref in zip(vectors, refs, strict=True)
+    ]
+    if not rows:
+        return []
+    # One statement for the batch, ids returned in the rows' order (SQLAlchemy's "insertmanyvalues"): built
+    # once per call shape, where a statement built per row with literal values cost more than running it.
+    result = conn.execute(_INSERT_EMBEDDINGS, rows)
+    ids = [int(i) for i in result.scalars()]
+    bump_generation(conn, kind, model)
     return ids
+
+
+_INSERT_EMBEDDINGS = embeddings.insert().returning(embeddings.c.id, sort_by_parameter_order=True)
 
 
 def active_model(conn: Connection) -> str:
@@ -120,8 +127,6 @@ def write_file(
 ) -> None:
     """Record a file as seen (``reason`` None) or skipped (why), replacing any row of the same path, with
     what the file says of itself (``photo``: its date taken, camera, place and keywords; none if None)."""
-    from sqlalchemy.dialects.sqlite import insert
-
     key = path_key(path)
     values = {
         "path_key": key,
@@ -141,16 +146,31 @@ def write_file(
         "lon": photo.lon if photo else None,
         "meta_version": PHOTO_META_VERSION if photo else None,
     }
-    stmt = insert(files).values(**values)
-    conn.execute(stmt.on_conflict_do_update(index_elements=[files.c.path_key], set_=values))
-    file_id = select(files.c.id).where(files.c.path_key == key).scalar_subquery()
-    conn.execute(tags.delete().where(tags.c.file_id == file_id))
+    conn.execute(_upsert_file(), values)
+    conn.execute(_DELETE_FILE_TAGS, {"key": key})
     if photo and photo.keywords:
-        fid = conn.execute(select(files.c.id).where(files.c.path_key == key)).scalar_one()
+        fid = conn.execute(_FILE_ID, {"key": key}).scalar_one()
         conn.execute(
             tags.insert(),
             [{"file_id": fid, "tag": storable(word), "source": src} for src, word in photo.keywords],
         )
+
+
+@functools.cache
+def _upsert_file() -> Any:
+    """INSERT of a file row that replaces the row of the same path: built once (the SQLite dialect's
+    statement is imported on first use), every run of it given its values as parameters."""
+    from sqlalchemy.dialects.sqlite import insert
+
+    stmt = insert(files)
+    return stmt.on_conflict_do_update(
+        index_elements=[files.c.path_key],
+        set_={c.name: stmt.excluded[c.name] for c in files.columns if c.name != "id"},
+    )
+
+
+_FILE_ID = select(files.c.id).where(files.c.path_key == bindparam("key"))
+_DELETE_FILE_TAGS = tags.delete().where(tags.c.file_id == _FILE_ID.scalar_subquery())
 
 
 class PhotoFacts(Protocol):
@@ -188,7 +208,7 @@ def add_image_media(conn: Connection, sha256: str) -> int:
 
 
 def _add_media(conn: Connection, sha256: str, kind: str, **values: Any) -> int:
-    return inserted_id(conn.execute(media.insert().values(sha256=sha256, kind=kind, **values)))
+    return inserted_id(conn.execute(media.insert(), {"sha256": sha256, "kind": kind, **values}))
 
 
 def add_transcript(
