@@ -279,10 +279,15 @@ def _pixels(batch: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity (taskset/cgroup pinning, unlike os.cpu_count()), and no
+    more than OMP_NUM_THREADS when that is set (Ray sets it to the CPUs it gave a worker: an actor granted
+    one CPU then makes one single-threaded session, not one per core of the machine)."""
     try:
-        return len(os.sched_getaffinity(0))  # honours taskset/cgroup CPU pinning, unlike os.cpu_count()
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(n, int(omp))) if omp.isdigit() and int(omp) > 0 else n
 
 
 def default_streams(cpus: int | None = None) -> tuple[int, int]:
