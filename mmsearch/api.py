@@ -141,12 +141,28 @@ class Index:
         checkpoint: str | None = None,
         device: str = "auto",
         image_tower: str | None = None,
+        ray: str | None = None,
+        shards: int | None = None,
     ) -> Index:
-        """Open an index. If a model is named, it must be the one the index was built with."""
+        """Open an index. If a model is named, it must be the one the index was built with.
+
+        ``ray``: search vectors split into ``shards`` (default: one per node) held by actors of a Ray cluster
+        (:mod:`mmsearch.shards`): ``"local"`` starts one here, ``"auto"`` joins this machine's, or an address.
+        The catalog stays here; while this index writes (``add_folder``), it searches in-process indexes."""
         store = Store.open(Path(path))
-        if model is not None or checkpoint is not None:
-            spec = ModelSpec(model or store.config["model"]["name"], pretrained, checkpoint)
-            _check_same_model(store.config["model"], spec)
+        try:
+            if model is not None or checkpoint is not None:
+                spec = ModelSpec(model or store.config["model"]["name"], pretrained, checkpoint)
+                _check_same_model(store.config["model"], spec)
+            if ray is not None:
+                from mmsearch.shards import ShardSet
+
+                store.use_shards(ShardSet.connect(ray, shards))
+            elif shards is not None:
+                raise ConfigError("sharded search needs a Ray cluster, and none was named")
+        except BaseException:
+            store.close()
+            raise
         return cls(store, device=device, image_tower=image_tower)
 
     def close(self) -> None:

@@ -615,6 +615,17 @@ def _typer_app() -> "typer.Typer":
         idle_minutes: Annotated[
             float | None, typer.Option(min=0.1, help="Exit after this many minutes without a request.")
         ] = None,
+        ray: Annotated[
+            str | None,
+            typer.Option(
+                "--ray",
+                help="Search vectors sharded over Ray actors: 'local' starts Ray here, 'auto' joins this "
+                "machine's cluster, or a cluster address. Needs the 'ray' extra.",
+            ),
+        ] = None,
+        shards: Annotated[
+            int | None, typer.Option(min=1, help="With --ray: how many shards (default: one per node).")
+        ] = None,
     ) -> None:
         """Serve the web page and the HTTP API of an index (http://127.0.0.1:8765 by default)."""
         from mmsearch.server import serve as run_server
@@ -640,6 +651,8 @@ def _typer_app() -> "typer.Typer":
                 allowed_hosts=allow_host or [],
                 idle_timeout=idle_minutes * 60 if idle_minutes else None,
                 on_ready=ready,
+                ray=ray,
+                shards=shards,
             )
         except KeyboardInterrupt:
             _err().print("stopped", markup=False)

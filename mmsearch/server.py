@@ -219,20 +219,23 @@ def serve(
     log_level: str = "warning",
     on_ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    ray: str | None = None,
+    shards: int | None = None,
 ) -> None:
     """Serve the index at ``index_path`` until interrupted, idle for ``idle_timeout`` seconds, or ``stop``
     is set. ``on_ready(page_url)`` is called once it accepts requests (``port=0``: any free port), with the
     page's address including this run's token (``http://HOST:PORT/?token=…``): the address to open.
 
     Binding anything but loopback exposes the index's files to the network (see :func:`exposure_warning`):
-    the caller should say so.
+    the caller should say so. ``ray``, ``shards``: search vectors sharded over a Ray cluster (see
+    :meth:`Index.open`).
     """
     if "torch" not in sys.modules and "faiss" not in sys.modules:
         # torch and faiss each run an OpenMP pool; spin-waiting idle threads of one steal the cores the
         # other needs, so a text embedding or a search waits on busy-looping threads (bench_server.py
         # measures it). Read by libgomp when it loads, so only before those imports.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with Index.open(index_path) as index:
+    with Index.open(index_path, ray=ray, shards=shards) as index:
         folder = index.path
         with _server_lock(folder):
             if warm:

@@ -50,6 +50,8 @@ from mmsearch.vectors import VectorIndex, needs_rebuild
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+    from mmsearch.shards import ShardedVectors, ShardSet
+
 log = logging.getLogger(__name__)
 
 FORMAT = "mmsearch-index"
@@ -126,6 +128,8 @@ class Store:
         #: Drop and rebuild an index on every change instead of following it (the behaviour before the
         #: deletion log; kept for the live-reads benchmark).
         self.rebuild_on_refresh = False
+        #: Serves this reader's searches when set (:meth:`use_shards`).
+        self._shards: ShardSet | None = None
         self._next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -179,7 +183,16 @@ class Store:
 
     def close(self) -> None:
         self.unlock()
+        if self._shards is not None:
+            self._shards.close()
         self.catalog.close()
+
+    def use_shards(self, shards: ShardSet | None) -> None:
+        """Search the vectors split over Ray actors (:class:`mmsearch.shards.ShardSet`) instead of in-process
+        indexes: :meth:`vectors` returns them while this store does not hold the write lock (a writer keeps
+        its own indexes, which it brings in step and saves), and :meth:`refresh` makes them follow the
+        catalog. None: back to in-process indexes."""
+        self._shards = shards
 
     @property
     def dim(self) -> int:
@@ -300,9 +313,13 @@ class Store:
                 log.warning("cannot make %s owner-only: %s", path, e)
 
     # --- vectors ------------------------------------------------------------------------------
-    def vectors(self, kind: str, model: str | None = None) -> VectorIndex:
+    def vectors(self, kind: str, model: str | None = None) -> VectorIndex | ShardedVectors:
         """The index of one kind of ``model`` (default: the active one), consistent with the catalog's
-        committed state when it was loaded or last followed (:meth:`refresh`)."""
+        committed state when it was loaded or last followed (:meth:`refresh`); sharded when
+        :meth:`use_shards` asked for it and this store is not writing."""
+        if self._shards is not None and self._lock_fd is None:
+            model = model or self.model
+            return self._shards.vectors(self.catalog, kind, model, self.dim_of(model))
         slot = (model or self.model, kind)
         if slot not in self._live:
             self._live[slot] = self._open(slot)
@@ -312,6 +329,8 @@ class Store:
         """Bring in-memory indexes up to the catalog's committed state (a writer committed since), after
         switching to the active model if another became active (:meth:`follow_active`); returns its key."""
         active = self.follow_active()
+        if self._shards is not None:
+            self._shards.refresh(self.catalog, active, self.dim_of(active))
         for slot in list(self._live):
             if self._live[slot].generation == self.catalog.generation(slot[1], slot[0]):
                 continue
