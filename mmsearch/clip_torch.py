@@ -296,7 +296,10 @@ class ClipEmbedder:
 
     def _autocast(self) -> Any:
         if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 only where the GPU has it natively (Ampere and later): on Turing/Volta it is emulated, slower
+            # than fp16, yet is_bf16_supported() counts emulation by default.
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            dtype = torch.bfloat16 if native_bf16 else torch.float16
             return torch.autocast("cuda", dtype=dtype)
         return torch.autocast("cpu", enabled=False)  # fp32 on CPU: bf16 is slower on most CPUs
 
