@@ -207,6 +207,17 @@ def add_image_media(conn: Connection, sha256: str) -> int:
     return _add_media(conn, sha256, "image")
 
 
+def add_image_medias(conn: Connection, shas: Sequence[str]) -> list[int]:
+    """Record the contents of a batch of images in one statement; returns their media ids, in order."""
+    if not shas:
+        return []
+    result = conn.execute(_INSERT_MEDIA, [{"sha256": sha, "kind": "image"} for sha in shas])
+    return [int(i) for i in result.scalars()]
+
+
+_INSERT_MEDIA = media.insert().returning(media.c.id, sort_by_parameter_order=True)
+
+
 def _add_media(conn: Connection, sha256: str, kind: str, **values: Any) -> int:
     return inserted_id(conn.execute(media.insert(), {"sha256": sha256, "kind": kind, **values}))
 

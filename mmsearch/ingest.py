@@ -833,10 +833,8 @@ class _Run:
     def _commit_images(self, batch: list[_Decoded], vectors: np.ndarray | None) -> None:
         good = [(sha, g, t) for sha, g, t, err in batch if err is None]
         with self.store.write(*(("image",) if vectors is not None else ())) as tx:
-            media_ids = []
-            for sha, group, _ in good:
-                mid = db.add_image_media(tx.conn, sha)
-                media_ids.append(mid)
+            media_ids = db.add_image_medias(tx.conn, [sha for sha, _, _ in good])
+            for (sha, group, _), mid in zip(good, media_ids, strict=True):
                 for f in group:
                     self._write_file(tx, f, sha, mid)
             if vectors is not None:
