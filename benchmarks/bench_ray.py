@@ -105,6 +105,9 @@ def overhead(work: Path, folder: Path, model: str, rounds: int, actors: int) -> 
         "local_runs": local,
         "ray_runs": on_ray,
         "ray_over_local": round(best_ray / best_local, 3),
+        "ray_over_local_median_round": round(
+            float(np.median([b["images_per_s"] / a["images_per_s"] for a, b in zip(local, on_ray)])), 3
+        ),
         "ratio_per_round": [round(b["images_per_s"] / a["images_per_s"], 3) for a, b in zip(local, on_ray)],
     }
 
@@ -185,7 +188,10 @@ def main() -> None:
             **overhead(work, folder, args.model, args.rounds, args.actors),
         }
         o = results["overhead"]
-        print(f"  ray / local (best run of each): {o['ray_over_local']}")
+        print(
+            f"  ray / local: best run of each {o['ray_over_local']}, "
+            f"median of rounds {o['ray_over_local_median_round']}"
+        )
         print(f"Driver commit rate: {args.commit_n} images")
         results["commit"] = commit_rate(work, args.commit_n)
         print(
