@@ -102,6 +102,7 @@ def _top(idx: mmsearch.Index, demo: DemoFolder) -> list[list[tuple[str, float]]]
     return [[(h.path.removeprefix(base), round(h.score, 5)) for h in hits] for hits in runs]
 
 
+@pytest.mark.slow
 @pytest.mark.speech
 def test_a_ray_run_builds_the_catalog_a_local_run_builds(
     cluster: Any, demo: DemoFolder, tmp_path: Path
@@ -157,6 +158,7 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> DemoFolder:
     )
 
 
+@pytest.mark.slow
 def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
     cluster: Any, many_images: DemoFolder, tmp_path: Path
 ) -> None:
@@ -193,6 +195,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_driver_loses_only_what_it_had_not_committed(
     cluster: Any, many_images: DemoFolder, tmp_path: Path
 ) -> None:
