@@ -50,6 +50,7 @@ def test_merge_breaks_ties_by_id_and_puts_missing_slots_last() -> None:
     assert i.tolist() == [[-1, -1, -1]] and np.isneginf(s).all()
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_flat_shards_equal_one_index(cluster: Any) -> None:
     rng = np.random.default_rng(1)
     n = 3000
@@ -83,6 +84,7 @@ def test_flat_shards_equal_one_index(cluster: Any) -> None:
         sharded.close()
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_more_shards_than_vectors(cluster: Any) -> None:
     rng = np.random.default_rng(2)
     ids = np.array([4, 9], np.int64)
@@ -99,6 +101,7 @@ def test_more_shards_than_vectors(cluster: Any) -> None:
         sharded.close()
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_a_dead_shard_is_a_clear_error(cluster: Any) -> None:
     rng = np.random.default_rng(6)
     sharded = ShardedVectors.build(DIM, np.arange(1, 101), unit(rng, 100), shards=2)
@@ -110,6 +113,7 @@ def test_a_dead_shard_is_a_clear_error(cluster: Any) -> None:
         sharded.close()
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_ann_shards_recall(cluster: Any) -> None:
     """IVF-PQ shards re-ranked with the exact vectors (compact), on clustered data, against exact search."""
     rng = np.random.default_rng(3)
@@ -156,6 +160,7 @@ def catalog_ids(store: Store) -> list[int]:
         )
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_sharded_reader_follows_the_writer(cluster: Any, tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     writer = Store.create(tmp_path / "idx", {"model": {"name": "fake", "dim": DIM}})
@@ -198,6 +203,7 @@ def test_sharded_reader_follows_the_writer(cluster: Any, tmp_path: Path) -> None
         writer.close()
 
 
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_a_sharded_writer_writes_through_its_own_indexes(cluster: Any, tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     store = Store.create(tmp_path / "idx", {"model": {"name": "fake", "dim": DIM}})
