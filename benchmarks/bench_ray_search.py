@@ -36,6 +36,8 @@ import numpy as np
 from _machine import cpu_model, package_versions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_ann import clustered, recall_at_k  # noqa: E402
+
 from mmsearch import ray_cluster  # noqa: E402
 from mmsearch.shards import ShardedVectors  # noqa: E402
 from mmsearch.vectors import VectorIndex  # noqa: E402
@@ -43,25 +45,6 @@ from mmsearch.vectors import VectorIndex  # noqa: E402
 DIM = 512
 K = 10
 RESULTS = Path(__file__).parent / "results" / "ray_search.json"
-
-
-def clustered(rng: np.random.Generator, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
-    """``n`` unit vectors from the mixture, generated in chunks straight into one array."""
-    out = np.empty((n, centres.shape[1]), dtype=np.float32)
-    scale = np.float32(spread / np.sqrt(centres.shape[1]))
-    for s in range(0, n, 65536):
-        e = min(n, s + 65536)
-        chunk = rng.standard_normal((e - s, centres.shape[1]), dtype=np.float32)
-        chunk *= scale
-        chunk += centres[rng.integers(0, len(centres), e - s)]
-        chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
-        out[s:e] = chunk
-    return out
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(np.intersect1d(f[:K], t[:K])) for f, t in zip(found, truth, strict=True))
-    return hits / (len(truth) * K)
 
 
 def latencies_ms(search: Callable[[np.ndarray], Any], queries: np.ndarray) -> dict[str, float]:

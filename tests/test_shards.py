@@ -18,6 +18,7 @@ from mmsearch.demo import world
 from mmsearch.shards import ShardedVectors, ShardSet, merge_topk
 from mmsearch.store import Store
 from mmsearch.vectors import VectorIndex
+from tests.test_store_hardening import delete_images
 
 pytest.importorskip("ray")
 
@@ -145,12 +146,6 @@ def add_images(store: Store, vecs: np.ndarray, rng: np.random.Generator) -> list
         ids = db.add_embeddings(tx.conn, "image", vecs, mids)
         tx.added("image", ids, vecs)
     return ids
-
-
-def delete_images(store: Store, ids: list[int]) -> None:
-    with store.write("image") as tx:
-        removed = db.delete_embeddings(tx.conn, db.embeddings.c.id.in_(ids))
-        tx.removed("image", removed.get("image", []))
 
 
 def catalog_ids(store: Store) -> list[int]:
