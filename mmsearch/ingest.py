@@ -127,6 +127,15 @@ class RemoteWork(Protocol):
         """(content hash, a file holding it) → each content's transcript and vectors, once, in any order."""
         ...
 
+    def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
+        """Each file's sha256, or the error reading it raised."""
+        ...
+
+
+#: Fewest new files whose hashing is handed to a :class:`RemoteWork`: below it, hashing here is quicker than
+#: starting the remote work.
+REMOTE_HASH_MIN = 256
+
 
 @dataclass
 class IngestReport:
@@ -684,6 +693,11 @@ class _Run:
     def hash_new_files(self, todo: list[FoundFile]) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
         pending: dict[str, list[FoundFile]] = {}
+        hashed: dict[Path, str | OSError] = {}
+        if self.remote is not None and len(todo) >= REMOTE_HASH_MIN:
+            # Reading every new file is the driver's largest cost on real photos: the cluster reads them.
+            self.tick("hash", 0, len(todo))
+            hashed = self.remote.hashes([f.path for f in todo if f.size])
         with self.store.write() as tx:
             for i, f in enumerate(todo):
                 self.tick("hash", i, len(todo))
@@ -691,7 +705,7 @@ class _Run:
                     self._skip(tx, f, None, "empty file")
                     continue
                 try:
-                    sha = sha256_file(f.path)
+                    sha = _hash(f.path, hashed)
                 except OSError as e:
                     # size -1: a permission or I/O problem may be fixed without touching the file's
                     # mtime, so this file is tried again on every run.
@@ -1040,6 +1054,14 @@ def caption_vectors(
     if new:
         known.update(zip(new, embedder.embed_texts(new), strict=True))
     return np.stack([known[t] for t in texts]).astype(np.float32, copy=False), len(new)
+
+
+def _hash(path: Path, hashed: dict[Path, str | OSError]) -> str:
+    """``path``'s sha256: as hashed elsewhere if it was (raising the error reading it raised), else here."""
+    found = hashed.get(path)
+    if isinstance(found, OSError):
+        raise found
+    return found if found is not None else sha256_file(path)
 
 
 def transcribe_file(transcriber: Any, path: Path) -> tuple[Any, str | None]:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Rows per decode task: large enough to amortise a task's scheduling, small enough to spread the work.
 DECODE_ROWS = 16
+#: Files per hashing task: each is read whole, so a batch is a few hundred MB of photos at most.
+HASH_ROWS = 64
 #: Audio files per transcription call (each is minutes of model work: one at a time spreads them best).
 SPEECH_ROWS = 1
 
@@ -76,6 +78,26 @@ def open_source(path: bytes) -> Path | IO[bytes]:
     """What a worker decodes for a row's path: the file itself, at the same path as on the driver (a
     shared filesystem). Another source (``s3://…`` through ``pyarrow.fs``) returns an open stream here."""
     return Path(os.fsdecode(path))
+
+
+def hash_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A Ray Data CPU task: each row's file hashed (``sha256``), or the error reading it (``error``: the
+    errno and message, so that the driver records the same reason a local run would)."""
+    from mmsearch.identity import sha256_file
+
+    shas, errors = [], []
+    for path in batch["path"]:
+        try:
+            shas.append(sha256_file(Path(os.fsdecode(path))))
+            errors.append("")
+        except OSError as e:
+            shas.append("")
+            errors.append(json.dumps([e.errno, e.strerror or str(e)]))
+    return {
+        "path": batch["path"],
+        "sha256": np.array(shas, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
 
 
 def decode_images(
@@ -278,6 +300,22 @@ class RayWork:
             if results:
                 dim = len(batch["vector"][0])
                 yield results, np.asarray(vectors, np.float32).reshape(len(vectors), dim)
+
+    def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
+        """Each file's sha256, read by CPU tasks of the cluster, or the error reading it."""
+        data = ray_cluster.ray_data()
+        ds = data.from_items([{"path": os.fsencode(p)} for p in paths])
+        ds = ds.map_batches(hash_files, batch_size=HASH_ROWS, batch_format="numpy")
+        out: dict[Path, str | OSError] = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, sha, error in zip(batch["path"], batch["sha256"], batch["error"], strict=True):
+                where = Path(os.fsdecode(path))
+                if error:
+                    errno_, message = json.loads(error)
+                    out[where] = OSError(errno_, message)
+                else:
+                    out[where] = str(sha)
+        return out
 
     def transcripts(self, items: list[tuple[str, Path]]) -> Iterator[AudioDone]:
         """Each audio content's transcript and the vectors of its texts, or why there is none."""

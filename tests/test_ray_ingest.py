@@ -21,9 +21,10 @@ from sqlalchemy import select
 
 import mmsearch
 from mmsearch import db, ray_cluster
+from mmsearch import ingest as ingest_module
 from mmsearch.cli import ray_address_argv
 from mmsearch.demo.world import DemoFolder, write_demo_folder
-from mmsearch.ray_ingest import RayOptions
+from mmsearch.ray_ingest import RayOptions, RayWork
 from tests.test_crash import check_whole
 from tests.test_ingest import assert_consistent
 
@@ -105,8 +106,18 @@ def _top(idx: mmsearch.Index, demo: DemoFolder) -> list[list[tuple[str, float]]]
 @pytest.mark.slow
 @pytest.mark.speech
 def test_a_ray_run_builds_the_catalog_a_local_run_builds(
-    cluster: Any, demo: DemoFolder, tmp_path: Path
+    cluster: Any, demo: DemoFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(ingest_module, "REMOTE_HASH_MIN", 1)  # the cluster hashes the files too
+    hashed_remotely: list[Path] = []
+    hashes = RayWork.hashes
+
+    def counted(self: RayWork, paths: list[Path]) -> dict[Path, str | OSError]:
+        found = hashes(self, paths)
+        hashed_remotely.extend(p for p in paths if isinstance(found[p], str))
+        return found
+
+    monkeypatch.setattr(RayWork, "hashes", counted)
     local = mmsearch.Index.create(tmp_path / "local", model="demo", image_tower=TOWER)
     on_ray = mmsearch.Index.create(tmp_path / "ray", model="demo", image_tower=TOWER)
     with local, on_ray:
@@ -117,6 +128,7 @@ def test_a_ray_run_builds_the_catalog_a_local_run_builds(
         assert theirs.images_embedded == len(demo.images) and theirs.audio_transcribed == len(demo.recordings)
         assert sorted(theirs.skipped) == sorted(mine.skipped)
         assert {Path(p).name for p, _ in theirs.skipped} == {"broken.jpg", "truncated.png"}
+        assert len(hashed_remotely) == mine.files_seen
 
         a, b = _catalog(local), _catalog(on_ray)
         assert a["files"] == b["files"]
@@ -183,7 +195,7 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
 
 _DRIVER = """
 import sys, mmsearch
-from mmsearch.ray_ingest import RayOptions
+from mmsearch.ray_ingest import RayOptions, RayWork
 
 def tick(stage, done, total):
     if stage == "images" and done:
