@@ -19,11 +19,12 @@ anything is lost: text→image retrieval on generated held-out images with the t
 torch-free int8 towers (precision@1/@5 by the world's relevance rule, same top-1, top-5 overlap, cosines).
 
     python benchmarks/bench_startup.py [--n 300] [--quick] [--rounds 3] [--query-runs 6] [--rclip PATH]
-        [--variants onnx] [--skip-quality]
+        [--variants onnx] [--skip-quality] [--query-only]
 
 ``--variants onnx`` measures only the shipped path (first commit, cold query) and keeps the other variants'
 runs and medians from the JSON it rewrites (``carried_over`` says which, and from which run);
-``--skip-quality`` likewise keeps the demo quality figures.
+``--skip-quality`` likewise keeps the demo quality figures, and ``--query-only`` every ``index`` figure
+(rclip then indexes a few photos, untimed, to have a database to grow to ``--vectors`` rows).
 
 Writes ``benchmarks/results/startup.json``. Run time on the 2-core reference machine: see its ``seconds``.
 """
@@ -239,6 +240,17 @@ def rclip_env(datadir: Path) -> dict[str, str]:
     return env
 
 
+def rclip_seed(folder: Path, seed: Path, datadir: Path, rclip: str, n: int = 8) -> Path:
+    """rclip's database made by indexing ``n`` photos of ``folder`` copied to ``seed`` (untimed): what
+    :func:`rclip_synthetic` grows when only queries are measured. Returns ``seed``, where rclip then runs."""
+    seed.mkdir(parents=True, exist_ok=True)
+    for photo in sorted(folder.glob("*.jpg"))[:n]:
+        shutil.copy(photo, seed / photo.name)
+    (datadir / "db.sqlite3").unlink(missing_ok=True)
+    run_child([rclip, "-t", "1", "-f", QUERIES[0]], rclip_env(datadir), cwd=seed)
+    return seed
+
+
 def rclip_synthetic(datadir: Path, folder: Path, vectors: np.ndarray) -> None:
     """Grow rclip's database (made by an indexing run) to ``len(vectors)`` rows under ``folder``."""
     con = sqlite3.connect(datadir / "db.sqlite3")
@@ -328,14 +340,17 @@ def main() -> None:
         help="comma-separated subset of onnx,torch,rclip to measure; the others are kept from --out",
     )
     ap.add_argument("--skip-quality", action="store_true", help="keep the demo quality figures from --out")
+    ap.add_argument("--query-only", action="store_true", help="measure cold queries only; keep index figures")
     args = ap.parse_args()
     if args.quick:
         args.n, args.vectors, args.rounds, args.query_runs, args.demo_images = 40, 20_000, 1, 2, 60
     started = time.monotonic()
     result: dict[str, Any] = {"benchmark": "startup", "machine": machine()}
     previous = json.loads(args.out.read_text()) if args.out.is_file() else None
-    if (args.variants or args.skip_quality) and previous is None:
-        ap.error(f"--variants and --skip-quality keep figures from {args.out}, which does not exist")
+    if (args.variants or args.skip_quality or args.query_only) and previous is None:
+        ap.error(
+            f"--variants, --skip-quality and --query-only keep figures from {args.out}, which does not exist"
+        )
 
     export = ensure_export(args.model)
     folder = args.data / f"startup-{args.n}"
@@ -372,7 +387,12 @@ def main() -> None:
     try:
         datadir = rclip_datadir(work / "rclip-data", args.model) if rclip else None
         index_runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for r in range(args.rounds):
+        rclip_folder, rclip_photos = folder, n  # where rclip runs, and how many photos it indexed there
+        if args.query_only and datadir is not None:
+            assert rclip is not None
+            rclip_folder = rclip_seed(folder, work / "rclip-seed", datadir, rclip)
+            rclip_photos = len(list(rclip_folder.glob("*.jpg")))
+        for r in range(0 if args.query_only else args.rounds):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for variant in order:
                 target = work / f"index-{variant}"
@@ -401,7 +421,7 @@ def main() -> None:
         print(f"building an index of {args.vectors} synthetic vectors …", flush=True)
         qindex, vecs = build_query_index(work / "query-index", args.vectors, args.model)
         if datadir is not None:
-            rclip_synthetic(datadir, folder, vecs[: max(0, args.vectors - n)])
+            rclip_synthetic(datadir, rclip_folder, vecs[: max(0, args.vectors - rclip_photos)])
         query_runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         for r in range(args.query_runs):
             text = QUERIES[r % len(QUERIES)]
@@ -409,7 +429,9 @@ def main() -> None:
             for variant in order:
                 if variant == "rclip":
                     assert datadir is not None and rclip is not None
-                    run = run_child([rclip, "-n", "-t", "10", "-f", text], rclip_env(datadir), cwd=folder)
+                    run = run_child(
+                        [rclip, "-n", "-t", "10", "-f", text], rclip_env(datadir), cwd=rclip_folder
+                    )
                 else:
                     cmd = [*mmsearch_command(), "query", text, "--index", str(qindex), "--local", "-k", "10"]
                     run = run_child(cmd, child_env(variant == "onnx"))
@@ -422,6 +444,19 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if args.query_only:  # every index figure as the previous file has it
+        assert previous is not None
+        index_runs = {v: previous["index_runs"][v] for v in variants}
+        # The run that measured them: the previous file's, or the one that file kept them from.
+        earlier_index = previous.get("carried_over", {}).get("index_runs")
+        result["carried_over"] = {
+            "index_runs": earlier_index
+            if isinstance(earlier_index, dict)
+            else {
+                "loadavg_at_start": previous["machine"].get("loadavg_at_start"),
+                "loadavg_at_end": previous["machine"].get("loadavg_at_end"),
+            }
+        }
     medians = {
         v: {
             "index_img_s": summary(index_runs[v], "img_s"),
@@ -442,6 +477,7 @@ def main() -> None:
             medians[v] = previous["medians"][v]
         earlier = previous.get("carried_over", {})
         result["carried_over"] = {
+            **result.get("carried_over", {}),
             "variants": carried,
             # The run that measured them: the previous file's, or the one that file kept them from.
             "from_run": earlier["from_run"]

@@ -26,9 +26,16 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from mmsearch.accel import OnnxImageTower, cache_file_name, default_streams, temp_path, tower_key
+from mmsearch.accel import (
+    OnnxImageTower,
+    cache_file_name,
+    default_cache_dir,
+    default_streams,
+    temp_path,
+    tower_key,
+)
 from mmsearch.errors import MmsearchError
-from mmsearch.onnx_text import OnnxTextTower, text_file
+from mmsearch.onnx_text import OnnxTextTower, prefetch_session, text_file
 from mmsearch.preprocess import ImagePreprocess
 from mmsearch.tokenizer import ClipTokenizer
 
@@ -105,6 +112,25 @@ def find_exported(
         if found is not None:
             return found
     return None
+
+
+def prefetch_text_tower(identity: dict[str, Any], device: str = "auto") -> Path | None:
+    """Start making the ONNX Runtime session of the text tower that :func:`mmsearch.model.load_embedder`
+    picks for the model ``identity`` (an index's, as it recorded it) and ``device``, with the image tower
+    setting of ``$MMSEARCH_IMAGE_TOWER``; see :func:`mmsearch.onnx_text.prefetch_session`. Returns its file,
+    or None when that embedder would not run on ONNX Runtime (nothing is started)."""
+    from mmsearch.model import ONNX_TOWERS, TORCH_FREE_ENV, runs_on_cpu
+
+    # As mmsearch.api.check_image_tower and load_embedder decide (tests/test_torch_free.py checks the file
+    # started here is the one a query then uses).
+    quantize = ONNX_TOWERS.get(os.environ.get("MMSEARCH_IMAGE_TOWER") or "onnx-int8")
+    if quantize is None or os.environ.get(TORCH_FREE_ENV, "1") == "0" or not runs_on_cpu(device):
+        return None
+    found = find_exported(identity, quantize=quantize, cache_dirs=[default_cache_dir(), PACKAGED_EXPORTS])
+    if found is None:
+        return None
+    prefetch_session(found[2])
+    return found[2]
 
 
 def _find_in(

@@ -16,13 +16,20 @@ retrieval with each tower: ``benchmarks/results/startup.json``.
 One session, every usable core, no spinning workers: a query embeds one text, and ingestion embeds caption
 and transcript texts between image batches. Texts run one at a time, so that a text's vector does not depend
 on the batch it came in (see :meth:`OnnxTextTower.__call__`).
+
+Making the session is most of a cold query's model work, and ONNX Runtime makes it without holding the GIL:
+:func:`prefetch_session` starts it on a thread of its own, and the next :class:`OnnxTextTower` of the same
+file takes it (``mmsearch query`` starts it before importing the engine, see :mod:`mmsearch.cli`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +75,68 @@ def text_file(cache_dir: Path, key: str, quantize: bool) -> Path:
     return Path(cache_dir) / cache_file_name(key, quantize, tower="text", recipe=TEXT_RECIPE_VERSION)
 
 
+# Sessions being made ahead of use by prefetch_session: (path, threads, the file's identity) -> the session.
+_prefetched: dict[tuple[str, int, tuple[int, ...]], Future[Any]] = {}
+_prefetch_lock = threading.Lock()
+
+
+def _file_key(path: Path, threads: int | None) -> tuple[str, int, tuple[int, ...]]:
+    st = os.stat(path)
+    return (
+        str(path.resolve()),
+        threads or usable_cpus(),
+        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+    )
+
+
+def prefetch_session(path: Path, *, threads: int | None = None) -> None:
+    """Start making the session of the text tower at ``path`` on a thread, for the next
+    :class:`OnnxTextTower` of this file and thread count in this process. Never raises: a session that
+    cannot be made is made again (and fails with its message) by :class:`OnnxTextTower`.
+
+    Not a daemon thread: an exit waits for the session being made, as ONNX Runtime aborts the process when
+    it is torn down in the middle of making one."""
+    try:
+        import_ort(FEATURE)  # imported by the caller, not beside its own imports on the thread
+        key = _file_key(Path(path), threads)
+    except (OSError, MmsearchError):
+        return
+    with _prefetch_lock:
+        if key in _prefetched:
+            return
+        made: Future[Any] = Future()
+        _prefetched[key] = made
+
+    def run() -> None:
+        try:
+            made.set_result(ort_session(Path(path), key[1], spin=False, feature=FEATURE))
+        except BaseException as e:  # handed to the tower that takes it, which makes its own instead
+            made.set_exception(e)
+
+    threading.Thread(target=run, name="onnx-text-prefetch", daemon=False).start()
+
+
+def _take_prefetched(path: Path, threads: int | None) -> Any | None:
+    """The session :func:`prefetch_session` made for this file (as it is now) and thread count, once."""
+    try:
+        key = _file_key(path, threads)
+    except OSError:
+        return None
+    with _prefetch_lock:
+        made = _prefetched.pop(key, None)
+    if made is None or made.exception() is not None:
+        return None
+    return made.result()
+
+
 class OnnxTextTower:
     """``[B, context_length]`` int64 token ids → ``[B, dim]`` L2-normalised float32 vectors."""
 
     def __init__(self, path: Path, *, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.session = ort_session(self.path, threads or usable_cpus(), spin=False, feature=FEATURE)
+        self.session = _take_prefetched(self.path, threads) or ort_session(
+            self.path, threads or usable_cpus(), spin=False, feature=FEATURE
+        )
         self.quantized = self.path.name.endswith(".text-int8.onnx")
         shape = self.session.get_inputs()[0].shape
         self.context_length = int(shape[1])

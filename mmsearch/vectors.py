@@ -60,7 +60,8 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -68,7 +69,6 @@ import numpy as np
 
 from mmsearch.discovery import pid_alive
 from mmsearch.errors import MissingDependencyError
-from mmsearch.identity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -978,12 +978,13 @@ class VectorIndex:
         if not path.is_file():
             log.info("vector index %s is missing; it will be rebuilt", path)
             return None
-        digest = sha256_file(path)
-        if digest != sha256:
-            log.warning("vector index %s does not match its recorded checksum; it will be rebuilt", path)
-            return None
-        size = path.stat().st_size
+        # Hashed and read through one open file: a writer's rename in between cannot swap it.
         with path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if _file_digest(f, path, _file_identity(st)) != sha256:
+                log.warning("vector index %s does not match its recorded checksum; it will be rebuilt", path)
+                return None
+            size = st.st_size
             if size < _TRAILER.size:
                 raise ValueError("file too short")
             f.seek(size - _TRAILER.size)
@@ -1008,9 +1009,9 @@ class VectorIndex:
             reader = faiss.PyCallbackIOReader(_bounded_reader(f, int(meta["faiss_len"])))
             index = faiss.read_index(reader)
             del reader
-        if index.ntotal != ntotal or index.d != dim:
-            raise ValueError("FAISS index size differs from its trailer")
-        store = _open_store(path, meta) if meta["spec"] == "compact" else None
+            if index.ntotal != ntotal or index.d != dim:
+                raise ValueError("FAISS index size differs from its trailer")
+            store = _open_store(f, meta) if meta["spec"] == "compact" else None  # the file hashed
         return cls(
             dim,
             index,
@@ -1051,11 +1052,80 @@ def _omp_threads(n: int) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- file helpers
 
+# Digests of saved files hashed ahead of their load by prefetch_digests: (path, file identity) -> sha256.
+_digests: dict[tuple[str, tuple[int, ...]], Future[str]] = {}
+_digests_lock = threading.Lock()
 
-def _open_store(path: Path, meta: dict[str, Any]) -> _ExactStore:
+
+def _file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file's bytes do: its inode (a rename puts another file there), size, and
+    mtime and ctime (any write updates ctime, which no call can set back)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def prefetch_digests(paths: Iterable[Path]) -> None:
+    """Hash the saved vector files at ``paths`` on a thread (sha256 runs without the GIL), for their next
+    :meth:`VectorIndex.load` in this process: a cold query starts this before importing the engine.
+
+    The load uses a digest computed here only if the file it opened is still the one hashed (same
+    :func:`_file_identity`); otherwise it hashes the file again. Either way the whole file is checked against
+    its record before FAISS reads it. Never raises: a file that cannot be hashed here is hashed by the load."""
+    jobs: list[tuple[Path, tuple[int, ...], Future[str]]] = []
+    with _digests_lock:
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    ident = _file_identity(os.fstat(f.fileno()))
+            except OSError:
+                continue
+            key = (str(path), ident)
+            if key not in _digests:
+                _digests[key] = Future()
+                jobs.append((Path(path), ident, _digests[key]))
+    if not jobs:
+        return
+
+    def run() -> None:
+        for path, ident, digest in jobs:
+            try:
+                with open(path, "rb") as f:
+                    if _file_identity(os.fstat(f.fileno())) != ident:
+                        raise OSError("changed since it was listed")
+                    digest.set_result(_sha256_of(f))
+            except BaseException as e:  # the load hashes it instead
+                digest.set_exception(e)
+
+    threading.Thread(target=run, name="mmsearch-vectors-digest", daemon=True).start()
+
+
+def _file_digest(f: BinaryIO, path: Path, ident: tuple[int, ...]) -> str:
+    """The sha256 of the open file ``f`` (at ``path``, with identity ``ident``): computed ahead by
+    :func:`prefetch_digests` if it hashed this very file, else read now."""
+    with _digests_lock:
+        ahead = _digests.pop((str(path), ident), None)
+        for stale in [key for key in _digests if key[0] == str(path)]:  # of the file before a change
+            del _digests[stale]
+    if ahead is not None and ahead.exception() is None:
+        return ahead.result()
+    return _sha256_of(f)
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    """The sha256 of the whole file ``f``, read through one buffer (no allocation per block)."""
+    f.seek(0)
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):  # type: ignore[attr-defined]
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+def _open_store(source: Path | BinaryIO, meta: dict[str, Any]) -> _ExactStore:
+    """The exact vectors of a compact file (a path, or the open file), mapped from it."""
     rows, dim = int(meta["store_rows"]), int(meta["dim"])
-    ids = np.memmap(path, dtype="<i8", mode="r", offset=int(meta["ids_offset"]), shape=(rows,))
-    vecs = np.memmap(path, dtype="<f4", mode="r", offset=int(meta["vectors_offset"]), shape=(rows, dim))
+    ids = np.memmap(source, dtype="<i8", mode="r", offset=int(meta["ids_offset"]), shape=(rows,))
+    vecs = np.memmap(source, dtype="<f4", mode="r", offset=int(meta["vectors_offset"]), shape=(rows, dim))
     # The ids are small (8 B/vector) and searched on every query: keep them in RAM.
     return _ExactStore(np.array(ids), vecs)
 

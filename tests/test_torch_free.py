@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -380,3 +382,56 @@ def test_first_use_exports_then_the_next_run_is_torch_free(tmp_path: Path, cli_e
     )
     assert modules == ["onnxruntime"] and answer["hits"][0]["text"].strip() == "a caption added later"
     assert answer["hits"][0]["score"] > 0.999
+
+
+def test_a_cold_query_takes_the_text_session_and_file_digest_it_prefetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`query --local` starts the text tower's session and the vector files' hashing before it imports the
+    engine; the search then uses both (the prediction names the files the search opens) and makes neither
+    again."""
+    import mmsearch
+    from mmsearch import cli, onnx_text, vectors
+
+    monkeypatch.setenv("MMSEARCH_CACHE_DIR", str(tmp_path / "cache"))  # the demo towers from the package
+    media = tmp_path / "media"
+    media.mkdir()
+    for i, (_, image) in enumerate(world.generate(6, seed=4)):
+        image.save(media / f"{i}.jpg")
+    with mmsearch.Index.create(tmp_path / "index", model="demo") as idx:
+        idx.add_folder(media)
+    sessions: list[tuple[str, str]] = []  # (file name, thread name)
+    hashed: list[tuple[str, str]] = []
+    real_session, real_sha = onnx_text.ort_session, vectors._sha256_of
+
+    def session(path: Path, *args: Any, **kwargs: Any) -> Any:
+        sessions.append((path.name, threading.current_thread().name))
+        return real_session(path, *args, **kwargs)
+
+    def sha(f: Any) -> str:
+        hashed.append((Path(f.name).name, threading.current_thread().name))
+        return real_sha(f)
+
+    monkeypatch.setattr(onnx_text, "ort_session", session)
+    monkeypatch.setattr(vectors, "_sha256_of", sha)
+
+    a = cli._query_argparser().parse_args(["a red circle", "--local", "-k", "3", "--json"])
+    cli._search_here(
+        tmp_path / "index", None, None, None, "auto", a.text, None, None, "images", 3, cli._args_options(a),
+        True, False,
+    )  # fmt: skip
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
+    # Each made once, on the prefetching threads, and used by the search.
+    assert len(sessions) == 1 and sessions[0][0].endswith(".text-int8.onnx")
+    assert sessions[0][1] == "onnx-text-prefetch"
+    assert hashed == [("image.faiss", "mmsearch-vectors-digest")]
+    assert not onnx_text._prefetched and not vectors._digests  # both taken
+
+
+@pytest.mark.parametrize("config", ['{"model": {"arch": ["x"], "name": 5}}', '{"model": 3}', "{", ""])
+def test_prefetching_for_an_odd_index_folder_never_raises(tmp_path: Path, config: str) -> None:
+    from mmsearch import cli
+
+    (tmp_path / "mmsearch.json").write_text(config)
+    cli._prefetch_local_search(tmp_path, "auto", "images", True)
+    cli._prefetch_local_search(tmp_path / "missing", "auto", "all", True)

@@ -275,6 +275,61 @@ def test_load_rejects_missing_truncated_corrupt_and_stale(saved: tuple[Path, str
     assert VectorIndex.load(path, sha256=sha, ntotal=n, dim=DIM) is None
 
 
+def _prefetched(path: Path) -> None:
+    """Hash ``path`` ahead (as a cold query does) and wait for the digest."""
+    vectors.prefetch_digests([path])
+    with vectors._digests_lock:
+        pending = [d for (p, _), d in vectors._digests.items() if p == str(path)]
+    assert len(pending) == 1
+    pending[0].result(timeout=30)
+
+
+@pytest.mark.parametrize("change", ["in-place", "in-place, mtime restored", "replaced", "truncated"])
+def test_a_file_changed_after_its_digest_was_prefetched_is_hashed_again(
+    saved: tuple[Path, str, int, VectorIndex], change: str
+) -> None:
+    """A digest computed ahead is used only for the very file it hashed: any write since (ctime moves even
+    when size and mtime are put back) or another file renamed over it makes the load hash it again, so a
+    corrupt file is still refused."""
+    path, sha, n, _ = saved
+    _prefetched(path)
+    assert VectorIndex.load(path, sha256=sha, ntotal=n, dim=DIM) is not None  # the digest taken
+    assert not vectors._digests
+    _prefetched(path)
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01
+    st = path.stat()
+    if change.startswith("in-place"):
+        with open(path, "r+b") as f:
+            f.write(bytes(flipped))
+        if "restored" in change:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    elif change == "replaced":
+        other = path.with_name("other.faiss")
+        other.write_bytes(bytes(flipped))
+        os.replace(other, path)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(len(data) // 2)
+    assert VectorIndex.load(path, sha256=sha, ntotal=n, dim=DIM) is None
+    assert not vectors._digests  # the stale digest dropped
+    path.write_bytes(data)  # the original bytes, written again: a new identity, hashed and accepted
+    assert VectorIndex.load(path, sha256=sha, ntotal=n, dim=DIM) is not None
+
+
+def test_a_prefetched_digest_of_a_corrupt_file_is_refused(saved: tuple[Path, str, int, VectorIndex]) -> None:
+    path, sha, n, _ = saved
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    _prefetched(path)
+    assert VectorIndex.load(path, sha256=sha, ntotal=n, dim=DIM) is None
+    vectors.prefetch_digests([path.with_name("missing.faiss")])  # nothing to hash: nothing started
+    assert not vectors._digests
+
+
 @pytest.mark.parametrize("cut", [0, 100, -30, -5])
 def test_load_never_raises_for_a_bad_file_with_a_matching_checksum(tmp_path: Path, cut: int) -> None:
     """Even when the recorded checksum matches (it was recorded for a bad file), load returns None."""
