@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, union_all
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select, union_all
 from sqlalchemy.sql import FromClause
 
 from mmsearch.catalog import DISTANCE_FUNCTION, Catalog
@@ -173,13 +173,37 @@ def allowed_ids(catalog: Catalog, filters: Filters, kinds: Sequence[str], model:
     return ids
 
 
+def passing_rows(conn: Connection, content: str, filters: Filters) -> np.ndarray:
+    """The sorted int64 ids of the rows of ``content`` ("captions", "segments" or "files") that a live file
+    passing ``filters`` holds: a caption its own file, a segment any file of its media, a file itself (what
+    the full-text index of each table may rank for a filtered query)."""
+    f = files.alias("rf")
+    if content == "files":
+        q = select(f.c.id).where(file_passes(filters, f))
+    elif content == "captions":
+        q = select(captions.c.id).join(f, f.c.id == captions.c.file_id).where(file_passes(filters, f))
+    elif content == "segments":
+        passing = select(f.c.media_id).where(file_passes(filters, f), f.c.media_id.is_not(None))
+        q = select(segments.c.id).where(segments.c.media_id.in_(passing))
+    else:
+        raise ValueError(f"no full-text rows in {content!r}")
+    ids = np.fromiter(conn.execute(q).scalars(), np.int64)
+    ids.sort()
+    return ids
+
+
 def catalog_version(catalog: Catalog) -> tuple[str, ...]:
     """A value that changes whenever what :func:`allowed_ids` reads may have changed: every change to
     embeddings bumps a generation (``generation.MODEL.KIND``), every change to files is counted
-    (``FILES_CHANGES_META``), every change to tags too (``TAGS_CHANGES_META``); captions, segments and durations only change along with their embeddings.
-    For caching allowed ids; one small read."""
+    (``FILES_CHANGES_META``), every change to tags too (``TAGS_CHANGES_META``); captions, segments and
+    durations only change along with their embeddings. For caching allowed ids; one small read."""
+    with catalog.read() as conn:
+        return version_in(conn)
+
+
+def version_in(conn: Connection) -> tuple[str, ...]:
+    """:func:`catalog_version`, read on ``conn`` (e.g. in the read transaction of a query)."""
     q = select(meta.c.key, meta.c.value).where(
         or_(meta.c.key.like("generation.%"), meta.c.key.in_((FILES_CHANGES_META, TAGS_CHANGES_META)))
     )
-    with catalog.read() as conn:
-        return tuple(sorted(f"{key}={value}" for key, value in conn.execute(q)))
+    return tuple(sorted(f"{key}={value}" for key, value in conn.execute(q)))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    bindparam,
     case,
     func,
     literal,
@@ -15,6 +18,7 @@ from sqlalchemy import (
     select,
     union_all,
 )
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from mmsearch.catalog import Catalog, FileRow, _chunks
 from mmsearch.catalog_filters import file_passes
@@ -61,9 +65,30 @@ def resolve_items(
 ) -> dict[int, ItemRow]:
     """The items of these embedding ids that are of one of ``kinds`` (the kinds searched: an id found in
     one kind's index is never shown as an item of another). An image or segment shows the lowest-id live
-    file of its content that passes ``filters`` (left out when none does); a caption shows its own file."""
-    e, f, c, s = embeddings, files, captions, segments
+    file of its content that passes ``filters`` (left out when none does); a caption shows its own file.
+
+    Every query resolves its hits, so the fixed cost counts: the statement is built with SQLAlchemy once
+    per (kinds, filters, catalog features), compiled and kept, and run as plain SQL on the driver's
+    connection with the ids as one JSON array (as :mod:`mmsearch.catalog_words` maps its rows)."""
+    if filters is not None and filters.is_empty():
+        filters = None
+    searched = tuple(k for k in VECTOR_KINDS if k in kinds and (k != "frame" or catalog.has_video))
+    if not searched or not len(ids):
+        return {}
+    sql, order = _compiled_resolve(searched, filters, catalog.has_photo_meta)
+    given = json.dumps([int(i) for i in ids])
+    params = [given if name == "ids" else value for name, value in order]
+    with catalog.read() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        return {int(row[0]): ItemRow(*row) for row in raw.execute(sql, params)}
+
+
+def _resolve_statement(kinds: tuple[str, ...], filters: Filters | None, photo_meta: bool) -> Any:
+    """resolve_items' statement over the embedding ids ``:ids`` (a JSON array), one part per kind."""
+    e, f, c, s, fr = embeddings, files, captions, segments, frames
     f2 = files.alias("f2")
+    wanted = select(func.json_each(bindparam("ids", "[]")).table_valued("value").c.value)
 
     def first_file(media_id_col: Any) -> Any:
         # The lowest live (and passing) file id of this media, looked up through the files.media_id index
@@ -76,59 +101,67 @@ def resolve_items(
 
     # (An older catalog opened read-only, not migrated, has none of them.)
     photo = (
-        (f.c.kind, f.c.taken_at, f.c.camera, f.c.lat, f.c.lon)
-        if catalog.has_photo_meta
-        else (f.c.kind,) + (null(),) * 4
+        (f.c.kind, f.c.taken_at, f.c.camera, f.c.lat, f.c.lon) if photo_meta else (f.c.kind,) + (null(),) * 4
     )
-    out: dict[int, ItemRow] = {}
-    with catalog.read() as conn:
-        for chunk in _chunks([int(i) for i in ids], 900):
-            image_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id, *photo)
-                .select_from(e)
-                .join(f, f.c.id == first_file(e.c.media_id))
-                .where(e.c.id.in_(chunk), e.c.kind == "image")
-            )
-            caption_q = (
-                select(e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id, *photo)
-                .join(c, c.c.id == e.c.caption_id)
-                .join(f, f.c.id == c.c.file_id)
-                .where(e.c.id.in_(chunk), e.c.kind == "caption")
-            )
-            segment_q = (
-                select(
-                    e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id, *photo
-                )
-                .select_from(e)
-                .join(s, s.c.id == e.c.segment_id)
-                .join(f, f.c.id == first_file(s.c.media_id))
-                .where(e.c.id.in_(chunk), e.c.kind == "segment")
-            )
-            fr = frames
-            frame_q = (  # a keyframe: its video's time (start = end)
-                select(
-                    e.c.id,
-                    e.c.kind,
-                    f.c.id,
-                    f.c.path_key,
-                    null(),
-                    fr.c.time,
-                    fr.c.time,
-                    fr.c.media_id,
-                    *photo,
-                )
-                .select_from(e)
-                .join(fr, fr.c.id == e.c.frame_id)
-                .join(f, f.c.id == first_file(fr.c.media_id))
-                .where(e.c.id.in_(chunk), e.c.kind == "frame")
-            )
-            queries = (("image", image_q), ("caption", caption_q), ("segment", segment_q), ("frame", frame_q))
-            for kind, q in queries:
-                if kind not in kinds or (kind == "frame" and not catalog.has_video):
-                    continue
-                for row in conn.execute(q):
-                    out[int(row[0])] = ItemRow(*row)
-    return out
+    parts = {
+        "image": select(e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), null(), null(), e.c.media_id, *photo)
+        .select_from(e)
+        .join(f, f.c.id == first_file(e.c.media_id))
+        .where(e.c.id.in_(wanted), e.c.kind == "image"),
+        "caption": select(
+            e.c.id, e.c.kind, f.c.id, f.c.path_key, c.c.text, null(), null(), f.c.media_id, *photo
+        )
+        .join(c, c.c.id == e.c.caption_id)
+        .join(f, f.c.id == c.c.file_id)
+        .where(e.c.id.in_(wanted), e.c.kind == "caption"),
+        "segment": select(
+            e.c.id, e.c.kind, f.c.id, f.c.path_key, s.c.text, s.c.start, s.c.end, s.c.media_id, *photo
+        )
+        .select_from(e)
+        .join(s, s.c.id == e.c.segment_id)
+        .join(f, f.c.id == first_file(s.c.media_id))
+        .where(e.c.id.in_(wanted), e.c.kind == "segment"),
+        # a keyframe: its video's time (start = end)
+        "frame": select(
+            e.c.id, e.c.kind, f.c.id, f.c.path_key, null(), fr.c.time, fr.c.time, fr.c.media_id, *photo
+        )
+        .select_from(e)
+        .join(fr, fr.c.id == e.c.frame_id)
+        .join(f, f.c.id == first_file(fr.c.media_id))
+        .where(e.c.id.in_(wanted), e.c.kind == "frame"),
+    }
+    chosen = [parts[k] for k in kinds]
+    return chosen[0] if len(chosen) == 1 else union_all(*chosen)
+
+
+#: (kinds, filters, photo columns) -> resolve_items' statement compiled: SQL, and its parameters in order
+#: ("ids" given per call, the filters' values bound here). Most recent last.
+_COMPILED: dict[tuple[tuple[str, ...], Filters | None, bool], tuple[str, list[tuple[str, Any]]]] = {}
+_COMPILED_SIZE = 64
+_compiled_lock = threading.Lock()
+
+
+def _compiled_resolve(
+    kinds: tuple[str, ...], filters: Filters | None, photo_meta: bool
+) -> tuple[str, list[tuple[str, Any]]]:
+    key = (kinds, filters, photo_meta)
+    with _compiled_lock:
+        hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = _resolve_statement(kinds, filters, photo_meta).compile(
+            dialect=sqlite_dialect(), compile_kwargs={"render_postcompile": True}
+        )
+        assert compiled.positiontup is not None
+        bound = compiled.params
+        hit = (
+            compiled.string,
+            [(name, None if name == "ids" else bound[name]) for name in compiled.positiontup],
+        )
+        with _compiled_lock:
+            if len(_COMPILED) >= _COMPILED_SIZE:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = hit
+    return hit
 
 
 # --- item details: what the server shows of one file --------------------------------------------------

@@ -17,6 +17,13 @@ A query runs a few small statements per index, so their fixed cost counts: they 
 driver's connection (its statement cache keeps them prepared), and the statement mapping ranked rows to
 embeddings (through their live, passing files) is built with SQLAlchemy once per index and filters, then
 compiled and kept (:func:`_compiled_reach`); the rows it maps are passed as one JSON array.
+
+A filtered query ranks the rows its filters allow, not the rows the filters would drop after ranking: each
+index's allowed rows (:func:`mmsearch.catalog_filters.passing_rows`) are kept per filter and catalog
+version, the rare words' ranking keeps only them, and the windows of newest rows are read inside the id
+ranges (spans) that hold them, so a folder's old rows are reached however many newer rows the collection
+holds. Rows scattered over more than ``MAX_SPANS`` ranges are read as for an unfiltered query and the
+filters drop them afterwards.
 """
 
 from __future__ import annotations
@@ -27,15 +34,19 @@ import re
 import sqlite3
 import threading
 import unicodedata
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
+from itertools import islice
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, select, union_all
+import numpy as np
+from sqlalchemy import Connection, Select, and_, bindparam, func, select, union_all
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from mmsearch.catalog import Catalog
-from mmsearch.catalog_filters import file_passes, item_of
+from mmsearch.catalog_filters import file_passes, item_of, passing_rows, version_in
 from mmsearch.filters import Filters
 from mmsearch.schema import FTS_FROM, captions, embeddings, files, frames, segments
 
@@ -54,6 +65,8 @@ MAX_TERMS = 32
 MAX_RANKED = 1024
 #: Most windows of newest rows ranked when every word of the query is common.
 MAX_WINDOWS = 4
+#: A filtered query reads only its allowed rows when they lie in at most this many id ranges (spans).
+MAX_SPANS = 64
 #: A run of ASCII letters and digits (the runs of _split, for ASCII text).
 _ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
 #: BM25's parameters, as FTS5's bm25 uses them.
@@ -137,13 +150,18 @@ def word_hits(
     if not catalog.has_video:
         kinds = [k for k in kinds if k != "frame"]  # (no keyframes before schema 8)
     best: dict[int, tuple[float, bool]] = {}
+    if filters is not None and filters.is_empty():
+        filters = None
     with catalog.snapshot() as conn:
         # The statements below are plain SQL run on the driver's connection, whose statement cache keeps
         # them prepared: SQLAlchemy's per-statement work would cost more than SQLite's for these reads.
         raw = conn.connection.driver_connection
         assert raw is not None
+        version = version_in(conn) if filters is not None else ()
         for source in _sources(kinds):
-            for eid, (score, whole) in _read_source(raw, source, terms, limit, model, filters).items():
+            allowed = None if filters is None else _allowed_rows(catalog, conn, version, source, filters)
+            found = _read_source(raw, source, terms, limit, model, filters, allowed)
+            for eid, (score, whole) in found.items():
                 old = best.get(eid)
                 best[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
     ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
@@ -266,15 +284,16 @@ def _read_source(
     limit: int,
     model: str,
     filters: Filters | None,
+    allowed: _Allowed | None = None,
 ) -> dict[int, tuple[float, bool]]:
     """Embedding id -> (score of its best row, whether a row reaching it holds every term), from one
-    full-text index: its ranked rows are mapped best first, in growing batches, until ``limit`` embeddings
-    are reached (filters may drop many rows) or the rows run out."""
+    full-text index: its ranked rows (of the ``allowed`` ones, if given) are mapped best first, in growing
+    batches, until ``limit`` embeddings are reached (filters may drop many rows) or the rows run out."""
     reached: dict[int, tuple[float, bool]] = {}
     wanted = {word for term in terms for word in words(term)}
     sql, order = _compiled_reach(source, filters)
     holds: dict[int, bool] = {}  # row -> whether its text holds every term
-    for ranking in _rankings(raw, source, terms):
+    for ranking in _rankings(raw, source, terms, allowed):
         start, batch = 0, limit + _FIRST_MAP
         while len(reached) < limit:
             part = ranking.head(start + batch)[start:]
@@ -295,6 +314,83 @@ def _read_source(
         if len(reached) >= limit:
             break
     return reached
+
+
+# --- the rows a filter allows ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Allowed:
+    """The rows of one full-text index that a filter allows: sorted ids, and the id ranges holding them
+    (``spans``, newest first) that the windows read; a span holds about as many allowed rows as others."""
+
+    rows: np.ndarray
+    spans: tuple[tuple[int, int], ...]
+
+    def holds(self, rows: Sequence[int]) -> list[bool]:
+        ids = np.asarray(rows, np.int64)
+        pos = np.minimum(np.searchsorted(self.rows, ids), max(len(self.rows) - 1, 0))
+        return (self.rows[pos] == ids).tolist() if len(self.rows) else [False] * len(ids)
+
+    def only(self, ranked: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """The allowed rows of a ranking, in its order."""
+        keep = self.holds([row for row, _ in ranked])
+        return [pair for pair, ok in zip(ranked, keep, strict=True) if ok]
+
+    def count(self, lo: int, hi: int) -> int:
+        """How many allowed rows lie in [lo, hi]."""
+        return int(np.searchsorted(self.rows, hi, "right") - np.searchsorted(self.rows, lo, "left"))
+
+
+def _spans(rows: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """The id ranges (newest first) holding ``rows`` (sorted): runs of consecutive ids, a run joined to the
+    range before it when the gap between them is at most the allowed rows that range holds (so a range
+    holds at most about as many other rows as allowed ones). None when more than MAX_SPANS ranges."""
+    if not len(rows):
+        return ()
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.concatenate([[0], breaks])].tolist()
+    ends = rows[np.concatenate([breaks - 1, [len(rows) - 1]])].tolist()
+    spans: list[tuple[int, int]] = []
+    lo, hi, held = starts[0], ends[0], ends[0] - starts[0] + 1
+    for a, b in zip(starts[1:], ends[1:], strict=True):
+        if a - hi - 1 <= held:
+            hi, held = b, held + b - a + 1
+            continue
+        spans.append((lo, hi))
+        if len(spans) >= MAX_SPANS:
+            return None
+        lo, hi, held = a, b, b - a + 1
+    spans.append((lo, hi))
+    return tuple(reversed(spans)) if len(spans) <= MAX_SPANS else None
+
+
+#: Per open catalog: (full-text index, filters) -> (catalog version, its allowed rows or None when they
+#: are too scattered); the last few filters (a user refining one query asks for the same again).
+_ALLOWED: weakref.WeakKeyDictionary[Catalog, dict[tuple[str, Filters], tuple[tuple[str, ...], Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+_ALLOWED_SIZE = 16
+_allowed_lock = threading.Lock()
+
+
+def _allowed_rows(
+    catalog: Catalog, conn: Connection, version: tuple[str, ...], source: _Source, filters: Filters
+) -> _Allowed | None:
+    """The rows of ``source``'s index that ``filters`` allow (None: too scattered to read by ranges)."""
+    key = (source.fts, filters)
+    with _allowed_lock:
+        hit = _ALLOWED.setdefault(catalog, {}).get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]  # type: ignore[no-any-return]
+    rows = passing_rows(conn, source.content, filters)
+    spans = _spans(rows)
+    allowed = None if spans is None else _Allowed(rows, spans)
+    with _allowed_lock:
+        entries = _ALLOWED.setdefault(catalog, {})
+        entries.pop(key, None)
+        if len(entries) >= _ALLOWED_SIZE:
+            entries.pop(next(iter(entries)))
+        entries[key] = (version, allowed)
+    return allowed
 
 
 # --- ranking -------------------------------------------------------------------------------------------
@@ -321,10 +417,12 @@ class _Ranking:
         return self._rows[:n]
 
 
-def _rankings(raw: sqlite3.Connection, source: _Source, terms: list[str]) -> Iterator[_Ranking]:
+def _rankings(
+    raw: sqlite3.Connection, source: _Source, terms: list[str], allowed: _Allowed | None = None
+) -> Iterator[_Ranking]:
     """Rankings of (row, score) of ``source``'s index, each best first, each of at most MAX_RANKED rows
     (see the module's docstring): the rows holding the rarer terms, then windows of the newest rows holding
-    any (read only while the caller asks for more)."""
+    any (read only while the caller asks for more); only ``allowed`` rows, if given."""
     fts = source.fts
     held = {}
     count = f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT ?)"
@@ -338,36 +436,59 @@ def _rankings(raw: sqlite3.Connection, source: _Source, terms: list[str]) -> Ite
         total += held[term]
     if rare:
         match_rare = _match(rare)
-        yield _Ranking([], lambda n: _ranked(raw, fts, match_rare, n))
+        if allowed is None:
+            yield _Ranking([], lambda n: _ranked(raw, fts, match_rare, n))
+        else:  # all the rare terms' rows (at most MAX_RANKED) are ranked, then the allowed ones kept
+            kept = allowed.only
+            whole = cache(lambda: kept(_ranked(raw, fts, match_rare, MAX_RANKED)))
+            yield _Ranking([], lambda n: whole())
         if len(rare) == len(terms):
             return
-    match, newer, stats = _match(terms), None, None
-    window_sql = (
-        f"SELECT {fts}.rowid, {source.content}.{source.text} FROM {fts} "
-        f"JOIN {source.content} ON {source.content}.id = {fts}.rowid WHERE {fts} MATCH ? "
-    )
+    newest, stats = _newest(raw, source, _match(terms), allowed), None
     for _ in range(MAX_WINDOWS):
-        if newer is None:
-            found = raw.execute(window_sql + f"ORDER BY {fts}.rowid DESC LIMIT ?", (match, MAX_RANKED))
-        else:
-            found = raw.execute(
-                window_sql + f"AND {fts}.rowid < ? ORDER BY {fts}.rowid DESC LIMIT ?",
-                (match, newer, MAX_RANKED),
-            )
-        window = {int(row): _file_name(said) if source.names else said for row, said in found}
+        window = dict(islice(newest, MAX_RANKED))
         if not window:
             return
-        docs = {row: words(said) for row, said in window.items()}
-        stats = stats or _window_stats(docs, terms, span=max(window) - min(window) + 1)
+        docs = {row: words(_file_name(said) if source.names else said) for row, said in window.items()}
+        if stats is None:
+            lo, hi = min(window), max(window)
+            span = hi - lo + 1 if allowed is None else allowed.count(lo, hi)
+            stats = _window_stats(docs, terms, span=span)
         yield _Ranking(_scored(docs, terms, *stats))
         if len(window) < MAX_RANKED:
             return
-        newer = min(window)
+
+
+def _newest(
+    raw: sqlite3.Connection, source: _Source, match: str, allowed: _Allowed | None
+) -> Iterator[tuple[int, str]]:
+    """(row, text) of the rows of ``source``'s index matching ``match``, newest first (only ``allowed``
+    rows, read span by span, if given), read MAX_RANKED at a time."""
+    fts = source.fts
+    sql = (
+        f"SELECT {fts}.rowid, {source.content}.{source.text} FROM {fts} "
+        f"JOIN {source.content} ON {source.content}.id = {fts}.rowid "
+        f"WHERE {fts} MATCH ? AND {fts}.rowid BETWEEN ? AND ? ORDER BY {fts}.rowid DESC LIMIT ?"
+    )
+    spans = [(-(2**63), 2**63 - 1)] if allowed is None else allowed.spans
+    for lo, hi in spans:
+        while hi >= lo:
+            page = [(int(row), said) for row, said in raw.execute(sql, (match, lo, hi, MAX_RANKED))]
+            if allowed is not None:
+                keep = allowed.holds([row for row, _ in page])
+                yield from (row_text for row_text, ok in zip(page, keep, strict=True) if ok)
+            else:
+                yield from page
+            if len(page) < MAX_RANKED:
+                break
+            hi = page[-1][0] - 1
 
 
 def _ranked(raw: sqlite3.Connection, fts: str, match: str, n: int) -> list[tuple[int, float]]:
-    """(row, -BM25) of the first ``n`` rows of ``fts`` matching ``match``, best first."""
-    q = f"SELECT rowid, rank FROM {fts} WHERE {fts} MATCH ? ORDER BY rank LIMIT ?"
+    """(row, -BM25) of the first ``n`` rows of ``fts`` matching ``match``, best first. (bm25() named and
+    sorted by SQLite: ``ORDER BY rank`` gives the same order through FTS5's own sorter, a nested statement
+    prepared per query, which costs more.)"""
+    q = f"SELECT rowid, bm25({fts}) AS score FROM {fts} WHERE {fts} MATCH ? ORDER BY score LIMIT ?"
     return [(int(row), -float(rank)) for row, rank in raw.execute(q, (match, n))]
 
 

@@ -66,6 +66,8 @@ VECTOR_SHARE = 0.5
 MAX_TEXT_CHARS = 1000
 #: Most add + subtract terms in one query.
 MAX_TERMS = 16
+#: Candidates past the first k whose vectors are read at once, when hits found by words need a cosine.
+READ_AHEAD = 8
 #: Worker threads searching the words of hybrid and words queries (each query's words side runs in one,
 #: beside its vector search in the caller's thread).
 WORDS_THREADS = 4
@@ -297,7 +299,7 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     # when this side fails, e.g. another model became active, its answer is not waited for.)
     words_side = None
     if p.words is not None:
-        words_side = _words_pool().submit(_words_side, store.catalog, p, model, bool(p.parts))
+        words_side = _words_pool().submit(_words_side, store.catalog, p, model)
 
     query_vector: np.ndarray | None = None
     vector_scores: dict[int, float] = {}
@@ -329,7 +331,7 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
         if words_side is not None:
             words_side.cancel()  # (a words search already running only reads; it is left to finish)
         raise
-    found_by_words, word_vectors = words_side.result() if words_side is not None else ([], {})
+    found_by_words = words_side.result() if words_side is not None else []
 
     word_hits: dict[int, float] = {}
     all_terms: set[int] = set()
@@ -351,16 +353,20 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     # The candidates that may be shown: some are left out below (gone, cut), few of them in practice.
     order = order[: 4 * p.k + 8]
 
-    # Cosine of every candidate to the query vector (FAISS gave it, except for an item found by words alone
-    # and for late fusion, whose lists scored each input on its own).
+    # Cosine of every candidate to the query vector: FAISS gave it, except for an item found by words alone
+    # and for late fusion, whose lists scored each input on its own. Those vectors are read as the hits are
+    # built, a few candidates ahead (most queries show the first k candidates).
     cosines = dict(vector_scores) if fused_vector is None else {}
-    if query_vector is not None:
-        missing = [i for i in order if i not in cosines]
-        unread = [i for i in missing if i not in word_vectors]
-        read = {**word_vectors, **store.catalog.vectors_for(unread)} if unread else word_vectors
-        for i in missing:
-            if i in read:
-                cosines[i] = float(read[i] @ query_vector)
+    read_before = 0  # the candidates before this position in `order` have their cosine, if any
+
+    def cosine_of(pos: int, item_id: int) -> float | None:
+        nonlocal read_before
+        if item_id not in cosines and query_vector is not None and pos >= read_before:
+            ahead = [i for i in order[pos : pos + p.k + READ_AHEAD] if i not in cosines]
+            for i, vector in store.catalog.vectors_for(ahead).items():
+                cosines[i] = float(vector @ query_vector)
+            read_before = pos + p.k + READ_AHEAD
+        return cosines.get(item_id)
 
     threshold = p.min_confidence
     if threshold is None:
@@ -371,11 +377,11 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     # One result per video: its best moment; the others that pass are folded under it (by hit index).
     video_hit: dict[int, int] = {}
     moments: dict[int, list[dict[str, Any]]] = {}
-    for item_id in order:
+    for pos, item_id in enumerate(order):
         row = rows.get(item_id)
         if row is None:
             continue
-        cosine = cosines.get(item_id)
+        cosine = cosine_of(pos, item_id)
         confidence = None
         if cosine is not None and calibration is not None and p.query_kind is not None:
             # A segment is text embedded by the text tower like a caption: an image's cosine to either is
@@ -421,16 +427,12 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     return SearchResult(hits=hits, no_match=not hits, target=p.target, mode=p.mode)
 
 
-def _words_side(
-    catalog: Catalog, p: Plan, model: str, with_vectors: bool
-) -> tuple[list[WordHit], dict[int, np.ndarray]]:
-    """The words list of ``p`` and, when a query vector will score them, the vectors of its hits (most of
-    the hits found by words alone are among them)."""
+def _words_side(catalog: Catalog, p: Plan, model: str) -> list[WordHit]:
+    """The words list of ``p``."""
     from mmsearch.catalog_words import word_hits
 
     assert p.words is not None
-    hits = word_hits(catalog, p.words, p.kinds, model, p.depth, filters=p.filters)
-    return hits, catalog.vectors_for([h.id for h in hits]) if with_vectors and hits else {}
+    return word_hits(catalog, p.words, p.kinds, model, p.depth, filters=p.filters)
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -149,6 +149,27 @@ def test_filters_are_applied_inside_the_search_and_still_fill_k(demo) -> None:
             idx.search("a red circle", kind=["video-game"])
 
 
+def test_a_hybrid_query_with_a_path_filter_returns_k_allowed_items(demo) -> None:
+    """The filter is inside both lists: words rank only the allowed files' texts and names, the vectors
+    only the allowed images; a rare word's file inside the folder still comes first, one outside never
+    shows."""
+    folder, index, rare = demo
+    (word, path), *others = rare.items()
+    allowed = [im.path for im in folder.images if im.path.parent == path.parent]
+    assert len(allowed) >= 5
+    with mmsearch.Index.open(index) as idx:
+        for mode in ("hybrid", "words"):
+            r = idx.search(word, mode=mode, k=5, min_confidence=0, path=[str(path.parent / "*")])
+            assert r.hits[0].path == str(path), (mode, r.hits[:2])
+            assert all(Path(h.path).parent == path.parent for h in r.hits), mode
+        r = idx.search("a red circle", mode="hybrid", k=5, min_confidence=0, path=[str(path.parent / "*")])
+        assert len(r.hits) == 5 and all(Path(h.path).parent == path.parent for h in r.hits)
+        for other, other_path in others:
+            if other_path.parent != path.parent:
+                r = idx.search(other, mode="hybrid", k=5, min_confidence=0, path=[str(path.parent / "*")])
+                assert str(other_path) not in [h.path for h in r.hits]
+
+
 def _red_circle_image() -> object:
     return world.render(world.Attributes("red", "circle", "large", 1, "white"), random.Random(99))
 

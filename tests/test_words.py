@@ -396,6 +396,28 @@ def test_common_words_rank_a_bounded_number_of_rows(
     assert sorted(ids(old)) == sorted(v for it in items[1:3] for v in it.caption_vectors.values())
 
 
+def test_a_filter_ranks_its_own_rows_however_many_newer_rows_hold_the_words(
+    catalog: db.Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows of the newest rows are read inside the rows a filter allows: a folder's old rows are reached
+    when far more newer rows than MAX_WINDOWS windows hold the same common word."""
+    monkeypatch.setattr(catalog_words, "MAX_RANKED", 4)
+    old = [add_image(catalog, [f"/old/{i}.png"], [f"common word {i}"]) for i in range(3)]
+    new = [add_image(catalog, [f"/new/{i}.png"], [f"common word extra {i}"]) for i in range(40)]
+    want = sorted(v for it in old for v in it.caption_vectors.values())
+    assert sorted(found(catalog, "common", ("caption",), path="/old/*")) == want
+    rare = add_image(catalog, ["/old/rare.png"], ["common platypus"])
+    hits = word_hits(catalog, "platypus common", ("caption",), MODEL, 3, Filters.parse(path="/old/*"))
+    assert hits[0].id == rare.caption_vectors["common platypus"] and hits[0].all_terms
+    assert {h.id for h in hits[1:]} <= set(want) and len(hits) == 3
+    # Rows too scattered to read by ranges are ranked as unfiltered, the filter dropping rows after.
+    monkeypatch.setattr(catalog_words, "MAX_SPANS", 0)
+    catalog_words._ALLOWED.clear()
+    scattered = found(catalog, "extra", ("caption",), path=["/new/1.png", "/new/39.png"])
+    assert set(new[39].caption_vectors.values()) <= set(scattered)
+    assert set(scattered) <= {v for it in (new[1], new[39]) for v in it.caption_vectors.values()}
+
+
 def test_when_every_word_is_common_texts_holding_more_of_them_rank_first(
     catalog: db.Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
