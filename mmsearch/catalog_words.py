@@ -380,7 +380,7 @@ def _allowed_rows(
     with _allowed_lock:
         hit = _ALLOWED.setdefault(catalog, {}).get(key)
     if hit is not None and hit[0] == version:
-        return hit[1]  # type: ignore[no-any-return]
+        return hit[1]
     rows = passing_rows(conn, source.content, filters)
     spans = _spans(rows)
     allowed = None if spans is None else _Allowed(rows, spans)
