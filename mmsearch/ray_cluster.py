@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -27,9 +29,28 @@ AUTO = "auto"
 LOCAL = "local"
 #: How long an address is given to answer before ``connect`` says it cannot be reached.
 REACH_TIMEOUT_SECONDS = 5.0
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 # Ray picks the machine's routable address for a node by default; a cluster started here for a test or a
 # benchmark stays on the loopback interface (this environment variable makes Ray use 127.0.0.1).
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _token_auth() -> None:
+    """Make a cluster started by this process accept only processes holding a token made for it (Ray's token
+    authentication), unless the user chose an authentication mode. Without one, any user of this machine
+    could connect to its ports on 127.0.0.1 and run code as this user. The processes Ray starts, and those
+    this one starts (a re-run of a driver in a test), inherit the token through the environment (readable
+    only by this user and root)."""
+    if os.environ.get(_AUTH_MODE_ENV):
+        return
+    os.environ[_AUTH_MODE_ENV] = "token"
+    os.environ[_AUTH_TOKEN_ENV] = secrets.token_hex(32)
+    if "ray" in sys.modules:  # Ray read its configuration at import: read it again
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def ray_module() -> ModuleType:
@@ -66,6 +87,7 @@ def connect(address: str | None = LOCAL) -> ModuleType:
         if address in (None, LOCAL):
             os.environ.setdefault(_LOOPBACK_ENV, "0")
             _use_loopback(ray)
+            _token_auth()
             ray.init(**kwargs)
         else:
             if address != AUTO:
@@ -111,9 +133,10 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, connect_driver: boo
     ray = ray_module()
     from ray.cluster_utils import Cluster
 
-    previous = os.environ.get(_LOOPBACK_ENV)
+    previous = {k: os.environ.get(k) for k in (_LOOPBACK_ENV, _AUTH_MODE_ENV, _AUTH_TOKEN_ENV)}
     os.environ[_LOOPBACK_ENV] = "0"  # inherited by every raylet and worker started below
     _use_loopback(ray)
+    _token_auth()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False},
@@ -129,7 +152,8 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, connect_driver: boo
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
-        if previous is None:
-            os.environ.pop(_LOOPBACK_ENV, None)
-        else:
-            os.environ[_LOOPBACK_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

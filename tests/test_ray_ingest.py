@@ -304,3 +304,18 @@ def test_without_ray_the_error_says_what_to_install(tmp_path: Path) -> None:
     )
     assert out.stdout.startswith("MissingDependencyError")
     assert "pip install 'mmsearch[ray]'" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_process_without_the_token_cannot_join_a_cluster_started_here(cluster: Any) -> None:
+    """Another user of the machine can reach 127.0.0.1 but not the token (this process's environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    code = (
+        f"import ray\ntry:\n    ray.init(address={cluster.address!r}, log_to_driver=False)\n"
+        "    print('joined')\nexcept Exception as e:\n    print('refused', type(e).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("refused"), out.stdout + out.stderr[-500:]
+    # ... while this process, holding it, runs work on the cluster.
+    ray = ray_cluster.ray_module()
+    assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
