@@ -37,7 +37,15 @@ from bench_ann import DIM, K, clustered, machine_facts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmsearch import vectors  # noqa: E402
-from mmsearch.vectors import FAR_BUDGET, FAR_SCORE_RATIO, FILTER_BUDGET, VectorIndex, choose_spec  # noqa: E402
+from mmsearch.vectors import (  # noqa: E402
+    FAR_BUDGET,
+    FAR_BUDGET_EXPONENT,
+    FAR_BUDGET_SELECTIVITY,
+    FAR_SCORE_RATIO,
+    FILTER_BUDGET,
+    VectorIndex,
+    choose_spec,
+)
 
 SELECTIVITIES = (0.5, 0.05, 0.001)
 GOALS = {"recall_at_10": 0.95, "p50_ms": 2.0}
@@ -321,6 +329,10 @@ def main() -> None:
             "query_threads": args.threads,
             "filter_budget": FILTER_BUDGET,
             "far_budget": FAR_BUDGET,
+            "far_budget_selectivity": FAR_BUDGET_SELECTIVITY,
+            "far_budget_exponent": FAR_BUDGET_EXPONENT,
+            "far_budget_rule": "far_budget = FAR_BUDGET * (min(s, FAR_BUDGET_SELECTIVITY) / "
+            "FAR_BUDGET_SELECTIVITY) ** FAR_BUDGET_EXPONENT, at least filter_budget (s: selectivity)",
             "far_score_ratio": FAR_SCORE_RATIO,
             "ids": "row numbers in cluster order: a 'range' selection is a few whole clusters",
             "latency": "single query through VectorIndex.search(q, 10, allowed=ids), after 20 warm-up queries; "

@@ -289,6 +289,64 @@ def test_a_contiguous_range_queried_from_other_clusters(spec: str, monkeypatch: 
 
 
 @pytest.mark.parametrize("spec", IVF_SPECS)
+def test_the_far_budget_shrinks_with_the_selection(
+    indexes: dict[str, VectorIndex], spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAR_BUDGET from FAR_BUDGET_SELECTIVITY of the index up; below, (s / that)^FAR_BUDGET_EXPONENT of it
+    (about half at a tenth of the size), never below the near budget."""
+    force(monkeypatch, "selector")
+    index = indexes[spec]
+    per_probe = index.params["nprobe"] * index.ntotal / int(index.params["nlist"])
+
+    def far(fraction: float) -> int:
+        return int(index.filter_plan(round(index.ntotal * fraction))["far_budget"])
+
+    full = int(vectors.FAR_BUDGET * per_probe)
+    assert far(1.0) == far(0.8) == far(vectors.FAR_BUDGET_SELECTIVITY) == full
+    tenth = vectors.FAR_BUDGET * (0.1**vectors.FAR_BUDGET_EXPONENT) * per_probe
+    assert abs(far(vectors.FAR_BUDGET_SELECTIVITY / 10) - tenth) <= 1 and tenth < 0.55 * full
+    fars = [far(f) for f in (0.001, 0.01, 0.05, 0.1, 0.2, 0.5)]
+    assert fars == sorted(fars)
+    assert far(1 / index.ntotal) >= index.filter_plan(1)["budget"]  # never below the near budget
+
+
+@pytest.mark.parametrize("spec", ["ivf-sq8", "compact"])
+def test_a_far_query_on_a_small_selection_probes_its_far_budget(
+    spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries far from a small contiguous range probe the nearest lists holding allowed ids until they
+    hold the (smaller) far budget, not all of them, and still get k allowed hits."""
+    rng = np.random.default_rng(21)
+    centres = unit(rng, 40)
+    labels = np.sort(rng.integers(0, len(centres), 8000))
+    x = centres[labels] + rng.standard_normal((8000, DIM), dtype=np.float32) / np.sqrt(DIM)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = np.arange(8000, dtype=np.int64)
+    index = VectorIndex.build(DIM, ids, x, spec=spec)
+    force(monkeypatch, "selector")
+    # At this size any far budget covers a whole 10 % range; a smaller FAR_BUDGET makes it bind.
+    monkeypatch.setattr(vectors, "FAR_BUDGET", 2.0)
+    allowed = ids[labels < 4]
+    plan = index.filter_plan(len(allowed))
+    assert plan["budget"] <= plan["far_budget"] < index.filter_plan(len(ids) // 2)["far_budget"]
+    assert plan["far_budget"] < len(allowed)
+    q = clustered(rng, 60, centres[10:])  # from clusters holding no allowed id
+    selection = vectors._Selection(allowed)
+    lists, counts = index._allowed_lists(selection)
+    scores = index._centroid_scores(q)
+    far = scores[:, lists].max(axis=1) < vectors.FAR_SCORE_RATIO * scores.max(axis=1)
+    assert far.mean() > 0.9
+    assign = index._probe(q, K, selection, plan)[0]
+    held = {int(lst): int(c) for lst, c in zip(lists, counts, strict=True)}
+    for row in assign[far]:
+        probed = [held[int(lst)] for lst in row[row >= 0]]
+        assert sum(probed) >= plan["far_budget"] > sum(probed[:-1])  # stops at the far budget
+        assert len(probed) < len(lists)
+    _, found = index.search(q, K, allowed=allowed)
+    assert np.isin(found, allowed).all() and (found >= 0).all()
+
+
+@pytest.mark.parametrize("spec", IVF_SPECS)
 def test_allowed_counts_per_list_follow_add_and_remove(spec: str) -> None:
     rng = np.random.default_rng(8)
     x = clustered(rng, 3000, unit(rng, 32))
