@@ -128,7 +128,7 @@ class RemoteWork(Protocol):
         ...
 
     def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
-        """Each file's sha256, or the error reading it raised."""
+        """Each file's sha256, or the error reading it raised; a file left out is hashed here."""
         ...
 
 

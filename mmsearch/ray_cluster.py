@@ -98,6 +98,13 @@ def connect(address: str | None = LOCAL) -> ModuleType:
     return ray
 
 
+def spans_machines() -> bool:
+    """Whether the connected cluster has a live node on another machine than this process's."""
+    ray = ray_module()
+    here = ray.util.get_node_ip_address()
+    return any(n["Alive"] and n["NodeManagerAddress"] != here for n in ray.nodes())
+
+
 def _check_reachable(address: str, timeout: float = REACH_TIMEOUT_SECONDS) -> None:
     """Fail fast on an address nothing listens at: Ray itself retries for minutes before giving up."""
     hostport = address.removeprefix("ray://").rsplit("/", 1)[0]

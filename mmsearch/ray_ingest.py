@@ -61,6 +61,9 @@ class RayOptions:
     image_actors: int | None = None
     speech_actors: int | None = None
     batch_size: int = 32
+    #: Hash new files on the cluster: None (default) when it has nodes on other machines; on this machine
+    #: alone, one job more costs more than the driver's own reading.
+    remote_hashing: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -302,7 +305,13 @@ class RayWork:
                 yield results, np.asarray(vectors, np.float32).reshape(len(vectors), dim)
 
     def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
-        """Each file's sha256, read by CPU tasks of the cluster, or the error reading it."""
+        """Each file's sha256, read by CPU tasks of the cluster, or the error reading it; nothing (the
+        driver hashes) when the cluster runs on this machine only, unless ``remote_hashing`` says otherwise."""
+        remote = self.options.remote_hashing
+        if remote is None:
+            remote = ray_cluster.spans_machines()
+        if not remote:
+            return {}
         data = ray_cluster.ray_data()
         ds = data.from_items([{"path": os.fsencode(p)} for p in paths])
         ds = ds.map_batches(hash_files, batch_size=HASH_ROWS, batch_format="numpy")

@@ -24,7 +24,8 @@ from mmsearch import db, ray_cluster
 from mmsearch import ingest as ingest_module
 from mmsearch.cli import ray_address_argv
 from mmsearch.demo.world import DemoFolder, write_demo_folder
-from mmsearch.ray_ingest import RayOptions, RayWork
+from mmsearch.identity import sha256_file
+from mmsearch.ray_ingest import RayOptions, RayWork, model_settings
 from tests.test_crash import check_whole
 from tests.test_ingest import assert_consistent
 
@@ -122,7 +123,9 @@ def test_a_ray_run_builds_the_catalog_a_local_run_builds(
     on_ray = mmsearch.Index.create(tmp_path / "ray", model="demo", image_tower=TOWER)
     with local, on_ray:
         mine = local.add_folder(demo.media_dir)
-        theirs = on_ray.add_folder(demo.media_dir, ray=RayOptions(address="auto", batch_size=8))
+        theirs = on_ray.add_folder(
+            demo.media_dir, ray=RayOptions(address="auto", batch_size=8, remote_hashing=True)
+        )
         for field in ("images_embedded", "audio_transcribed", "segments_embedded", "captions_added"):
             assert getattr(theirs, field) == getattr(mine, field), field
         assert theirs.images_embedded == len(demo.images) and theirs.audio_transcribed == len(demo.recordings)
@@ -195,7 +198,8 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(
 
 _DRIVER = """
 import sys, mmsearch
-from mmsearch.ray_ingest import RayOptions, RayWork
+from mmsearch.identity import sha256_file
+from mmsearch.ray_ingest import RayOptions, RayWork, model_settings
 
 def tick(stage, done, total):
     if stage == "images" and done:
@@ -319,3 +323,15 @@ def test_a_process_without_the_token_cannot_join_a_cluster_started_here(cluster:
     # ... while this process, holding it, runs work on the cluster.
     ray = ray_cluster.ray_module()
     assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+
+
+@pytest.mark.slow
+def test_a_cluster_on_this_machine_alone_leaves_hashing_to_the_driver(cluster: Any, tmp_path: Path) -> None:
+    """Every raylet of the test's cluster is this machine: the driver's own reading beats one more job."""
+    assert not ray_cluster.spans_machines()
+    with mmsearch.Index.create(tmp_path / "i", model="demo") as idx:
+        settings = model_settings(idx.model_identity, TOWER)
+    work = RayWork(RayOptions("auto"), settings, {}, decode_budget=60.0)
+    assert work.hashes([Path(__file__)]) == {}
+    forced = RayWork(RayOptions("auto", remote_hashing=True), settings, {}, decode_budget=60.0)
+    assert forced.hashes([Path(__file__)]) == {Path(__file__): sha256_file(Path(__file__))}
