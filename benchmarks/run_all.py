@@ -59,6 +59,13 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "video": ("bench_video.py", [], ["--quick"]),
     "photos": ("bench_photos.py", [], ["--quick"]),
+    # Ray's overhead and the driver's rate; the sharded search is its own step (IVF shards build for minutes).
+    "ray": (
+        "bench_ray.py",
+        ["--n", "1200", "--skip-search"],
+        ["--n", "60", "--rounds", "1", "--commit-n", "2000", "--skip-search"],
+    ),
+    "ray_search": ("bench_ray_search.py", [], ["--quick"]),
 }
 
 
