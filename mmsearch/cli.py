@@ -337,6 +337,16 @@ def _configure_logging(verbose: bool) -> None:
         # open_clip and faiss log routine INFO/WARNING lines on the root logger.
         for name in ("root", "faiss", "faiss.loader"):
             logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
+    # A Ctrl-C that lands while SQLAlchemy returns a connection to its pool is logged by SQLAlchemy (on a
+    # logger per pool, "sqlalchemy.pool.impl.QueuePool") with a traceback, then raised on: main() reports the
+    # interrupt in one line, so that record is dropped where it would be printed.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_not_a_pool_interrupt)
+
+
+def _not_a_pool_interrupt(record: logging.LogRecord) -> bool:
+    interrupted = bool(record.exc_info) and isinstance(record.exc_info[1], KeyboardInterrupt)  # type: ignore[index]
+    return not (interrupted and record.name.startswith("sqlalchemy.pool"))
 
 
 def _default_index_path() -> Path:

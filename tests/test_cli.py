@@ -298,3 +298,24 @@ def test_plain_output_of_a_voice_query_and_a_segment() -> None:
     assert render.plain_query([], None) == "no results\n"
     assert render.plain_query([], None, no_match=True) == "no good match\n"
     assert json.loads(render.query_json("audio", hits, "hi"))["transcript"] == "hi"
+
+
+def test_an_interrupt_inside_sqlalchemys_pool_is_not_printed_as_a_traceback() -> None:
+    """A Ctrl-C landing while SQLAlchemy resets a pooled connection is logged by it with a traceback (seen
+    once in test_crash's Ctrl-C rounds); the CLI's one line says it instead. Other records still print."""
+    import logging
+
+    from mmsearch import cli
+
+    def record(name: str, exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        return logging.LogRecord(
+            name, logging.ERROR, __file__, 1, "Exception during reset or similar", None, info
+        )
+
+    assert not cli._not_a_pool_interrupt(record("sqlalchemy.pool.impl.QueuePool", KeyboardInterrupt()))
+    assert cli._not_a_pool_interrupt(record("sqlalchemy.pool.impl.QueuePool", OSError("disk I/O error")))
+    assert cli._not_a_pool_interrupt(record("mmsearch.ingest", KeyboardInterrupt()))
