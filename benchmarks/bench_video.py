@@ -332,12 +332,7 @@ def pipeline_stages(path: Path) -> dict:
         transcriber, whisper_load_s, _ = _timed(lambda: idx.transcriber)
 
         def decode() -> list[Any]:
-            with video.keyframes(
-                path,
-                interval=video.DEFAULT_INTERVAL,
-                scene_threshold=video.DEFAULT_SCENE_THRESHOLD,
-                max_side=video.DEFAULT_MAX_SIDE,
-            ) as frames:
+            with video.keyframes(path) as frames:
                 return [kf.image for kf in frames]
 
         images, decode_s, decode_cpu = _timed(decode)

@@ -111,12 +111,7 @@ def _read_keyframes(
             batch.clear()
 
     try:
-        with video.keyframes(
-            path,
-            interval=video.DEFAULT_INTERVAL,
-            scene_threshold=video.DEFAULT_SCENE_THRESHOLD,
-            max_side=video.DEFAULT_MAX_SIDE,
-        ) as frames:
+        with video.keyframes(path) as frames:
             for idx, kf in enumerate(frames):
                 out.keyframes.append((idx, round(float(kf.time), 3), kf.reason))
                 if save_thumb is not None:
