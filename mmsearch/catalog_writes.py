@@ -204,7 +204,7 @@ def media_of_kind(conn: Connection, sha256: str, kind: str) -> int | None:
 
 def add_image_media(conn: Connection, sha256: str) -> int:
     """Record an image's content; returns its media id."""
-    return _add_media(conn, sha256, "image")
+    return add_image_medias(conn, [sha256])[0]
 
 
 def add_image_medias(conn: Connection, shas: Sequence[str]) -> list[int]:
