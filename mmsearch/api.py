@@ -197,14 +197,9 @@ class Index:
         """The embedder of a model registered in the index (loaded once; others but the active one and
         this one are let go)."""
         if key not in self._embedders:
-            from mmsearch.model import load_embedder
+            from mmsearch.model import load_recorded
 
-            identity = self.store.identity_of(key)
-            embedder = load_embedder(identity, device=self.device, image_tower=self.image_tower)
-            if not same_model(identity, embedder.identity):
-                raise ModelMismatchError(
-                    f"the weights found for {identity['name']} differ from those the index was built with"
-                )
+            embedder = load_recorded(self.store.identity_of(key), self.device, self.image_tower)
             keep = {key, self.store.model}
             self._embedders = {k: e for k, e in self._embedders.items() if k in keep}
             self._embedders[key] = embedder

@@ -128,13 +128,9 @@ class RemoteWork(Protocol):
         ...
 
     def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
-        """Each file's sha256, or the error reading it raised; a file left out is hashed here."""
+        """Each file's sha256, or the error reading it raised; a file left out is hashed here (all of them
+        when the remote judges it not worth its while)."""
         ...
-
-
-#: Fewest new files whose hashing is handed to a :class:`RemoteWork`: below it, hashing here is quicker than
-#: starting the remote work.
-REMOTE_HASH_MIN = 256
 
 
 @dataclass
@@ -694,8 +690,8 @@ class _Run:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
         pending: dict[str, list[FoundFile]] = {}
         hashed: dict[Path, str | OSError] = {}
-        if self.remote is not None and len(todo) >= REMOTE_HASH_MIN:
-            # Reading every new file is the driver's largest cost on real photos: the cluster reads them.
+        if self.remote is not None and todo:
+            # Reading every new file is the driver's largest cost on real photos: the remote may read them.
             self.tick("hash", 0, len(todo))
             hashed = self.remote.hashes([f.path for f in todo if f.size])
         with self.store.write() as tx:

@@ -101,6 +101,20 @@ def _torch_free(
     return OnnxEmbedder({k: identity.get(k) for k in keep}, manifest, image, text, batch_size=batch_size)
 
 
+def load_recorded(identity: Mapping[str, Any], device: str, image_tower: str | None) -> Embedder:
+    """The embedder of the model an index recorded, checked to be that model (same architecture and weights):
+    :class:`ModelMismatchError` when the weights found here differ."""
+    from mmsearch.errors import ModelMismatchError
+    from mmsearch.identity import same_model
+
+    embedder = load_embedder(identity, device=device, image_tower=image_tower)
+    if not same_model(dict(identity), embedder.identity):
+        raise ModelMismatchError(
+            f"the weights found for {identity.get('name')} differ from those the index was built with"
+        )
+    return embedder
+
+
 def prepare_for_indexing(embedder: Embedder, image_tower: str | None) -> Embedder:
     """``embedder`` with the faster ONNX image tower when indexing on the CPU (``image_tower`` other than
     "torch"): a model loaded with torch is exported here, once, so that later runs (queries too) go without

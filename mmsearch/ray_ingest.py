@@ -36,14 +36,16 @@ from typing import IO, Any
 import numpy as np
 
 from mmsearch import ray_cluster
-from mmsearch.errors import BadMediaError, ConfigError, ModelMismatchError
-from mmsearch.identity import same_model
+from mmsearch.errors import BadMediaError, ConfigError
 from mmsearch.ingest import AudioDone, ImageDone
 
 log = logging.getLogger(__name__)
 
 #: Rows per decode task: large enough to amortise a task's scheduling, small enough to spread the work.
 DECODE_ROWS = 16
+#: Fewest new files whose hashing is handed to the cluster (unless ``RayOptions.remote_hashing`` says):
+#: below it, hashing on the driver is quicker than starting one more job.
+REMOTE_HASH_MIN = 256
 #: Files per hashing task: each is read whole, so a batch is a few hundred MB of photos at most.
 HASH_ROWS = 64
 #: Audio files per transcription call (each is minutes of model work: one at a time spreads them best).
@@ -144,11 +146,9 @@ def decode_images(
 
 def _load_embedder(settings: ModelSettings, device: str) -> Any:
     """The index's model in an actor, checked to be the one the index was built with."""
-    from mmsearch.model import load_embedder, prepare_for_indexing
+    from mmsearch.model import load_recorded, prepare_for_indexing
 
-    embedder = load_embedder(settings.identity, device=device, image_tower=settings.image_tower)
-    if not same_model(settings.identity, embedder.identity):
-        raise ModelMismatchError("the weights a Ray worker found differ from those the index was built with")
+    embedder = load_recorded(settings.identity, device, settings.image_tower)
     if device == "cpu":
         prepare_for_indexing(embedder, settings.image_tower)
     return embedder
@@ -309,7 +309,7 @@ class RayWork:
         driver hashes) when the cluster runs on this machine only, unless ``remote_hashing`` says otherwise."""
         remote = self.options.remote_hashing
         if remote is None:
-            remote = ray_cluster.spans_machines()
+            remote = len(paths) >= REMOTE_HASH_MIN and ray_cluster.spans_machines()
         if not remote:
             return {}
         data = ray_cluster.ray_data()

@@ -21,7 +21,6 @@ from sqlalchemy import select
 
 import mmsearch
 from mmsearch import db, ray_cluster
-from mmsearch import ingest as ingest_module
 from mmsearch.cli import ray_address_argv
 from mmsearch.demo.world import DemoFolder, write_demo_folder
 from mmsearch.identity import sha256_file
@@ -109,7 +108,7 @@ def _top(idx: mmsearch.Index, demo: DemoFolder) -> list[list[tuple[str, float]]]
 def test_a_ray_run_builds_the_catalog_a_local_run_builds(
     cluster: Any, demo: DemoFolder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest_module, "REMOTE_HASH_MIN", 1)  # the cluster hashes the files too
+    # The cluster hashes the files too (forced below: its nodes are all this machine).
     hashed_remotely: list[Path] = []
     hashes = RayWork.hashes
 
