@@ -78,6 +78,10 @@ class ModelSettings:
     preprocess: dict[str, Any]  # mmsearch.preprocess.ImagePreprocess settings, from the model's ONNX export
     input_size: int
 
+    @property
+    def dim(self) -> int:
+        return int(self.identity["dim"])
+
 
 def open_source(path: bytes) -> Path | IO[bytes]:
     """What a worker decodes for a row's path: the file itself, at the same path as on the driver (a
@@ -261,7 +265,7 @@ class RayWork:
         return int(self._resources.get("GPU", 0))
 
     def _pool(self, size: int | None, default: int) -> dict[str, Any]:
-        """An actor pool's placement: ``concurrency`` and, on a cluster with GPUs, one GPU per actor."""
+        """An actor pool's placement: its size and, on a cluster with GPUs, one GPU per actor."""
         data = ray_cluster.ray_data()
         n = max(1, size or (self.gpus or default))
         return {"compute": data.ActorPoolStrategy(size=n), **({"num_gpus": 1} if self.gpus else {})}
@@ -301,12 +305,12 @@ class RayWork:
                 if not error:
                     vectors.append(vector)
             if results:
-                dim = len(batch["vector"][0])
-                yield results, np.asarray(vectors, np.float32).reshape(len(vectors), dim)
+                yield results, np.asarray(vectors, np.float32).reshape(len(vectors), self.settings.dim)
 
     def hashes(self, paths: list[Path]) -> dict[Path, str | OSError]:
         """Each file's sha256, read by CPU tasks of the cluster, or the error reading it; nothing (the
-        driver hashes) when the cluster runs on this machine only, unless ``remote_hashing`` says otherwise."""
+        driver hashes) for fewer than :data:`REMOTE_HASH_MIN` files or when the cluster runs on this machine
+        only, unless ``remote_hashing`` says otherwise."""
         remote = self.options.remote_hashing
         if remote is None:
             remote = len(paths) >= REMOTE_HASH_MIN and ray_cluster.spans_machines()
@@ -356,9 +360,7 @@ class RayWork:
                 yield AudioDone(sha, None, str(row["error"]) or "no speech detected", None)
                 continue
             transcript = _transcript_of(row["transcript"])
-            vectors = np.frombuffer(row["vectors"], np.float32).reshape(
-                -1, int(self.settings.identity["dim"])
-            )
+            vectors = np.frombuffer(row["vectors"], np.float32).reshape(-1, self.settings.dim)
             yield AudioDone(sha, transcript, None, vectors)
 
 
