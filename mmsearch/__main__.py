@@ -1,3 +1,3 @@
-from mmsearch.cli import main
+from mmsearch.cli import run
 
-main()
+run()

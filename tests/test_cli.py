@@ -319,3 +319,44 @@ def test_an_interrupt_inside_sqlalchemys_pool_is_not_printed_as_a_traceback() ->
     assert not cli._not_a_pool_interrupt(record("sqlalchemy.pool.impl.QueuePool", KeyboardInterrupt()))
     assert cli._not_a_pool_interrupt(record("sqlalchemy.pool.impl.QueuePool", OSError("disk I/O error")))
     assert cli._not_a_pool_interrupt(record("mmsearch.ingest", KeyboardInterrupt()))
+
+
+AT_EXIT = """
+import atexit, sys
+atexit.register(lambda: print("atexit handlers ran", file=sys.stderr))
+from mmsearch.cli import run
+sys.argv = ["mmsearch", *sys.argv[1:]]
+run()
+print("not reached: run() ends the process", file=sys.stderr)
+"""
+
+
+def test_the_command_ends_after_a_local_query_with_its_output_whole(built: Path) -> None:
+    """`mmsearch query` ends its process without the interpreter's teardown once answered (cli.run): the
+    answer is flushed whole, the atexit handlers run, the status is 0, and a failed query still says why."""
+    args = ["query", "a thing", "--index", str(built), "--local", "--target", "all", "-k", "4", "--json"]
+    ended = subprocess.run(
+        [sys.executable, "-c", AT_EXIT, *args], capture_output=True, text=True, timeout=300
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stderr == "atexit handlers ran\n"
+    in_process = runner.invoke(app, args)
+    assert in_process.exit_code == 0 and ended.stdout == in_process.stdout
+    assert len(json.loads(ended.stdout)["hits"]) == 4
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            AT_EXIT,
+            "query",
+            "a thing",
+            "--index",
+            str(built.parent / "nowhere"),
+            "--local",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+    assert "atexit handlers ran" in missing.stderr and "Traceback" not in missing.stderr
