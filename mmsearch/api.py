@@ -13,11 +13,11 @@ import functools
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from mmsearch import calibrate, constants, db, tags, vocabulary
 from mmsearch.errors import (
@@ -30,8 +30,6 @@ from mmsearch.errors import (
 )
 from mmsearch.filters import FILTER_FIELDS, Filters
 from mmsearch.identity import ModelSpec, describe_identity, model_key, registered, same_model
-from mmsearch.images import QUERY_MAX_PIXELS, load_image
-from mmsearch.ingest import IngestReport, Progress, ingest, unavailable_summary
 from mmsearch.query import (
     DEFAULT_COMBINE,
     DEFAULT_FUSION,
@@ -42,15 +40,19 @@ from mmsearch.query import (
     execute,
     plan,
 )
-from mmsearch.reembed import ReembedReport, activate, fill, start_target
 from mmsearch.search import Hit, search_vector
 from mmsearch.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
+    from PIL import Image
+    from typing_extensions import TypeIs
+
+    from mmsearch.ingest import IngestReport, Progress
     from mmsearch.model import Embedder
     from mmsearch.ray_ingest import RayOptions, RayWork
+    from mmsearch.reembed import ReembedReport
     from mmsearch.retranscribe import RetranscribeReport
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,9 @@ class Index:
         ``"local"`` starts one on this machine, ``"auto"`` joins the running one, else its address, or
         :class:`~mmsearch.ray_ingest.RayOptions`. This process still plans, hashes and writes the index;
         every node must see ``folder`` at the same path."""
+        from mmsearch.ingest import ingest
+        from mmsearch.reembed import fill
+
         self.store.lock_for_writing()
         try:
             self.store.follow_active()
@@ -356,6 +361,7 @@ class Index:
         the active model; the switch is one transaction. ``keep_old``: keep the previous model's vectors,
         for :meth:`activate` (a rollback); otherwise they are deleted after the switch."""
         from mmsearch.model import load_embedder
+        from mmsearch.reembed import activate, fill, start_target
 
         self.store.lock_for_writing()
         try:
@@ -428,6 +434,8 @@ class Index:
     def activate(self, spec: ModelSpec) -> str:
         """Make a model the index holds every vector of (kept by ``reembed(keep_old=True)``) the active
         one: instant, no model is loaded. Returns its key."""
+        from mmsearch.reembed import activate
+
         key = model_key(spec.expected_identity())
         self.store.lock_for_writing()
         try:
@@ -588,7 +596,7 @@ class Index:
             filters = Filters.parse(**given)
         elif any(v not in (None, (), []) for v in given.values()):
             raise BadQueryError("give filters or filter keywords, not both")
-        if image is not None and not isinstance(image, Image.Image):
+        if image is not None and not _is_pil_image(image):
             image = self._query_image(image)
         rgb = image.convert("RGB") if image is not None else None
         return Query(
@@ -631,6 +639,8 @@ class Index:
         raise MmsearchError("the index's active model keeps changing: try again")
 
     def _query_image(self, image: str | Path) -> Image.Image:
+        from mmsearch.images import QUERY_MAX_PIXELS, load_image
+
         path = Path(image)
         if not path.is_file():
             raise BadQueryError(f"query image not found: {path}")
@@ -674,7 +684,7 @@ class Index:
     def search_image(
         self, image: str | Path | Image.Image, *, target: str = "texts", k: int = 10
     ) -> list[Hit]:
-        if not isinstance(image, Image.Image):
+        if not _is_pil_image(image):
             image = self._query_image(image)
         rgb = image.convert("RGB")
         return self._search_embedded(lambda emb: emb.embed_images([rgb])[0], target, k)
@@ -698,6 +708,8 @@ class Index:
 
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        from mmsearch.ingest import unavailable_summary
+
         self.store.follow_active()
         counts = self.store.catalog.counts()
         return {
@@ -841,6 +853,12 @@ def _check_same_speech(store: Store, asked: dict[str, Any]) -> None:
             "An index keeps the speech settings it was created with: leave these options out to use them, "
             "or create a new index with the new ones"
         )
+
+
+def _is_pil_image(value: object) -> TypeIs[Image.Image]:
+    # A PIL image exists only once PIL.Image is imported: a text query never imports it.
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
 
 
 def _check_same_model(identity: dict[str, Any], spec: ModelSpec) -> None:
