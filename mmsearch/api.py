@@ -631,6 +631,8 @@ class Index:
         one becomes active in between (never searched across models)."""
         for _ in range(SWITCH_RETRIES):
             model = self.store.follow_active()
+            if p.parts:  # the vectors are read while the query is embedded
+                self.store.preload(p.kinds, model)
             vectors = embed_parts(p, self.embedder_for(model)) if p.parts else None
             try:
                 return execute(self.store, p, vectors, model=model)

@@ -29,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +126,8 @@ class Store:
             # next writer rewrites the description).
             self.config["model"] = dict(self._models[self.model])
         self._live: dict[tuple[str, str], _Live] = {}
+        #: Indexes being loaded on a thread (:meth:`preload`); :meth:`vectors` takes them.
+        self._loading: dict[tuple[str, str], Future[_Live]] = {}
         self._lock_fd: int | None = None
         #: Drop and rebuild an index on every change instead of following it (the behaviour before the
         #: deletion log; kept for the live-reads benchmark).
@@ -182,6 +186,10 @@ class Store:
         return cls(folder, config)
 
     def close(self) -> None:
+        for pending in self._loading.values():  # it reads the catalog being closed
+            if not pending.cancel():
+                wait([pending])  # its error, if any, was never asked for
+        self._loading.clear()
         self.unlock()
         if self._shards is not None:
             self._shards.close()
@@ -215,6 +223,7 @@ class Store:
             self.config["model"] = dict(self._models[active])
             if self._lock_fd is None:  # a writer keeps what it loaded: it may be embedding either model
                 self._live = {slot: live for slot, live in self._live.items() if slot[0] == active}
+                self._loading = {slot: f for slot, f in self._loading.items() if slot[0] == active}
         return self.model
 
     def identity_of(self, model: str) -> dict[str, Any]:
@@ -322,8 +331,25 @@ class Store:
             return self._shards.vectors(self.catalog, kind, model, self.dim_of(model))
         slot = (model or self.model, kind)
         if slot not in self._live:
-            self._live[slot] = self._open(slot)
+            pending = self._loading.pop(slot, None)
+            if pending is None:
+                self._live[slot] = self._open(slot)
+            else:  # loaded as the catalog stood then: followed to where it stands now, as refresh() would
+                self._live[slot] = pending.result()
+                self._follow(slot)
         return self._live[slot].index
+
+    def preload(self, kinds: Iterable[str], model: str | None = None) -> None:
+        """Start loading the in-process indexes of ``kinds`` of ``model`` (default: the active one) that are not
+        loaded yet, on a thread; :meth:`vectors` takes them. Reading a saved file into FAISS releases the GIL,
+        so a search that embeds its query meanwhile (also mostly outside Python) has both done in about the
+        time of the longer. Readers only: a writer's indexes are loaded before its changes (:meth:`write`)."""
+        if self._lock_fd is not None or self._shards is not None:
+            return
+        for kind in kinds:
+            slot = (model or self.model, kind)
+            if slot not in self._live and slot not in self._loading:
+                self._loading[slot] = _loader().submit(self._open, slot)
 
     def refresh(self) -> str:
         """Bring in-memory indexes up to the catalog's committed state (a writer committed since), after
@@ -332,15 +358,19 @@ class Store:
         if self._shards is not None:
             self._shards.refresh(self.catalog, active, self.dim_of(active))
         for slot in list(self._live):
-            if self._live[slot].generation == self.catalog.generation(slot[1], slot[0]):
-                continue
-            if self.rebuild_on_refresh:
-                del self._live[slot]  # rebuilt from SQLite by the next vectors()
-                continue
-            self._catch_up(slot)
-            if self._lock_fd is None:
-                self._adopt_retrained(slot)
+            self._follow(slot)
         return active
+
+    def _follow(self, slot: tuple[str, str]) -> None:
+        """Bring one loaded index in step with the catalog's committed state."""
+        if self._live[slot].generation == self.catalog.generation(slot[1], slot[0]):
+            return
+        if self.rebuild_on_refresh:
+            del self._live[slot]  # rebuilt from SQLite by the next vectors()
+            return
+        self._catch_up(slot)
+        if self._lock_fd is None:
+            self._adopt_retrained(slot)
 
     def apply(self, kind: str) -> None:
         """Bring one kind's in-memory index in step with a change just committed (saved later by
@@ -534,6 +564,12 @@ class Store:
         if not self.catalog.has_models:
             return self.folder / VECTORS / f"{kind}.faiss"
         return self.folder / VECTORS / model / f"{kind}.faiss"
+
+
+@functools.cache
+def _loader() -> ThreadPoolExecutor:
+    """The thread that loads indexes for :meth:`Store.preload`, shared by every store of the process."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsearch-vectors-load")
 
 
 def _apply_delta(live: _Live, delta: VectorDelta) -> bool:

@@ -170,3 +170,36 @@ def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
     con = sqlite3.connect(built / "catalog.sqlite")
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
     con.close()
+
+
+def test_a_preloaded_index_follows_a_commit_made_after_it_loaded(built: Path, tmp_path: Path) -> None:
+    """Store.preload reads an index on a thread and vectors() takes it. A writer that committed after the load
+    and before the taking is followed, as refresh() follows an index loaded earlier."""
+    with mmsearch.Index.open(built) as reader:
+        store = reader.store
+        store.preload(["image", "caption"])
+        for pending in list(store._loading.values()):
+            pending.result()  # loaded: the commit below comes after it
+        solid(tmp_path / "m" / "new.png", "black")
+        with mmsearch.Index.open(built) as writer:
+            writer.add_folder(tmp_path / "m")
+        assert store.vectors("image").ntotal == 7 and store.vectors("caption").ntotal == 6
+        assert not store._loading
+        hits = [(h.path, round(h.score, 5)) for h in reader.search_text("caption 3", k=7)]
+    with mmsearch.Index.open(built) as fresh:
+        assert hits == [(h.path, round(h.score, 5)) for h in fresh.search_text("caption 3", k=7)]
+        assert_consistent(fresh)
+
+
+def test_closing_a_store_with_a_load_under_way(built: Path) -> None:
+    with mmsearch.Index.open(built) as idx:
+        idx.store.preload(db.VECTOR_KINDS)
+    assert not idx.store._loading  # waited for or cancelled, before the catalog closed
+
+
+def test_a_writer_does_not_preload(built: Path) -> None:
+    with mmsearch.Index.open(built) as idx:
+        idx.store.lock_for_writing()
+        idx.store.preload(["image"])
+        assert not idx.store._loading
+        idx.store.unlock()
