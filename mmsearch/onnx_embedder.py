@@ -21,10 +21,9 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from mmsearch.accel import (
     OnnxImageTower,
@@ -38,6 +37,9 @@ from mmsearch.errors import MmsearchError
 from mmsearch.onnx_text import OnnxTextTower, prefetch_session, text_file
 from mmsearch.preprocess import ImagePreprocess
 from mmsearch.tokenizer import ClipTokenizer
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -16,13 +16,15 @@ used without torch (see :func:`mmsearch.clip_torch.torch_free_manifest`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # Pillow is imported when an image comes: a text query reads this module, never an image
+    from PIL import Image
 
 RESIZE_MODES = ("shortest", "longest", "squash")
-_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+INTERPOLATIONS = ("bicubic", "bilinear")  # names of PIL.Image.Resampling members
 
 
 class ImagePreprocess:
@@ -38,7 +40,7 @@ class ImagePreprocess:
         fill_color: int = 0,
     ) -> None:
         h, w = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        if resize_mode not in RESIZE_MODES or interpolation not in _FILTERS:
+        if resize_mode not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"unsupported preprocessing: resize {resize_mode!r}, interpolation {interpolation!r}"
             )
@@ -100,7 +102,9 @@ def _resize(image: Image.Image, hw: tuple[int, int], interpolation: str) -> Imag
     h, w = hw
     if image.size == (w, h):
         return image  # torchvision returns the image untouched when the size already matches
-    return image.resize((w, h), _FILTERS[interpolation])
+    from PIL import Image
+
+    return image.resize((w, h), Image.Resampling[interpolation.upper()])
 
 
 def _shorter_side_to(image: Image.Image, side: int) -> tuple[int, int]:
@@ -129,6 +133,8 @@ def _center_crop(image: Image.Image, hw: tuple[int, int], fill: int) -> Image.Im
             (tw - w + 1) // 2 if tw > w else 0,
             (th - h + 1) // 2 if th > h else 0,
         )
+        from PIL import ImageOps
+
         # torchvision's pad of a PIL image: ImageOps.expand, the palette of a "P" image kept.
         palette = image.getpalette() if image.mode == "P" else None
         image = ImageOps.expand(image, border=border, fill=_fill(image, fill))
