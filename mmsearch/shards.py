@@ -17,6 +17,11 @@ flat index's: every vector is scored exactly once, by the same FAISS kernel. Tie
 broken by the smaller id. With IVF shards each shard tunes its own ``nprobe``; recall@10 against exact
 search is what ``benchmarks/bench_ray_search.py`` reports.
 
+A shard whose actor died (its process crashed, its node went away) is replaced by a new actor on a node
+alive now, and rebuilt: by :class:`ShardSet` from the catalog when a search or a catch-up finds it dead (the
+search is then asked of it again); a :class:`ShardedVectors` on its own, with no catalog behind it, reports
+the shard unavailable.
+
 Vectors reach the actors as object references (``ray.put``), never as pickled files. :class:`ShardSet`
 keeps one ``ShardedVectors`` per (model, kind) in step with the catalog, as :class:`mmsearch.store.Store`
 keeps its in-memory indexes: when the catalog generation moves it applies the catalog's delta (embeddings
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,12 +148,31 @@ class ShardedVectors:
         self._ray = ray
         self.dim = dim
         self.spec = spec
-        placement = [actor_options] * shards if actor_options is not None else _round_robin(ray, shards)
-        self._actors = [ray.remote(_Shard).options(**opts).remote(dim, spec) for opts in placement]
+        self._actor_options = actor_options
+        self._actors = [self._new_actor(opts) for opts in self._placement(shards)]
         self._ntotals = [0] * shards
         # The last read-only `allowed` array searched and its per-shard parts in the object store: a filter
         # cached by the caller comes back for every query, and is then neither split nor shipped again.
         self._last_allowed: tuple[np.ndarray, list[Any]] | None = None
+        #: Rebuilds the given shards' parts after their actors were replaced (see :meth:`search`); set by
+        #: whoever holds the collection (:class:`ShardSet`, from the catalog). None: a lost shard is an error.
+        self.recover: Callable[[list[int]], None] | None = None
+
+    def _placement(self, shards: int) -> list[dict[str, Any]]:
+        if self._actor_options is not None:
+            return [self._actor_options] * shards
+        return _round_robin(self._ray, shards)
+
+    def _new_actor(self, options: dict[str, Any]) -> Any:
+        return self._ray.remote(_Shard).options(**options).remote(self.dim, self.spec)
+
+    def _replace(self, dead: Sequence[int]) -> None:
+        """New, empty actors for the shards in ``dead`` (placed among the nodes alive now)."""
+        placement = self._placement(self.shards)
+        for s in dead:
+            log.warning("shard %d of the vector index lost its Ray actor: starting another", s)
+            self._actors[s] = self._new_actor(placement[s])
+            self._ntotals[s] = 0
 
     @classmethod
     def build(
@@ -178,15 +203,21 @@ class ShardedVectors:
         ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
         vectors = np.ascontiguousarray(vectors, np.float32).reshape(len(ids), self.dim)
         owner = shard_of(ids, self.shards)
-        futures = {}
+        parts = {}
         for s in which:
             mine = owner == s
             # One object each, read by the actor from the object store (zero-copy on its node).
-            ids_ref = self._ray.put(ids[mine])
-            vecs_ref = self._ray.put(vectors[mine])
-            futures[s] = self._actors[s].build.remote(ids_ref, vecs_ref)
-        for s, n in zip(futures, self._ray.get(list(futures.values())), strict=True):
-            self._ntotals[s] = int(n)
+            parts[s] = (self._ray.put(ids[mine]), self._ray.put(vectors[mine]))
+        for attempt in range(2):  # a shard whose actor died is built again on a new one, once
+            answers, dead = self._answers({s: self._actors[s].build.remote(*parts[s]) for s in parts})
+            for s, n in answers.items():
+                self._ntotals[s] = int(n)
+            if not dead:
+                return
+            if attempt:
+                raise _unavailable(dead)
+            self._replace(dead)
+            parts = {s: parts[s] for s in dead}
 
     def apply(self, ids: np.ndarray, vectors: np.ndarray, removed: np.ndarray, *, above: int) -> list[int]:
         """Add (ids, vectors) and remove ``removed`` (ids; absent ones ignored) on the shards they belong to;
@@ -203,12 +234,15 @@ class ShardedVectors:
                 continue
             vecs_ref = self._ray.put(vectors[mine])
             futures[s] = self._actors[s].apply.remote(ids[mine], vecs_ref, removed[gone], above)
+        answers, dead = self._answers(futures)
         outgrown = []
-        for s, (n, rebuild) in zip(futures, self._ray.get(list(futures.values())), strict=True):
+        for s, (n, rebuild) in answers.items():
             self._ntotals[s] = int(n)
             if rebuild:
                 outgrown.append(s)
-        return outgrown
+        # A shard whose actor died lost its part: a new actor is rebuilt like an outgrown shard.
+        self._replace(dead)
+        return sorted(outgrown + dead)
 
     def search(
         self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
@@ -229,8 +263,20 @@ class ShardedVectors:
         # A large batch is put in the object store once for every shard; a few queries travel inline with
         # each call (Ray inlines small arguments, which costs less than an object store round trip).
         q_arg = self._ray.put(q) if q.nbytes > _INLINE_BYTES and len(held) > 1 else q
-        futures = [self._actors[s].search.remote(q_arg, k, parts[s]) for s in held]
-        results = self._get(futures)
+        answers, dead = self._answers({s: self._actors[s].search.remote(q_arg, k, parts[s]) for s in held})
+        if dead:
+            if self.recover is None:
+                raise _unavailable(dead)
+            # New actors rebuilt with their part of the collection (the caller's recover), then asked again.
+            self._replace(dead)
+            self.recover(dead)
+            retried, still_dead = self._answers(
+                {s: self._actors[s].search.remote(q_arg, k, parts[s]) for s in dead}
+            )
+            if still_dead:
+                raise _unavailable(still_dead)
+            answers.update(retried)
+        results = [answers[s] for s in sorted(answers)]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
 
     def _split_allowed(self, allowed: np.ndarray) -> list[Any]:
@@ -248,15 +294,23 @@ class ShardedVectors:
             self._last_allowed = (allowed, parts)
         return parts
 
+    def _answers(self, futures: dict[int, Any]) -> tuple[dict[int, Any], list[int]]:
+        """The answer of each shard in ``futures`` (shard → call), and the shards whose actor died (its
+        process crashed, its node went away)."""
+        answers, dead = {}, []
+        for s, future in futures.items():
+            try:
+                answers[s] = self._ray.get(future)
+            except self._ray.exceptions.RayActorError:
+                dead.append(s)
+        return answers, dead
+
     def _get(self, futures: list[Any]) -> list[Any]:
-        """The shards' answers; a shard whose actor died (its node went away) is a MmsearchError: its part of
-        the collection cannot be searched until the index is opened again."""
-        try:
-            return list(self._ray.get(futures))
-        except self._ray.exceptions.RayActorError as e:
-            raise MmsearchError(
-                f"a shard of the vector index is unavailable (its Ray actor died): {e}"
-            ) from e
+        """Every shard's answer, or a MmsearchError if one died."""
+        answers, dead = self._answers(dict(enumerate(futures)))
+        if dead:
+            raise _unavailable(dead)
+        return [answers[s] for s in range(len(futures))]
 
     def ids(self) -> np.ndarray:
         """All ids held (int64, in no particular order)."""
@@ -274,6 +328,13 @@ class ShardedVectors:
         self._actors = []
         self._ntotals = []
         self._last_allowed = None
+
+
+def _unavailable(dead: Sequence[int]) -> MmsearchError:
+    if len(dead) == 1:
+        return MmsearchError(f"shard {dead[0]} of the vector index is unavailable: its Ray actor died")
+    names = ", ".join(map(str, dead))
+    return MmsearchError(f"shards {names} of the vector index are unavailable: their Ray actors died")
 
 
 @dataclass
@@ -350,7 +411,16 @@ class ShardSet:
             actor_options=self.actor_options,
         )
         log.info("%s vectors of %s: %d over %d shards", kind, model, vectors.ntotal, self.shards)
-        return _Followed(vectors, state.generation, state.max_id, state.seq)
+        followed = _Followed(vectors, state.generation, state.max_id, state.seq)
+        vectors.recover = lambda dead: self._recover(catalog, kind, model, dim, followed, dead)
+        return followed
+
+    def _recover(
+        self, catalog: Catalog, kind: str, model: str, dim: int, followed: _Followed, dead: list[int]
+    ) -> None:
+        """Rebuild from the catalog the shards of ``followed`` whose actors a search found dead and replaced."""
+        with self._lock:
+            self._rebuild(catalog, kind, model, dim, followed, dead)
 
     def _catch_up(self, catalog: Catalog, kind: str, model: str, dim: int, followed: _Followed) -> None:
         delta = catalog.vector_delta(kind, dim, model, after_id=followed.max_id, after_seq=followed.seq)

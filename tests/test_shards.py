@@ -115,6 +115,68 @@ def test_a_dead_shard_is_a_clear_error(cluster: Any) -> None:
 
 
 @pytest.mark.slow  # a Ray cluster of two raylets
+def test_a_dead_shard_is_replaced_and_rebuilt_by_its_recover_hook(cluster: Any) -> None:
+    rng = np.random.default_rng(7)
+    ids, vecs = np.arange(1, 301), unit(rng, 300)
+    sharded = ShardedVectors.build(DIM, ids, vecs, shards=2)
+    rebuilt: list[list[int]] = []
+
+    def recover(dead: list[int]) -> None:
+        rebuilt.append(dead)
+        sharded.build_shards(dead, ids, vecs)
+
+    sharded.recover = recover
+    try:
+        queries = unit(rng, 4)
+        want = sharded.search(queries, 10)
+        old = sharded._actors[0]
+        ray_cluster.ray_module().kill(old)  # no restart by Ray: the actor is gone for good
+        assert_same(sharded.search(queries, 10), want)
+        assert rebuilt == [[0]] and sharded._actors[0] is not old and sharded.ntotal == 300
+        assert sorted(sharded.ids().tolist()) == ids.tolist()
+    finally:
+        sharded.close()
+
+
+@pytest.mark.slow  # a Ray cluster of two raylets
+def test_a_sharded_reader_rebuilds_dead_shards_from_the_catalog(cluster: Any, tmp_path: Path) -> None:
+    """A shard actor that dies is replaced and rebuilt from the catalog, whether a search finds it dead or
+    the catch-up after a writer's change does: the reader keeps answering what a local reader answers."""
+    rng = np.random.default_rng(8)
+    writer = Store.create(tmp_path / "idx", {"model": {"name": "fake", "dim": DIM}})
+    writer.lock_for_writing()
+    add_images(writer, unit(rng, 300), rng)
+    writer.save_vectors()
+    local, sharded = Store.open(tmp_path / "idx"), Store.open(tmp_path / "idx")
+    sharded.use_shards(ShardSet(3))
+    ray = ray_cluster.ray_module()
+    try:
+        queries = unit(rng, 6)
+
+        def check() -> None:
+            local.refresh()
+            sharded.refresh()
+            index = sharded.vectors("image")
+            assert isinstance(index, ShardedVectors)
+            assert_same(index.search(queries, 12), local.vectors("image").search(queries, 12))
+            assert sorted(index.ids().tolist()) == catalog_ids(writer)
+
+        check()
+        index = sharded.vectors("image")
+        assert isinstance(index, ShardedVectors)
+        ray.kill(index._actors[1])  # found by the next search
+        check()
+        ray.kill(index._actors[2])  # found by the catch-up of the next change
+        add_images(writer, unit(rng, 20), rng)
+        check()
+        assert sharded.vectors("image") is index  # the same index, its shards replaced
+    finally:
+        sharded.close()
+        local.close()
+        writer.close()
+
+
+@pytest.mark.slow  # a Ray cluster of two raylets
 def test_ann_shards_recall(cluster: Any) -> None:
     """IVF-PQ shards re-ranked with the exact vectors (compact), on clustered data, against exact search."""
     rng = np.random.default_rng(3)
