@@ -43,6 +43,7 @@ from mmsearch.catalog_items import (
     texts_of,
 )
 from mmsearch.catalog_writes import (
+    FileRecord,
     active_model,
     add_captions,
     add_embeddings,
@@ -65,6 +66,7 @@ from mmsearch.catalog_writes import (
     set_target,
     target_in,
     write_file,
+    write_files,
 )
 from mmsearch.schema import (
     ACTIVE_META,
@@ -111,6 +113,7 @@ __all__ = [
     "VECTOR_KINDS",
     "Catalog",
     "FileDetails",
+    "FileRecord",
     "FileRow",
     "ItemRow",
     "VectorDelta",
@@ -167,4 +170,5 @@ __all__ = [
     "texts_of",
     "vector_counts",
     "write_file",
+    "write_files",
 ]

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -681,10 +681,12 @@ class _Run:
         """Write the skipped rows of what the scan could not read (see :func:`plan_run`)."""
         if not problems:
             return
+        # size/mtime -1: never matches a real file, so a fixed file is hashed on the next run.
+        found = [
+            (FoundFile(path, kind_of(path) or "other", -1, -1), reason) for path, reason in problems.values()
+        ]
         with self.store.write() as tx:
-            for path, reason in problems.values():
-                # size/mtime -1: never matches a real file, so a fixed file is hashed on the next run.
-                self._write_file(tx, FoundFile(path, kind_of(path) or "other", -1, -1), None, None, reason)
+            self._write(tx, [r for f, reason in found for r in self._records([f], None, None, reason)])
 
     def hash_new_files(self, todo: list[FoundFile]) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
@@ -695,28 +697,30 @@ class _Run:
             self.tick("hash", 0, len(todo))
             hashed = self.remote.hashes([f.path for f in todo if f.size])
         with self.store.write() as tx:
+            records: list[db.FileRecord] = []  # written together at the end of the transaction
             for i, f in enumerate(todo):
                 self.tick("hash", i, len(todo))
                 if f.size == 0:
-                    self._skip(tx, f, None, "empty file")
+                    records += self._skipped([f], None, "empty file")
                     continue
                 try:
                     sha = _hash(f.path, hashed)
                 except OSError as e:
                     # size -1: a permission or I/O problem may be fixed without touching the file's
                     # mtime, so this file is tried again on every run.
-                    self._skip(tx, replace(f, size=-1), None, f"unreadable: {e.strerror or e}")
+                    records += self._skipped([replace(f, size=-1)], None, f"unreadable: {e.strerror or e}")
                     continue
                 if f.kind == "image":
                     self.read_photo(f)
                 media_id = db.media_of_kind(tx.conn, sha, f.kind)
                 if media_id is not None:
-                    self._write_file(tx, f, sha, media_id)
+                    records += self._records([f], sha, media_id)
                     self.report.linked += 1
                 else:
                     if f.kind == "image" and self.remote is None:
                         self.prepare_embedder()
                     pending.setdefault(sha, []).append(f)
+            self._write(tx, records)
             self.tick("hash", len(todo), len(todo))
         return pending
 
@@ -743,33 +747,43 @@ class _Run:
             chunk = todo[i : i + bs]
             for f in chunk:
                 self.read_photo(f)
+            rows = [self.existing[db.path_key(f.path)] for f in chunk]
             with self.store.write() as tx:
-                for f in chunk:
-                    row = self.existing[db.path_key(f.path)]
-                    self._write_file(tx, f, row.sha256, row.media_id)
+                self._write(
+                    tx,
+                    [r for f, row in zip(chunk, rows) for r in self._records([f], row.sha256, row.media_id)],
+                )
         if todo:
             self.tick("metadata", len(todo), len(todo))
 
-    def _write_file(
-        self, tx: WriteUnit, f: FoundFile, sha: str | None, media_id: int | None, reason: str | None = None
-    ) -> None:
-        db.write_file(
-            tx.conn,
-            f.path,
-            kind=f.kind,
-            size=f.size,
-            mtime_ns=f.mtime_ns,
-            sha256=sha,
-            media_id=media_id,
-            reason=reason,
-            photo=self.photos.get(db.path_key(f.path)) if reason is None else None,
-        )
-        self._files_written += 1
+    def _records(
+        self, found: Sequence[FoundFile], sha: str | None, media_id: int | None, reason: str | None = None
+    ) -> list[db.FileRecord]:
+        """The rows of files of one content (``sha``, ``media_id``), seen or skipped (``reason``)."""
+        return [
+            db.FileRecord(
+                f.path,
+                f.kind,
+                f.size,
+                f.mtime_ns,
+                sha,
+                media_id,
+                reason,
+                self.photos.get(db.path_key(f.path)) if reason is None else None,
+            )
+            for f in found
+        ]
 
-    def _skip(self, tx: WriteUnit, f: FoundFile, sha: str | None, reason: str) -> None:
-        log.info("skipping %s: %s", f.path, reason)
-        self._write_file(tx, f, sha, None, reason)
-        self.report.skipped.append((str(f.path), reason))
+    def _skipped(self, found: Sequence[FoundFile], sha: str | None, reason: str) -> list[db.FileRecord]:
+        """The rows of files skipped for ``reason``, counted in the report."""
+        for f in found:
+            log.info("skipping %s: %s", f.path, reason)
+            self.report.skipped.append((str(f.path), reason))
+        return self._records(found, sha, None, reason)
+
+    def _write(self, tx: WriteUnit, records: list[db.FileRecord]) -> None:
+        db.write_files(tx.conn, records)
+        self._files_written += len(records)
 
     # --- images -------------------------------------------------------------------------------
     def embed_images(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
@@ -844,15 +858,17 @@ class _Run:
         good = [(sha, g, t) for sha, g, t, err in batch if err is None]
         with self.store.write(*(("image",) if vectors is not None else ())) as tx:
             media_ids = db.add_image_medias(tx.conn, [sha for sha, _, _ in good])
-            for (sha, group, _), mid in zip(good, media_ids, strict=True):
-                for f in group:
-                    self._write_file(tx, f, sha, mid)
+            records = [
+                r
+                for (sha, group, _), mid in zip(good, media_ids, strict=True)
+                for r in self._records(group, sha, mid)
+            ]
             if vectors is not None:
                 tx.added("image", db.add_embeddings(tx.conn, "image", vectors, media_ids), vectors)
             for sha, group, _, err in batch:
                 if err is not None:
-                    for f in group:
-                        self._skip(tx, f, sha, err)
+                    records += self._skipped(group, sha, err)
+            self._write(tx, records)
         if vectors is not None:
             self.report.images_embedded += len(good)
 
@@ -865,8 +881,7 @@ class _Run:
             transcript, reason = transcribe_file(self.transcriber, group[0].path)
             if transcript is None or reason is not None:
                 with self.store.write() as tx:
-                    for g in group:
-                        self._skip(tx, g, sha, reason or "no speech detected")
+                    self._write(tx, self._skipped(group, sha, reason or "no speech detected"))
                 continue
             self._commit_audio(group, sha, transcript)
         self.tick("audio", len(groups), len(groups))
@@ -878,8 +893,7 @@ class _Run:
             group = by_sha[done.sha256]
             if done.transcript is None or done.error is not None:
                 with self.store.write() as tx:
-                    for g in group:
-                        self._skip(tx, g, done.sha256, done.error or "no speech detected")
+                    self._write(tx, self._skipped(group, done.sha256, done.error or "no speech detected"))
                 continue
             self._commit_audio(group, done.sha256, done.transcript, done.vectors)
         self.tick("audio", len(groups), len(groups))
@@ -902,8 +916,7 @@ class _Run:
                 speech=speech_key(self.store.config.get("speech") or {}),
             )
             tx.added("segment", db.add_embeddings(tx.conn, "segment", vectors, seg_ids), vectors)
-            for f in group:
-                self._write_file(tx, f, sha, mid)
+            self._write(tx, self._records(group, sha, mid))
         self.report.audio_transcribed += 1
         self.report.segments_embedded += len(texts)
 
@@ -922,8 +935,7 @@ class _Run:
             )
             if read.empty:
                 with self.store.write() as tx:
-                    for g in group:
-                        self._skip(tx, g, sha, skip_reason(read))
+                    self._write(tx, self._skipped(group, sha, skip_reason(read)))
                 continue
             texts, spans = transcript_spans(read.transcript) if read.transcript is not None else ([], [])
             said = self.embedder.embed_texts(texts) if texts else None
@@ -935,8 +947,7 @@ class _Run:
                     tx.added("frame", db.add_embeddings(tx.conn, "frame", seen, frame_ids), seen)
                 if said is not None:
                     tx.added("segment", db.add_embeddings(tx.conn, "segment", said, seg_ids), said)
-                for f in group:
-                    self._write_file(tx, f, sha, mid)
+                self._write(tx, self._records(group, sha, mid))
             self.report.videos_indexed += 1
             self.report.frames_embedded += len(frame_ids)
             self.report.segments_embedded += len(texts)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from mmsearch import db
 from mmsearch.catalog_filters import catalog_version
@@ -190,3 +191,32 @@ def test_photo_filters_round_trip_as_query_parameters() -> None:
     f = Filters.parse(tag="Beach, cat", taken_after="2024-01-01", near="48.8584, 2.2945, 5")
     assert f.tags == ("beach", "cat") and f.near == (48.8584, 2.2945, 5.0)
     assert Filters.parse(**f.as_params()) == f
+
+
+def test_files_written_together_keep_each_paths_last_row_and_keywords(catalog: db.Catalog) -> None:
+    """write_files records a batch in one statement per table, as one write_file per row in order would:
+    a path given twice keeps its last row and that row's keywords (none if it has none)."""
+
+    def record(path: str, keywords: tuple[tuple[str, str], ...], size: int) -> db.FileRecord:
+        return db.FileRecord(Path(path), "image", size, 1, None, None, photo=Photo(keywords=keywords))
+
+    with catalog.begin() as conn:
+        db.write_files(
+            conn,
+            [
+                record("/p/a.jpg", (("iptc", "alps"),), 1),
+                record("/p/b.jpg", (("xmp", "beach"), ("xmp", "dog")), 1),
+                record("/p/a.jpg", (("iptc", "lake"),), 2),  # a again: its second row counts
+                record("/p/b.jpg", (), 2),  # b again, now without keywords
+                db.FileRecord(Path("/p/c.jpg"), "image", 0, 1, None, None, reason="empty file"),
+            ],
+        )
+    rows = catalog.files_by_key()
+    assert {k: (r.size, r.status) for k, r in rows.items()} == {
+        b"/p/a.jpg": (2, "ok"),
+        b"/p/b.jpg": (2, "ok"),
+        b"/p/c.jpg": (0, "skipped"),
+    }
+    with catalog.begin() as conn:
+        stored = conn.execute(select(db.files.c.path, db.tags.c.tag).join(db.tags)).all()
+    assert sorted(map(tuple, stored)) == [("/p/a.jpg", "lake")]
