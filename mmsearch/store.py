@@ -337,6 +337,8 @@ class Store:
             else:  # loaded as the catalog stood then: followed to where it stands now, as refresh() would
                 self._live[slot] = pending.result()
                 self._follow(slot)
+                if slot not in self._live:  # dropped to be rebuilt (rebuild_on_refresh)
+                    self._live[slot] = self._open(slot)
         return self._live[slot].index
 
     def preload(self, kinds: Iterable[str], model: str | None = None) -> None:

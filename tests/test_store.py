@@ -172,11 +172,16 @@ def test_a_version_1_catalog_on_a_full_disk_is_still_searchable(
     con.close()
 
 
-def test_a_preloaded_index_follows_a_commit_made_after_it_loaded(built: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rebuild_on_refresh", [False, True])
+def test_a_preloaded_index_follows_a_commit_made_after_it_loaded(
+    built: Path, tmp_path: Path, rebuild_on_refresh: bool
+) -> None:
     """Store.preload reads an index on a thread and vectors() takes it. A writer that committed after the load
-    and before the taking is followed, as refresh() follows an index loaded earlier."""
+    and before the taking is followed, as refresh() follows an index loaded earlier (or drops it to be
+    rebuilt, with rebuild_on_refresh)."""
     with mmsearch.Index.open(built) as reader:
         store = reader.store
+        store.rebuild_on_refresh = rebuild_on_refresh
         store.preload(["image", "caption"])
         for pending in list(store._loading.values()):
             pending.result()  # loaded: the commit below comes after it
