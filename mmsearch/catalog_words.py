@@ -6,12 +6,19 @@ image of an image file, the first segment of a recording, or the first keyframe 
 split into words here, stop words dropped, each word quoted, and the words ORed (BM25 ranks the texts that
 hold more of them, and rarer ones, first).
 
-FTS5's bm25 first counts the rows holding each word of the query, a pass over the word's whole list: a word
-held by a large part of a big collection costs as much as reading all those rows. So each index ranks with
-FTS5 only the rarer words of a query, those held by at most ``MAX_RANKED`` rows together (the rarest first).
-When those do not reach enough hits, or every word is common, the newest rows holding any word,
-``MAX_RANKED`` at a time (at most ``MAX_WINDOWS`` times), are scored here by the same BM25 formula, its
-counts taken in that window.
+FTS5's bm25 first counts the rows holding each word of the query, a pass over the word's whole list, then
+reads the length of every row it scores: a query costs about as much as the rows holding its words. So,
+as Lucene's CommonTermsQuery does, each index ranks with FTS5 the rows of the rarest words of a query only
+(:func:`_tiers`): the rarest words until their rows are enough for the hits asked, then, if those leave too
+few hits (filters, dead files), the rarer words held by at most ``MAX_RANKED`` rows together. The other
+words add their part of BM25 to the ranked rows that hold them too, scored by FTS5 on those rows alone
+(:func:`_ranked_with`; words held by at most ``MAX_BOOSTING`` rows, as counting them is the cost), so a
+text holding every word comes first. A row holding commoner words only is left out while rarer ones give
+enough rows: BM25's idf ranks it lower unless it says a commoner word several times (how often the first
+hits differ from ranking every row, ``exact=True``, is measured by benchmarks/bench_query.py). When the
+rarer words give too few hits, or every word is common, the newest rows holding any word, ``MAX_RANKED`` at
+a time (at most ``MAX_WINDOWS`` times), are scored here by the same BM25 formula, its counts taken in that
+window.
 
 A query runs a few small statements per index, so their fixed cost counts: they are plain SQL on the
 driver's connection (its statement cache keeps them prepared), and the statement mapping ranked rows to
@@ -20,7 +27,7 @@ compiled and kept (:func:`_compiled_reach`); the rows it maps are passed as one 
 
 A filtered query ranks the rows its filters allow, not the rows the filters would drop after ranking: each
 index's allowed rows (:func:`mmsearch.catalog_filters.passing_rows`) are kept per filter and catalog
-version, the rare words' ranking keeps only them, and the windows of newest rows are read inside the id
+version, the rarer words' ranking keeps only them, and the windows of newest rows are read inside the id
 ranges (spans) that hold them, so a folder's old rows are reached however many newer rows the collection
 holds. Rows scattered over more than ``MAX_SPANS`` ranges are read as for an unfiltered query and the
 filters drop them afterwards.
@@ -36,8 +43,8 @@ import threading
 import unicodedata
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
+from functools import cache, partial
 from itertools import islice
 from typing import Any
 
@@ -63,6 +70,9 @@ STOP_WORDS = frozenset(
 MAX_TERMS = 32
 #: Most rows one full-text index ranks by BM25 for one query (see the module's docstring).
 MAX_RANKED = 1024
+#: Most rows holding a word for it to add its part of BM25 to the rows ranked for rarer words (see
+#: :func:`_ranked_with`): FTS5 counts the rows holding each word it scores, a pass over as many rows.
+MAX_BOOSTING = 16 * MAX_RANKED
 #: Most windows of newest rows ranked when every word of the query is common.
 MAX_WINDOWS = 4
 #: A filtered query reads only its allowed rows when they lie in at most this many id ranges (spans).
@@ -72,18 +82,20 @@ _ASCII_WORD = re.compile(r"[A-Za-z0-9]+")
 #: BM25's parameters, as FTS5's bm25 uses them.
 _K1, _B = 1.2, 0.75
 #: How many more ranked rows than hits are mapped to embeddings at first; more while filters drop them.
-_FIRST_MAP = 16
+_FIRST_MAP = 4
 _GROWTH = 4
 
 
 @dataclass(frozen=True)
 class WordHit:
     """An embedding reached by words: ``score`` is -BM25 of its best text (higher is better);
-    ``all_terms``: a text or name reaching it holds every query word."""
+    ``all_terms``: a text or name reaching it holds every query word; ``vector``: the embedding's vector,
+    when asked for (see :func:`word_hits`)."""
 
     id: int
     score: float
     all_terms: bool
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _split(text: str) -> list[str]:
@@ -140,10 +152,18 @@ def word_hits(
     model: str,
     limit: int,
     filters: Filters | None = None,
+    *,
+    vectors: int = 0,
+    exact: bool = False,
 ) -> list[WordHit]:
     """The embeddings of ``model`` of ``kinds`` reached by the words of ``text``, best first, at most
-    ``limit``, each through a live file that passes ``filters``. Empty for a catalog without full-text
-    indexes (older than schema 6, opened read-only) and for text of stop words only."""
+    ``limit``, each through a live file that passes ``filters``; the first ``vectors`` hits with their
+    vector, read in the same snapshot. Empty for a catalog without full-text indexes (older than schema 6,
+    opened read-only) and for text of stop words only.
+
+    ``exact``: each index ranks the rows holding any word by FTS5's BM25 of the whole query (its first
+    MAX_RANKED rows), the ranking the rarer words' approximate (see the module's docstring), at the cost of
+    a pass over all those rows."""
     terms = query_terms(text)
     if not terms or limit <= 0 or catalog.schema_version < FTS_FROM:
         return []
@@ -160,12 +180,24 @@ def word_hits(
         version = version_in(conn) if filters is not None else ()
         for source in _sources(kinds):
             allowed = None if filters is None else _allowed_rows(catalog, conn, version, source, filters)
-            found = _read_source(raw, source, terms, limit, model, filters, allowed)
+            found = _read_source(raw, source, terms, limit, model, filters, allowed, exact)
             for eid, (score, whole) in found.items():
                 old = best.get(eid)
                 best[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
-    ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
-    return [WordHit(eid, score, whole) for eid, (score, whole) in ranked]
+        ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
+        hits = [WordHit(eid, score, whole) for eid, (score, whole) in ranked]
+        if vectors > 0 and hits:
+            vector_of = _vectors(raw, [h.id for h in hits[:vectors]])
+            hits[:vectors] = [
+                WordHit(h.id, h.score, h.all_terms, vector_of.get(h.id)) for h in hits[:vectors]
+            ]
+    return hits
+
+
+def _vectors(raw: sqlite3.Connection, ids: list[int]) -> dict[int, np.ndarray]:
+    """Embedding id -> its vector, for ``ids``."""
+    sql = "SELECT id, vector FROM embeddings WHERE id IN (SELECT value FROM json_each(?))"
+    return {int(eid): np.frombuffer(blob, np.float32) for eid, blob in raw.execute(sql, (json.dumps(ids),))}
 
 
 # --- from full-text rows to embeddings ------------------------------------------------------------------
@@ -277,6 +309,15 @@ def _file_name(path: str) -> str:
     return name[: name.rfind(".")] if name.find(".") > 0 else name
 
 
+def _holds_all(terms: list[str]) -> Callable[[str], bool]:
+    """Whether a text found by FTS5 for ``terms`` holds each of their words (as :func:`words` splits and
+    folds both). Every text found for a one-word query holds it."""
+    wanted = {word for term in terms for word in words(term)}
+    if len(wanted) <= 1:
+        return lambda said: True
+    return lambda said: wanted <= set(words(said))
+
+
 def _read_source(
     raw: sqlite3.Connection,
     source: _Source,
@@ -285,32 +326,41 @@ def _read_source(
     model: str,
     filters: Filters | None,
     allowed: _Allowed | None = None,
+    exact: bool = False,
 ) -> dict[int, tuple[float, bool]]:
     """Embedding id -> (score of its best row, whether a row reaching it holds every term), from one
     full-text index: its ranked rows (of the ``allowed`` ones, if given) are mapped best first, in growing
     batches, until ``limit`` embeddings are reached (filters may drop many rows) or the rows run out."""
     reached: dict[int, tuple[float, bool]] = {}
-    wanted = {word for term in terms for word in words(term)}
+    holds_all = _holds_all(terms)
     sql, order = _compiled_reach(source, filters)
     holds: dict[int, bool] = {}  # row -> whether its text holds every term
-    for ranking in _rankings(raw, source, terms, allowed):
+    mapped: set[int] = set()  # (a later ranking holds the rows of an earlier one: mapped once)
+    if exact:
+        rankings: Iterator[_Ranking] = iter([_tier_ranking(raw, source.fts, terms, [], allowed)])
+    else:
+        rankings = _rankings(raw, source, terms, limit + _FIRST_MAP, allowed)
+    for ranking in rankings:
         start, batch = 0, limit + _FIRST_MAP
         while len(reached) < limit:
             part = ranking.head(start + batch)[start:]
             if not part:
                 break
-            score_of = dict(part)
-            given = {"rows": json.dumps([row for row, _ in part]), "model": model}
+            start += batch
+            batch *= _GROWTH
+            score_of = {row: score for row, score in part if row not in mapped}
+            if not score_of:
+                continue
+            mapped.update(score_of)
+            given = {"rows": json.dumps(list(score_of)), "model": model}
             params = [given.get(name, value) for name, value in order]
             for row, said, eid in raw.execute(sql, params):
                 whole = holds.get(row)
                 if whole is None:
-                    whole = holds[row] = wanted <= set(words(_file_name(said) if source.names else said))
+                    whole = holds[row] = holds_all(_file_name(said) if source.names else said)
                 score = score_of[row]
                 old = reached.get(eid)
                 reached[eid] = (score, whole) if old is None else (max(old[0], score), old[1] or whole)
-            start += batch
-            batch *= _GROWTH
         if len(reached) >= limit:
             break
     return reached
@@ -418,33 +468,27 @@ class _Ranking:
 
 
 def _rankings(
-    raw: sqlite3.Connection, source: _Source, terms: list[str], allowed: _Allowed | None = None
+    raw: sqlite3.Connection,
+    source: _Source,
+    terms: list[str],
+    needed: int,
+    allowed: _Allowed | None = None,
 ) -> Iterator[_Ranking]:
     """Rankings of (row, score) of ``source``'s index, each best first, each of at most MAX_RANKED rows
-    (see the module's docstring): the rows holding the rarer terms, then windows of the newest rows holding
-    any (read only while the caller asks for more); only ``allowed`` rows, if given."""
+    (see the module's docstring), read only while the caller asks for more: the rows holding the rarest
+    terms (:func:`_tiers`), then windows of the newest rows holding any; only ``allowed`` rows, if given."""
     fts = source.fts
-    held = {}
-    count = f"SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT ?)"
-    for term in terms:  # how many rows hold each term, counted up to MAX_RANKED + 1 (cost: as many rows)
-        held[term] = int(raw.execute(count, (_match([term]), MAX_RANKED + 1)).fetchone()[0])
-    rare, total = [], 0
-    for term in sorted(terms, key=lambda t: held[t]):
-        if total + held[term] > MAX_RANKED:
-            break
-        rare.append(term)
-        total += held[term]
-    if rare:
-        match_rare = _match(rare)
-        if allowed is None:
-            yield _Ranking([], lambda n: _ranked(raw, fts, match_rare, n))
-        else:  # all the rare terms' rows (at most MAX_RANKED) are ranked, then the allowed ones kept
-            kept = allowed.only
-            whole = cache(lambda: kept(_ranked(raw, fts, match_rare, MAX_RANKED)))
-            yield _Ranking([], lambda n: whole())
-        if len(rare) == len(terms):
-            return
-    newest, stats = _newest(raw, source, _match(terms), allowed), None
+    held = _held(raw, fts, terms)
+    present = sorted((t for t in terms if held[t]), key=lambda t: held[t])
+    # (A filter keeps an unknown share of the rows: then every rarer word is ranked at once.)
+    tiers = _tiers(present, held, needed if allowed is None else MAX_RANKED)
+    for tier in tiers:
+        # The other terms held by not too many rows add their part of BM25 to the tier's rows holding them.
+        boost = [t for t in present if t not in tier and held[t] <= MAX_BOOSTING]
+        yield _tier_ranking(raw, fts, tier, boost, allowed)
+    if not present or (tiers and len(tiers[-1]) == len(present)):
+        return
+    newest, stats = _newest(raw, source, _match(present), allowed), None
     for _ in range(MAX_WINDOWS):
         window = dict(islice(newest, MAX_RANKED))
         if not window:
@@ -453,10 +497,48 @@ def _rankings(
         if stats is None:
             lo, hi = min(window), max(window)
             span = hi - lo + 1 if allowed is None else allowed.count(lo, hi)
-            stats = _window_stats(docs, terms, span=span)
-        yield _Ranking(_scored(docs, terms, *stats))
+            stats = _window_stats(docs, present, span=span)
+        yield _Ranking(_scored(docs, present, *stats))
         if len(window) < MAX_RANKED:
             return
+
+
+def _tier_ranking(
+    raw: sqlite3.Connection, fts: str, tier: list[str], boost: list[str], allowed: _Allowed | None
+) -> _Ranking:
+    """The rows holding a ``tier`` term, ranked by :func:`_ranked_with` as far as asked; with ``allowed``,
+    all of them (at most MAX_RANKED) are ranked, then the allowed ones kept."""
+    if allowed is None:
+        return _Ranking([], partial(_ranked_with, raw, fts, tier, boost))
+    whole = cache(lambda: allowed.only(_ranked_with(raw, fts, tier, boost, MAX_RANKED)))
+    return _Ranking([], lambda n: whole())
+
+
+def _held(raw: sqlite3.Connection, fts: str, terms: list[str]) -> dict[str, int]:
+    """How many rows of ``fts`` hold each term, counted up to MAX_BOOSTING + 1 (a read of as many rows)."""
+    one = f"(SELECT count(*) FROM (SELECT rowid FROM {fts} WHERE {fts} MATCH ? LIMIT {MAX_BOOSTING + 1}))"
+    counts = raw.execute(f"SELECT {', '.join([one] * len(terms))}", [_match([t]) for t in terms]).fetchone()
+    return {t: int(n) for t, n in zip(terms, counts, strict=True)}
+
+
+def _tiers(present: list[str], held: dict[str, int], needed: int) -> list[list[str]]:
+    """The terms whose rows FTS5 ranks, in turn (``present``: the terms held by some row, rarest first):
+    the rarest terms until their rows reach ``needed``, then, when more are asked for, every term of the
+    rarest that hold at most MAX_RANKED rows together. (A rare term's BM25 outweighs a commoner one's;
+    ranking fewer rows is what makes a query cheap.)"""
+    widest, total = 0, 0
+    first = None
+    for i, term in enumerate(present):
+        if total + held[term] > MAX_RANKED:
+            break
+        total += held[term]
+        widest = i + 1
+        if first is None and total >= needed:
+            first = widest
+    tiers = [present[:first]] if first is not None else []
+    if widest and widest != first:
+        tiers.append(present[:widest])
+    return tiers
 
 
 def _newest(
@@ -490,6 +572,24 @@ def _ranked(raw: sqlite3.Connection, fts: str, match: str, n: int) -> list[tuple
     prepared per query, which costs more.)"""
     q = f"SELECT rowid, bm25({fts}) AS score FROM {fts} WHERE {fts} MATCH ? ORDER BY score LIMIT ?"
     return [(int(row), -float(rank)) for row, rank in raw.execute(q, (match, n))]
+
+
+def _ranked_with(
+    raw: sqlite3.Connection, fts: str, ranked: list[str], boost: list[str], n: int
+) -> list[tuple[int, float]]:
+    """(row, -BM25) of the first ``n`` rows of ``fts`` holding a ``ranked`` term, best first, BM25 counting
+    the ``boost`` terms as well. A row holding ranked and boost terms is scored by FTS5 over both (its
+    bm25 sums a part per term, each term's idf counted on its own, so the scores compare); it can only
+    rise, so the first n rows are among the first n by the ranked terms and the rows holding both."""
+    match = _match(ranked)
+    head = _ranked(raw, fts, match, n)
+    if not boost:
+        return head
+    both = dict(_ranked(raw, fts, f"({match}) AND ({_match(boost)})", MAX_RANKED))
+    if not both:
+        return head
+    scores = dict(head) | both
+    return sorted(scores.items(), key=lambda kv: -kv[1])[:n]
 
 
 def _window_stats(docs: dict[int, list[str]], terms: list[str], span: int) -> tuple[list[float], float]:
