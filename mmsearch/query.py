@@ -29,7 +29,7 @@ import dataclasses
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,7 @@ from mmsearch.search import Hit, kinds_for
 from mmsearch.store import Store
 
 if TYPE_CHECKING:
+    from mmsearch.calibrate import Calibration
     from mmsearch.catalog_words import WordHit
 
 MODES, FUSIONS, COMBINES, ROLES = QUERY_MODES, QUERY_FUSIONS, QUERY_COMBINES, QUERY_ROLES
@@ -68,9 +69,9 @@ MAX_TEXT_CHARS = 1000
 MAX_TERMS = 16
 #: Candidates past the first k whose vectors are read at once, when hits found by words need a cosine.
 READ_AHEAD = 8
-#: Worker threads searching the words of hybrid and words queries (each query's words side runs in one,
-#: beside its vector search in the caller's thread).
-WORDS_THREADS = 4
+#: Worker threads running the vector side of hybrid and words queries (each query's in one, beside its
+#: words search in the caller's thread).
+SIDE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,51 @@ def _ranked(scores: Mapping[int, float]) -> list[int]:
 _CALIBRATED_AS = {"segment": "caption", "frame": "image"}
 
 
+@dataclass
+class _VectorSide:
+    """What the vector side of a query found: the query vector, a cosine per candidate (``scores``), the
+    ranking of late fusion (None: ``scores`` rank) and the calibration."""
+
+    query_vector: np.ndarray | None
+    scores: dict[int, float]
+    fused: dict[int, float] | None
+    calibration: Calibration | None
+
+    @property
+    def ranking(self) -> dict[int, float]:
+        return self.fused if self.fused is not None else self.scores
+
+
+def _vector_side(store: Store, p: Plan, vectors: np.ndarray | None, model: str) -> _VectorSide:
+    """Follow the catalog, search the vectors of ``p`` and read the calibration."""
+    from mmsearch import calibrate
+
+    active = store.refresh()
+    if active != model:
+        raise ActiveModelChanged(f"the index now searches model {active}, not {model}")
+    allowed = None if p.filters.is_empty() else _allowed(store, p.filters, p.kinds, model)
+    query_vector = None
+    if p.parts:
+        assert vectors is not None and len(vectors) == len(p.parts)
+        if vectors.shape[1] != store.dim_of(model):
+            raise BadQueryError(
+                f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}"
+            )
+        query_vector = combined_vector(vectors, [part.weight for part in p.parts])
+    side = _VectorSide(query_vector, {}, None, calibrate.load(store, model))
+    if query_vector is not None:
+        assert vectors is not None
+        if p.combine == "early" or len(p.parts) == 1:
+            side.scores = _nearest(store, query_vector[None, :], p.kinds, p.depth, allowed, model)[0]
+        else:
+            per_part = _nearest(store, vectors, p.kinds, p.depth, allowed, model)
+            weights = [part.weight for part in p.parts]
+            side.fused = rrf([(_ranked(s), w) for s, w in zip(per_part, weights, strict=True)])
+            for s in per_part:  # a cosine for each candidate comes below
+                side.scores.update(s)
+    return side
+
+
 def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) -> SearchResult:
     """Search ``p`` in ``store`` with its parts' vectors (rows in ``p.parts`` order, embedded by ``model``).
 
@@ -294,44 +340,21 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     embeds again."""
     from mmsearch import calibrate
 
-    # The words side runs in a worker thread while this one follows the catalog, searches the vectors and
-    # reads the calibration: SQLite and FAISS release the GIL while they work. (It only reads the catalog:
-    # when this side fails, e.g. another model became active, its answer is not waited for.)
-    words_side = None
-    if p.words is not None:
-        words_side = _words_pool().submit(_words_side, store.catalog, p, model)
-
-    query_vector: np.ndarray | None = None
-    vector_scores: dict[int, float] = {}
-    fused_vector: dict[int, float] | None = None
-    try:
-        active = store.refresh()
-        if active != model:
-            raise ActiveModelChanged(f"the index now searches model {active}, not {model}")
-        allowed = None if p.filters.is_empty() else _allowed(store, p.filters, p.kinds, model)
-        if p.parts:
-            assert vectors is not None and len(vectors) == len(p.parts)
-            if vectors.shape[1] != store.dim_of(model):
-                raise BadQueryError(
-                    f"query vector has dimension {vectors.shape[1]}, the index {store.dim_of(model)}"
-                )
-            query_vector = combined_vector(vectors, [part.weight for part in p.parts])
-        calibration = calibrate.load(store, model)
-        if query_vector is not None:
-            assert vectors is not None
-            weights = [part.weight for part in p.parts]
-            if p.combine == "early" or len(p.parts) == 1:
-                vector_scores = _nearest(store, query_vector[None, :], p.kinds, p.depth, allowed, model)[0]
-            else:
-                per_part = _nearest(store, vectors, p.kinds, p.depth, allowed, model)
-                fused_vector = rrf([(_ranked(s), w) for s, w in zip(per_part, weights, strict=True)])
-                for s in per_part:  # a cosine for each candidate comes below
-                    vector_scores.update(s)
-    except BaseException:
-        if words_side is not None:
-            words_side.cancel()  # (a words search already running only reads; it is left to finish)
-        raise
-    found_by_words = words_side.result() if words_side is not None else []
+    found_by_words: list[WordHit] = []
+    if p.words is None:
+        side = _vector_side(store, p, vectors, model)
+    else:
+        # The vector side runs in a worker thread while this one searches the words (the longer side:
+        # it starts at once), SQLite and FAISS releasing the GIL while they work. The vector side uses the
+        # store: this thread waits for it whatever happens here.
+        vector_side = _side_pool().submit(_vector_side, store, p, vectors, model)
+        try:
+            found_by_words = _words_side(store.catalog, p, model)
+        finally:
+            wait([vector_side])
+        side = vector_side.result()
+    query_vector, vector_scores, fused_vector = side.query_vector, side.scores, side.fused
+    vector_rank, calibration = side.ranking, side.calibration
 
     word_hits: dict[int, float] = {}
     all_terms: set[int] = set()
@@ -341,7 +364,6 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
             all_terms.add(w.id)
 
     # The ranking.
-    vector_rank = fused_vector if fused_vector is not None else vector_scores
     if not word_hits:
         order = _ranked(vector_rank)
     elif not vector_rank:
@@ -357,6 +379,10 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
     # and for late fusion, whose lists scored each input on its own. Those vectors are read as the hits are
     # built, a few candidates ahead (most queries show the first k candidates).
     cosines = dict(vector_scores) if fused_vector is None else {}
+    if query_vector is not None:  # the words side read the vectors of its first hits
+        for w in found_by_words:
+            if w.vector is not None and w.id not in cosines:
+                cosines[w.id] = float(w.vector @ query_vector)
     read_before = 0  # the candidates before this position in `order` have their cosine, if any
 
     def cosine_of(pos: int, item_id: int) -> float | None:
@@ -428,23 +454,26 @@ def execute(store: Store, p: Plan, vectors: np.ndarray | None, *, model: str) ->
 
 
 def _words_side(catalog: Catalog, p: Plan, model: str) -> list[WordHit]:
-    """The words list of ``p``."""
+    """The words list of ``p``, its first hits with their vectors when a query vector will need their
+    cosines: a hit ranked n-th by words comes n-th or later in either fusion, so the first k + READ_AHEAD
+    candidates hold no other hit found by words alone."""
     from mmsearch.catalog_words import word_hits
 
     assert p.words is not None
-    return word_hits(catalog, p.words, p.kinds, model, p.depth, filters=p.filters)
+    vectors = p.k + READ_AHEAD if p.parts else 0
+    return word_hits(catalog, p.words, p.kinds, model, p.depth, filters=p.filters, vectors=vectors)
 
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _words_pool() -> ThreadPoolExecutor:
-    """The threads that search words beside the vector search of concurrent queries."""
+def _side_pool() -> ThreadPoolExecutor:
+    """The threads that run the vector side of concurrent queries beside their words search."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=WORDS_THREADS, thread_name_prefix="mmsearch-words")
+            _pool = ThreadPoolExecutor(max_workers=SIDE_THREADS, thread_name_prefix="mmsearch-vectors")
         return _pool
 
 

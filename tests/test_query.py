@@ -4,6 +4,7 @@ return k hits, combined queries with +/- terms, the CLI and the HTTP API transla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -121,6 +122,29 @@ def test_rare_words_are_found_first_by_words_and_hybrid(demo) -> None:
             # the caption itself, as a text hit
             r = idx.search(word, mode="words", target="captions", k=3)
             assert word.lower() in (r.hits[0].text or "").lower()
+
+
+@pytest.mark.parametrize(("fusion", "combine"), [("rrf", "early"), ("weighted", "early"), ("rrf", "late")])
+def test_every_hybrid_hit_shows_its_cosine_to_the_query(demo, fusion: str, combine: str) -> None:
+    """Hits found by words alone get their cosine from the vectors the words search read with them, the
+    others from FAISS (or, for late fusion, read as the hits are built): the same cosine either way."""
+    from mmsearch.api import embed_parts
+
+    _, index, _ = demo
+    with mmsearch.Index.open(index) as idx:
+        query = q.Query(
+            text="zorblax red circle", add=("blue",), mode="hybrid", fusion=fusion, combine=combine, k=8
+        )
+        # Lists shorter than the collection, so that some hits are found by words alone.
+        p = dataclasses.replace(q.plan(dataclasses.replace(query, min_confidence=0)), depth=6)
+        model = idx.store.follow_active()
+        vectors = embed_parts(p, idx.embedder_for(model))
+        hits = q.execute(idx.store, p, vectors, model=model).hits
+        wanted = q.combined_vector(vectors, [part.weight for part in p.parts])
+        stored = idx.store.catalog.vectors_for([h.item_id for h in hits])
+    assert len(hits) == 8 and {h.matched for h in hits} >= {"words", "vector"}
+    for h in hits:
+        assert h.score == pytest.approx(float(stored[h.item_id] @ wanted), abs=1e-3), h
 
 
 def test_hybrid_keeps_meaning_for_ordinary_queries(demo) -> None:
