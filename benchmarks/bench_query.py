@@ -19,7 +19,8 @@
   all of them) with N random 512-d vectors; p50/p95 of :func:`mmsearch.query.execute` for vector-only and
   hybrid text queries with the same query vectors (the text tower's time is the same for both and is
   measured apart), with and without a filter. The modes are interleaved query by query, so the ratio is
-  measured under one load; the load averages before and after are recorded too.
+  measured under one load; the load averages before and after are recorded too. Then how the words list
+  (BM25 of the rarer words' rows) agrees with ranking every row holding a word of the query.
 
 Prints tables and writes ``benchmarks/results/query.json``.
 """
@@ -361,6 +362,7 @@ def bench_latency(work: Path, n: int, n_queries: int) -> dict[str, object]:
     rows = timed(modes, Filters())
     timed(modes[:2], some_files)
     rows.update({f"{mode} + path filter": row for mode, row in timed(modes[:2], some_files).items()})
+    agreement = words_agreement(idx, model, queries)
     idx.close()
     return {
         "segments": n,
@@ -373,6 +375,34 @@ def bench_latency(work: Path, n: int, n_queries: int) -> dict[str, object]:
         "timing": "modes interleaved query by query (order rotating), after one warm-up pass",
         "rows": rows,
         "hybrid_over_vector_p50": round(rows["hybrid"]["p50_ms"] / rows["vector"]["p50_ms"], 2),
+        "words_vs_exact_bm25": agreement,
+    }
+
+
+def words_agreement(idx: mmsearch.Index, model: str, queries: list[str]) -> dict[str, object]:
+    """How the words list of each query (BM25 of its rarer words' rows, :mod:`mmsearch.catalog_words`)
+    agrees with the exact one (every row holding any word ranked by FTS5's BM25 of the whole query), over
+    the first 10 hits: the share of the same items, the share of queries with the same scores in the same
+    order (ties may hold other items), and with the same best score."""
+    from mmsearch.catalog_words import word_hits
+
+    plan = q.plan(q.Query(text=queries[0], mode="words", target="audio", k=10))
+    overlap = same_scores = same_best = 0.0
+    for text in queries:
+        fast, exact = (
+            word_hits(idx.store.catalog, text, plan.kinds, model, plan.depth, exact=e)[:10]
+            for e in (False, True)
+        )
+        overlap += len({h.id for h in fast} & {h.id for h in exact}) / max(len(exact), 1)
+        scores = [[round(h.score, 6) for h in hits] for hits in (fast, exact)]
+        same_scores += scores[0] == scores[1]
+        same_best += scores[0][:1] == scores[1][:1]
+    n = len(queries)
+    return {
+        "queries": n,
+        "top10_same_items": round(overlap / n, 3),
+        "top10_same_scores": round(same_scores / n, 3),
+        "top1_same_score": round(same_best / n, 3),
     }
 
 
