@@ -267,9 +267,22 @@ def _ingest(
     report.kept_unavailable = plan.kept_unavailable
     report.unchanged += plan.unchanged
     run.record_problems(plan.problems)
-    pending = run.hash_new_files(plan.to_hash)
+    # New images are embedded chunk by chunk as their files are hashed (see hash_chunks): the first batch is
+    # committed, and searchable, after a few files are read rather than the whole folder. Audio and video
+    # follow, their contents gathered over every chunk.
+    pending: dict[str, list[FoundFile]] = {}
+    hashed = images_done = 0
+    images_total = sum(1 for f in plan.to_hash if f.kind == "image")
+    for chunk in hash_chunks(plan.to_hash, whole=remote is not None):
+        found_new = run.hash_new_files(chunk, done_before=hashed, total=len(plan.to_hash))
+        hashed += len(chunk)
+        images = [(sha, group) for sha, group in found_new.items() if group[0].kind == "image"]
+        run.embed_images(images, done_before=images_done, total=images_total)
+        images_done += len(images)
+        for sha, group in found_new.items():
+            if group[0].kind != "image":
+                pending.setdefault(sha, []).extend(group)
     run.reread_photos(plan.to_reread)
-    run.embed_images([(sha, group) for sha, group in pending.items() if group[0].kind == "image"])
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
     run.index_videos([(sha, group) for sha, group in pending.items() if group[0].kind == "video"])
     run.sync_captions(root, found.captions, plan.kept, plan.kept_keys)
@@ -504,6 +517,20 @@ STREAM_BATCH = 8
 # Images in a run's first batch: a small one is embedded and committed soon after the model is ready, so a
 # short run shows (and keeps) its first images early; the batches after it are full (bench_startup.py).
 FIRST_BATCH = 2
+#: New files hashed before their images are embedded, after the first chunk (see hash_chunks).
+HASH_CHUNK = 1024
+
+
+def hash_chunks(todo: list[FoundFile], *, whole: bool = False) -> list[list[FoundFile]]:
+    """``todo`` in the chunks a run hashes, each chunk's new images embedded before the next is hashed: up to
+    the FIRST_BATCH-th image file, so that a first batch is committed after a few files are read, then
+    HASH_CHUNK files at a time. ``whole``: one chunk (a Ray run: each chunk would be a job of its own)."""
+    if whole or not todo:
+        return [todo] if todo else []
+    images = [i for i, f in enumerate(todo) if f.kind == "image"]
+    first = images[FIRST_BATCH - 1] + 1 if len(images) > FIRST_BATCH else len(todo)
+    rest = todo[first:]
+    return [todo[:first]] + [rest[i : i + HASH_CHUNK] for i in range(0, len(rest), HASH_CHUNK)]
 
 
 def image_batch_size(embedder: Embedder) -> int:
@@ -688,18 +715,21 @@ class _Run:
         with self.store.write() as tx:
             self._write(tx, [r for f, reason in found for r in self._records([f], None, None, reason)])
 
-    def hash_new_files(self, todo: list[FoundFile]) -> dict[str, list[FoundFile]]:
+    def hash_new_files(
+        self, todo: list[FoundFile], *, done_before: int = 0, total: int | None = None
+    ) -> dict[str, list[FoundFile]]:
         """Hash new/changed files; link known content at once. Returns content to process, by hash."""
+        total = len(todo) if total is None else total
         pending: dict[str, list[FoundFile]] = {}
         hashed: dict[Path, str | OSError] = {}
         if self.remote is not None and todo:
             # Reading every new file is the driver's largest cost on real photos: the remote may read them.
-            self.tick("hash", 0, len(todo))
+            self.tick("hash", done_before, total)
             hashed = self.remote.hashes([f.path for f in todo if f.size])
         with self.store.write() as tx:
             records: list[db.FileRecord] = []  # written together at the end of the transaction
             for i, f in enumerate(todo):
-                self.tick("hash", i, len(todo))
+                self.tick("hash", done_before + i, total)
                 if f.size == 0:
                     records += self._skipped([f], None, "empty file")
                     continue
@@ -721,7 +751,7 @@ class _Run:
                         self.prepare_embedder()
                     pending.setdefault(sha, []).append(f)
             self._write(tx, records)
-            self.tick("hash", len(todo), len(todo))
+            self.tick("hash", done_before + len(todo), total)
         return pending
 
     def read_photo(self, f: FoundFile) -> None:
@@ -786,11 +816,15 @@ class _Run:
         self._files_written += len(records)
 
     # --- images -------------------------------------------------------------------------------
-    def embed_images(self, groups: list[tuple[str, list[FoundFile]]]) -> None:
+    def embed_images(
+        self, groups: list[tuple[str, list[FoundFile]]], *, done_before: int = 0, total: int | None = None
+    ) -> None:
+        """Embed and commit new image contents; ``done_before`` of ``total`` (default: these) were before."""
         if not groups:
             return
+        total = len(groups) if total is None else total
         if self.remote is not None:
-            return self._embed_images_remotely(self.remote, groups)
+            return self._embed_images_remotely(self.remote, groups, done_before, total)
         emb = self.embedder
         # With several model streams (ONNX sessions), that many batches are embedded at once, each whole
         # on one stream, and committed one at a time, in order.
@@ -828,13 +862,15 @@ class _Run:
                     first, future = in_flight.popleft()
                     self._commit_images(first, future.result() if future is not None else None)
                     done += len(first)
-                    self.tick("images", done, len(groups))
+                    self.tick("images", done_before + done, total)
                 if not batch and not in_flight:
                     break
         finally:
             pool.close()  # never joins: a decode still stuck in Pillow must not hold the run (or its lock)
 
-    def _embed_images_remotely(self, remote: RemoteWork, groups: list[tuple[str, list[FoundFile]]]) -> None:
+    def _embed_images_remotely(
+        self, remote: RemoteWork, groups: list[tuple[str, list[FoundFile]]], done_before: int, total: int
+    ) -> None:
         """Each batch that comes back embedded is committed as a local batch is."""
         by_sha = dict(groups)
         self.store.vectors("image")  # loaded before the first commit (see Store.write)
@@ -843,7 +879,7 @@ class _Run:
             batch: list[_Decoded] = [(r.sha256, by_sha[r.sha256], None, r.error) for r in results]
             self._commit_images(batch, vectors if len(vectors) else None)
             done += len(batch)
-            self.tick("images", done, len(groups))
+            self.tick("images", done_before + done, total)
 
     def _start_embedding(self, batch: list[_Decoded]) -> Future[np.ndarray] | None:
         tensors = [t for _, _, t, err in batch if err is None]

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
 import mmsearch
-from mmsearch import db
+from mmsearch import db, ingest
 from tests.conftest import TINY_MODEL, solid
 
 
@@ -266,3 +267,27 @@ def test_thumbnails_leave_with_their_content(tiny_index: mmsearch.Index, tmp_pat
     (media / "keep.png").unlink()
     tiny_index.add_folder(media)
     assert thumbs["keep.png"].exists()
+
+
+def test_images_are_committed_chunk_by_chunk_as_files_are_hashed(
+    tiny_index: mmsearch.Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first images are embedded and committed before the rest of the folder is hashed (ingest.hash_chunks);
+    a content met again in a later chunk is linked to the one already committed, never embedded twice."""
+    monkeypatch.setattr(ingest, "HASH_CHUNK", 3)
+    media = tmp_path / "m"
+    colors = ["red", "green", "blue", "red", "yellow", "green", "purple", "blue"]  # 5 contents, 8 files
+    for i, color in enumerate(colors):
+        solid(media / f"{i}.png", color)
+    ticks: list[tuple[str, int, int]] = []
+    report = tiny_index.add_folder(media, progress=lambda *t: ticks.append(t))
+    assert report.images_embedded == 5 and report.linked == 3 and not report.skipped
+    assert tiny_index.stats()["files"] == {"image_ok": 8}
+    first_commit = next(i for i, (stage, done, _) in enumerate(ticks) if stage == "images" and done > 0)
+    hashed_all = ticks.index(("hash", 8, 8))
+    assert first_commit < hashed_all
+    assert_consistent(tiny_index)
+    media_of = {os.fsdecode(k): r.media_id for k, r in tiny_index.store.catalog.files_by_key().items()}
+    for a, b in ((0, 3), (1, 5), (2, 7)):  # each content once, whichever chunk its files were hashed in
+        assert media_of[str(media / f"{a}.png")] == media_of[str(media / f"{b}.png")]
+    assert len(set(media_of.values())) == 5

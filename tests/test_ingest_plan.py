@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmsearch import db
-from mmsearch.ingest import EMPTY_MOUNT_REASON, ROOT_EMPTY_REASON, plan_run
+import pytest
+
+from mmsearch import db, ingest
+from mmsearch.ingest import EMPTY_MOUNT_REASON, ROOT_EMPTY_REASON, hash_chunks, plan_run
 from mmsearch.scan import BROKEN_LINK_REASON, UNREADABLE_FOLDER_REASON, FoundFile, ScanResult
 
 ROOT = Path("/photos")
@@ -104,3 +106,19 @@ def test_a_problem_about_a_found_file_is_not_a_row_of_its_own() -> None:
     scan = ScanResult(ROOT, files=[f], problems=[(f.path, "some caption file unreadable")])
     plan = plan_run(scan, {}, set())
     assert plan.problems == {} and plan.to_hash == [f]
+
+
+def test_a_run_hashes_a_few_files_before_its_first_images_then_chunks() -> None:
+    todo = [found("a.mp3", kind="audio"), found("1.jpg"), found("b.txt", kind="other"), found("2.jpg")]
+    todo += [found(f"{i}.png") for i in range(3, 10)]
+    chunks = hash_chunks(todo)
+    assert [f.path.name for f in chunks[0]] == ["a.mp3", "1.jpg", "b.txt", "2.jpg"]  # up to the second image
+    assert [f for chunk in chunks for f in chunk] == todo
+    assert hash_chunks(todo, whole=True) == [todo] and hash_chunks([]) == []
+    assert hash_chunks(todo[:3]) == [todo[:3]]  # one image: one chunk
+
+
+def test_chunks_after_the_first_hold_hash_chunk_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest, "HASH_CHUNK", 4)
+    todo = [found(f"{i}.jpg") for i in range(12)]
+    assert [len(c) for c in hash_chunks(todo)] == [2, 4, 4, 2]
