@@ -273,9 +273,14 @@ def _ingest(
     pending: dict[str, list[FoundFile]] = {}
     hashed = images_done = 0
     images_total = sum(1 for f in plan.to_hash if f.kind == "image")
-    for chunk in hash_chunks(plan.to_hash, whole=remote is not None):
-        found_new = run.hash_new_files(chunk, done_before=hashed, total=len(plan.to_hash))
+    chunks = hash_chunks(plan.to_hash, whole=remote is not None)
+    ahead: Future[dict[Path, str | OSError]] | None = None
+    for n, chunk in enumerate(chunks):
+        read = ahead.result() if ahead is not None else None
+        found_new = run.hash_new_files(chunk, read=read, done_before=hashed, total=len(plan.to_hash))
         hashed += len(chunk)
+        if n + 1 < len(chunks):  # the next chunk's files are read and hashed while this chunk's images embed
+            ahead = _in_background(hash_files, [f.path for f in chunks[n + 1] if f.size])
         images = [(sha, group) for sha, group in found_new.items() if group[0].kind == "image"]
         run.embed_images(images, done_before=images_done, total=images_total)
         images_done += len(images)
@@ -716,16 +721,22 @@ class _Run:
             self._write(tx, [r for f, reason in found for r in self._records([f], None, None, reason)])
 
     def hash_new_files(
-        self, todo: list[FoundFile], *, done_before: int = 0, total: int | None = None
+        self,
+        todo: list[FoundFile],
+        *,
+        read: dict[Path, str | OSError] | None = None,
+        done_before: int = 0,
+        total: int | None = None,
     ) -> dict[str, list[FoundFile]]:
-        """Hash new/changed files; link known content at once. Returns content to process, by hash."""
+        """Hash new/changed files (``read``: hashes made beforehand, see :func:`hash_files`); link known
+        content at once. Returns content to process, by hash."""
         total = len(todo) if total is None else total
         pending: dict[str, list[FoundFile]] = {}
-        hashed: dict[Path, str | OSError] = {}
+        hashed: dict[Path, str | OSError] = dict(read or {})
         if self.remote is not None and todo:
             # Reading every new file is the driver's largest cost on real photos: the remote may read them.
             self.tick("hash", done_before, total)
-            hashed = self.remote.hashes([f.path for f in todo if f.size])
+            hashed.update(self.remote.hashes([f.path for f in todo if f.size]))
         with self.store.write() as tx:
             records: list[db.FileRecord] = []  # written together at the end of the transaction
             for i, f in enumerate(todo):
@@ -1097,6 +1108,31 @@ def caption_vectors(
     if new:
         known.update(zip(new, embedder.embed_texts(new), strict=True))
     return np.stack([known[t] for t in texts]).astype(np.float32, copy=False), len(new)
+
+
+def hash_files(paths: list[Path]) -> dict[Path, str | OSError]:
+    """Each file's sha256, or the error reading it raised (for :func:`_hash`)."""
+    out: dict[Path, str | OSError] = {}
+    for path in paths:
+        try:
+            out[path] = sha256_file(path)
+        except OSError as e:
+            out[path] = e
+    return out
+
+
+def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` on a daemon thread: an interrupted run does not wait for it at exit."""
+    future: Future[T] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="mmsearch-hash-ahead", daemon=True).start()
+    return future
 
 
 def _hash(path: Path, hashed: dict[Path, str | OSError]) -> str:
