@@ -5,9 +5,12 @@ Kept free of torch/open_clip so that opening an index, checking its model and pr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -66,8 +69,13 @@ def demo_files() -> tuple[Path, Path]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
+    """The sha256 of a regular file's bytes. Anything else at ``path`` (a FIFO or a device put there after a
+    folder was scanned: reading one never ends) is an OSError, raised without waiting for a writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        h = hashlib.sha256()
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()

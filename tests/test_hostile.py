@@ -326,3 +326,29 @@ def test_bad_command_lines_and_query_files(tmp_path: Path) -> None:
                 assert len(job.file(".stderr").strip().splitlines()) == 1, (argv, text)
     finally:
         zygote.close()
+
+
+@pytest.mark.timeout(120)  # reading a FIFO as a file would never end
+def test_a_file_swapped_for_a_fifo_or_a_device_after_the_scan_is_skipped(tmp_path: Path) -> None:
+    """Between the scan (which keeps regular files only) and the hashing, someone with write access to the
+    folder replaces files with a FIFO and a link to /dev/zero: each is skipped with its reason, at once, and
+    the other images are indexed."""
+    media = tmp_path / "m"
+    for i, color in enumerate(["red", "green", "blue", "yellow", "purple", "orange"]):
+        solid(media / f"{i}.png", color)
+
+    def swap(stage: str, done: int, total: int) -> None:
+        if stage == "hash" and done == 0 and not (media / "4.png").is_symlink():
+            (media / "3.png").unlink()
+            os.mkfifo(media / "3.png")
+            (media / "4.png").unlink()
+            (media / "4.png").symlink_to("/dev/zero")
+
+    with mmsearch.Index.create(tmp_path / "idx", model=TINY_MODEL, pretrained="random") as idx:
+        report = idx.add_folder(media, progress=swap)
+        assert report.images_embedded == 4
+        assert sorted(report.skipped) == [
+            (str(media / "3.png"), "unreadable: not a regular file"),
+            (str(media / "4.png"), "unreadable: not a regular file"),
+        ]
+        assert_consistent(idx)
