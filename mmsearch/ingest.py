@@ -834,6 +834,7 @@ class _Run:
         if not groups:
             return
         total = len(groups) if total is None else total
+        self.tick("images", done_before, total)  # the stage starts (its first commit may be seconds away)
         if self.remote is not None:
             return self._embed_images_remotely(self.remote, groups, done_before, total)
         emb = self.embedder
