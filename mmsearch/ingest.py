@@ -287,6 +287,8 @@ def _ingest(
         for sha, group in found_new.items():
             if group[0].kind != "image":
                 pending.setdefault(sha, []).extend(group)
+    if images_done < images_total and images_done:  # fewer contents than files (shared or already known)
+        tick("images", images_done, images_done)
     run.reread_photos(plan.to_reread)
     run.transcribe_audio([(sha, group) for sha, group in pending.items() if group[0].kind == "audio"])
     run.index_videos([(sha, group) for sha, group in pending.items() if group[0].kind == "video"])

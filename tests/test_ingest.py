@@ -286,6 +286,7 @@ def test_images_are_committed_chunk_by_chunk_as_files_are_hashed(
     first_commit = next(i for i, (stage, done, _) in enumerate(ticks) if stage == "images" and done > 0)
     hashed_all = ticks.index(("hash", 8, 8))
     assert first_commit < hashed_all
+    assert [t for t in ticks if t[0] == "images"][-1] == ("images", 5, 5)  # the bar ends full
     assert_consistent(tiny_index)
     media_of = {os.fsdecode(k): r.media_id for k, r in tiny_index.store.catalog.files_by_key().items()}
     for a, b in ((0, 3), (1, 5), (2, 7)):  # each content once, whichever chunk its files were hashed in
