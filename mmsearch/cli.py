@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -195,23 +196,19 @@ def _fast_query(argv: list[str]) -> bool:
         return False
     from mmsearch import client
 
+    asked = _Asked(a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview)
     path = a.index_dir or _default_index_path()
     try:
         if _server_may_answer(a.local, a.model, a.pretrained, a.checkpoint, a.device, a.k):
             url = client.find_server(path)
             if url is None and a.serve:
                 return False  # the typer command starts one
-            answered = url is not None and _answered_by_server(
-                url, a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview
-            )
+            answered = url is not None and _answered_by_server(url, asked)
         else:
             answered = False
         if not answered:
             _configure_logging(verbose=False)  # as the typer application's callback does
-            _search_here(
-                path, a.model, a.pretrained, a.checkpoint, a.device,
-                a.text, a.image, a.audio, target, a.k, options, a.as_json, a.preview,
-            )  # fmt: skip
+            _search_here(path, a.model, a.pretrained, a.checkpoint, a.device, asked)
         sys.stdout.flush()
     except KeyboardInterrupt:
         sys.exit(130)  # silently, as typer does
@@ -223,6 +220,21 @@ def _fast_query(argv: list[str]) -> bool:
 
 
 # --- what both paths share -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Asked:
+    """A query as the command line asks it, and how to print its answer: the same whoever answers it (a
+    server, or this process)."""
+
+    text: str | None
+    image: Path | None
+    audio: Path | None
+    target: str
+    k: int
+    options: dict[str, Any]
+    as_json: bool
+    preview: bool = False
+
+
 def _query_target(
     text: str | None, image: Path | None, audio: Path | None, target: str | None, add: list[str] | None = None
 ) -> str:
@@ -252,17 +264,7 @@ def _server_may_answer(
 _server_failed = False
 
 
-def _answered_by_server(
-    server: "Server",
-    text: str | None,
-    image: Path | None,
-    audio: Path | None,
-    target: str,
-    k: int,
-    options: dict[str, Any],
-    as_json: bool,
-    preview: bool = False,
-) -> bool:
+def _answered_by_server(server: "Server", asked: _Asked) -> bool:
     """Print the answer of ``server`` (from :func:`mmsearch.client.find_server`). False, having printed only
     a warning on stderr, if the server failed (:class:`mmsearch.client.ServerError`: it crashed, went away,
     answered 5xx): the query is then searched in this process. A query the server rejects (BadQueryError)
@@ -274,7 +276,13 @@ def _answered_by_server(
         return False
     try:
         payload = client.query_server(
-            server, text=text, image=image, audio=audio, target=target, k=k, options=options
+            server,
+            text=asked.text,
+            image=asked.image,
+            audio=asked.audio,
+            target=asked.target,
+            k=asked.k,
+            options=asked.options,
         )
     except client.ServerError as e:
         _server_failed = True
@@ -285,27 +293,21 @@ def _answered_by_server(
         )
         return False
     _print_query(
-        payload["target"], payload["hits"], payload.get("transcript"), as_json, payload["no_match"], preview
+        payload["target"],
+        payload["hits"],
+        payload.get("transcript"),
+        asked.as_json,
+        payload["no_match"],
+        asked.preview,
     )
     return True
 
 
 def _search_here(
-    path: Path,
-    model: str | None,
-    pretrained: str | None,
-    checkpoint: str | None,
-    device: str,
-    text: str | None,
-    image: Path | None,
-    audio: Path | None,
-    target: str,
-    k: int,
-    options: dict[str, Any],
-    as_json: bool,
-    preview: bool,
+    path: Path, model: str | None, pretrained: str | None, checkpoint: str | None, device: str, asked: _Asked
 ) -> None:
-    """Search the index at ``path`` in this process and print the answer.
+    """Search the index at ``path`` in this process (with the model and device chosen, if any) and print the
+    answer.
 
     The cyclic garbage collector is off meanwhile: importing the engine creates tens of thousands of objects
     and almost no garbage, yet sets off a collection every few hundred allocations; one search leaves little
@@ -314,20 +316,23 @@ def _search_here(
     gc.disable()
     try:
         # With the index's own model, unless only words are searched (nothing embedded, no vectors read).
+        options = asked.options
         if model is None and pretrained is None and checkpoint is None and options.get("mode") != "words":
-            embeds_text = text is not None or bool(options.get("add")) or bool(options.get("subtract"))
-            _prefetch_local_search(path, device, target, embeds_text)
+            embeds_text = asked.text is not None or bool(options.get("add")) or bool(options.get("subtract"))
+            _prefetch_local_search(path, device, asked.target, embeds_text)
         from mmsearch import Index
 
         with Index.open(
             path, model=model, pretrained=pretrained, checkpoint=checkpoint, device=device
         ) as idx:
-            result = idx.search(text, image=image, audio=audio, target=target, k=k, **options)
+            result = idx.search(
+                asked.text, image=asked.image, audio=asked.audio, target=asked.target, k=asked.k, **options
+            )
     finally:
         if collecting:
             gc.enable()
     hits = [h.as_dict() for h in result.hits]
-    _print_query(target, hits, result.transcript, as_json, result.no_match, preview)
+    _print_query(asked.target, hits, result.transcript, asked.as_json, result.no_match, asked.preview)
 
 
 def _prefetch_local_search(path: Path, device: str, target: str, embeds_text: bool) -> None:
@@ -666,6 +671,7 @@ def _typer_app() -> "typer.Typer":
             max_duration=max_duration, min_confidence=min_confidence, min_score=min_score, tag=tag,
             taken_after=taken_after, taken_before=taken_before, near=near,
         )  # fmt: skip
+        asked = _Asked(text, image, audio, target, k, options, as_json, preview)
         path = index_dir or _default_index_path()
         if _server_may_answer(local, model, pretrained, checkpoint, device, k):
             from mmsearch import client
@@ -674,14 +680,9 @@ def _typer_app() -> "typer.Typer":
             if url is None and serve:
                 _err().print("starting a background server for this index …", markup=False)
                 url = client.start_server(path)
-            if url is not None and _answered_by_server(
-                url, text, image, audio, target, k, options, as_json, preview
-            ):
+            if url is not None and _answered_by_server(url, asked):
                 return
-        _search_here(
-            path, model, pretrained, checkpoint, device,
-            text, image, audio, target, k, options, as_json, preview,
-        )  # fmt: skip
+        _search_here(path, model, pretrained, checkpoint, device, asked)
 
     @app.command()
     def serve(

@@ -416,10 +416,8 @@ def test_a_cold_query_takes_the_text_session_and_file_digest_it_prefetched(
     monkeypatch.setattr(vectors, "_sha256_of", sha)
 
     a = cli._query_argparser().parse_args(["a red circle", "--local", "-k", "3", "--json"])
-    cli._search_here(
-        tmp_path / "index", None, None, None, "auto", a.text, None, None, "images", 3, cli._args_options(a),
-        True, False,
-    )  # fmt: skip
+    asked = cli._Asked(a.text, None, None, "images", 3, cli._args_options(a), as_json=True)
+    cli._search_here(tmp_path / "index", None, None, None, "auto", asked)
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
     # Each made once, on the prefetching threads, and used by the search.
     assert len(sessions) == 1 and sessions[0][0].endswith(".text-int8.onnx")
