@@ -280,7 +280,9 @@ def _ingest(
         found_new = run.hash_new_files(chunk, read=read, done_before=hashed, total=len(plan.to_hash))
         hashed += len(chunk)
         if n + 1 < len(chunks):  # the next chunk's files are read and hashed while this chunk's images embed
-            ahead = _in_background(hash_files, [f.path for f in chunks[n + 1] if f.size])
+            ahead = _in_background(
+                "mmsearch-hash-ahead", hash_files, [f.path for f in chunks[n + 1] if f.size]
+            )
         images = [(sha, group) for sha, group in found_new.items() if group[0].kind == "image"]
         run.embed_images(images, done_before=images_done, total=images_total)
         images_done += len(images)
@@ -691,18 +693,13 @@ class _Run:
         loading overlaps the rest of hashing instead of following it. :attr:`embedder` waits for it."""
         if self._embedder is not None or self._embedder_loading is not None:
             return
-        loading: Future[Embedder] = Future()
-        self._embedder_loading = loading
 
-        def load() -> None:
-            try:
-                embedder = self._embedder_factory()
-                embedder.image_streams  # noqa: B018 - asking starts the sessions' loading
-                loading.set_result(embedder)
-            except BaseException as e:  # handed to whoever asks for the embedder
-                loading.set_exception(e)
+        def load() -> Embedder:
+            embedder = self._embedder_factory()
+            embedder.image_streams  # noqa: B018 - asking starts the sessions' loading
+            return embedder
 
-        threading.Thread(target=load, name="mmsearch-model-load", daemon=True).start()
+        self._embedder_loading = _in_background("mmsearch-model-load", load)
 
     @property
     def transcriber(self) -> Any:
@@ -1124,8 +1121,8 @@ def hash_files(paths: list[Path]) -> dict[Path, str | OSError]:
     return out
 
 
-def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
-    """``fn(*args)`` on a daemon thread: an interrupted run does not wait for it at exit."""
+def _in_background(name: str, fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` on a daemon thread named ``name``: an interrupted run does not wait for it at exit."""
     future: Future[T] = Future()
 
     def work() -> None:
@@ -1134,7 +1131,7 @@ def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
         except BaseException as e:  # handed to whoever asks for the result
             future.set_exception(e)
 
-    threading.Thread(target=work, name="mmsearch-hash-ahead", daemon=True).start()
+    threading.Thread(target=work, name=name, daemon=True).start()
     return future
 
 
