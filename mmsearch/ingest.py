@@ -281,7 +281,7 @@ def _ingest(
         hashed += len(chunk)
         if n + 1 < len(chunks):  # the next chunk's files are read and hashed while this chunk's images embed
             ahead = _in_background(
-                "mmsearch-hash-ahead", hash_files, [f.path for f in chunks[n + 1] if f.size]
+                "mmsearch-hash-ahead", hash_paths, [f.path for f in chunks[n + 1] if f.size]
             )
         images = [(sha, group) for sha, group in found_new.items() if group[0].kind == "image"]
         run.embed_images(images, done_before=images_done, total=images_total)
@@ -727,7 +727,7 @@ class _Run:
         done_before: int = 0,
         total: int | None = None,
     ) -> dict[str, list[FoundFile]]:
-        """Hash new/changed files (``read``: hashes made beforehand, see :func:`hash_files`); link known
+        """Hash new/changed files (``read``: hashes made beforehand, see :func:`hash_paths`); link known
         content at once. Returns content to process, by hash."""
         total = len(todo) if total is None else total
         pending: dict[str, list[FoundFile]] = {}
@@ -1110,8 +1110,8 @@ def caption_vectors(
     return np.stack([known[t] for t in texts]).astype(np.float32, copy=False), len(new)
 
 
-def hash_files(paths: list[Path]) -> dict[Path, str | OSError]:
-    """Each file's sha256, or the error reading it raised (for :func:`_hash`)."""
+def hash_paths(paths: list[Path]) -> dict[Path, str | OSError]:
+    """Each file's sha256, or the error reading it raised (for :func:`_hash`; a Ray task's too)."""
     out: dict[Path, str | OSError] = {}
     for path in paths:
         try:

@@ -92,16 +92,13 @@ def open_source(path: bytes) -> Path | IO[bytes]:
 def hash_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A Ray Data CPU task: each row's file hashed (``sha256``), or the error reading it (``error``: the
     errno and message, so that the driver records the same reason a local run would)."""
-    from mmsearch.identity import sha256_file
+    from mmsearch.ingest import hash_paths
 
-    shas, errors = [], []
-    for path in batch["path"]:
-        try:
-            shas.append(sha256_file(Path(os.fsdecode(path))))
-            errors.append("")
-        except OSError as e:
-            shas.append("")
-            errors.append(json.dumps([e.errno, e.strerror or str(e)]))
+    paths = [Path(os.fsdecode(path)) for path in batch["path"]]
+    read = hash_paths(paths)
+    found = [read[path] for path in paths]  # row by row
+    shas = [r if isinstance(r, str) else "" for r in found]
+    errors = [json.dumps([r.errno, r.strerror or str(r)]) if isinstance(r, OSError) else "" for r in found]
     return {
         "path": batch["path"],
         "sha256": np.array(shas, dtype=object),
