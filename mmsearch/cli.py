@@ -355,9 +355,10 @@ def _prefetch_local_search(path: Path, device: str, target: str, embeds_text: bo
             prefetch_text_tower(identity, device)
         from mmsearch.vectors import prefetch_digests
 
-        # Where mmsearch.store.Store keeps a model's vectors: vectors/MODEL/KIND.faiss.
-        folder = path / "vectors" / model_key(identity)
-        prefetch_digests(folder / f"{kind}.faiss" for kind in constants.TARGETS.get(target, ()))
+        model = model_key(identity)
+        prefetch_digests(
+            constants.vector_file(path, model, kind) for kind in constants.TARGETS.get(target, ())
+        )
     except Exception as e:  # e.g. a damaged mmsearch.json
         logging.getLogger(__name__).debug("nothing prefetched for %s: %s", path, e)
 

@@ -57,6 +57,15 @@ INDEX_ENV = "MMSEARCH_INDEX"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
+#: An index folder's sub-folder of FAISS files (see :mod:`mmsearch.store`).
+VECTORS_FOLDER = "vectors"
+
+
+def vector_file(index: Path, model: str, kind: str) -> Path:
+    """Where an index keeps the FAISS file of one kind of one model (its key): vectors/MODEL/KIND.faiss."""
+    return index / VECTORS_FOLDER / model / f"{kind}.faiss"
+
+
 def default_index_path() -> Path:
     return Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
 

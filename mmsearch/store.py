@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmsearch.constants import VECTORS_FOLDER, vector_file
 from mmsearch.db import PRIVATE_FILE_MODE, SCHEMA_VERSION, VECTOR_KINDS, Catalog, VectorDelta, storage_errors
 from mmsearch.errors import IndexLockedError, IndexNotFoundError, MmsearchError
 from mmsearch.identity import model_key
@@ -60,7 +61,6 @@ FORMAT = "mmsearch-index"
 CATALOG = "catalog.sqlite"
 LOCK = "write.lock"
 THUMBS = "thumbs"
-VECTORS = "vectors"
 #: Mode of the index folder and its sub-folders (files: db.PRIVATE_FILE_MODE): other local users can
 #: neither list nor read what was indexed.
 PRIVATE_FOLDER_MODE = 0o700
@@ -160,7 +160,7 @@ class Store:
             cls.check_creatable(folder)  # again, under the lock: another process may have created it
             full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **config}
             with storage_errors(folder):
-                _private_folder(folder / VECTORS)
+                _private_folder(folder / VECTORS_FOLDER)
                 _write_private(folder / INDEX_MARKER, _describe(full), exclusive=True)
             return cls(folder, full)
         finally:
@@ -301,13 +301,15 @@ class Store:
 
     def _make_owner_only(self) -> None:
         """Tighten an index made by an older mmsearch (catalog 0644): the writer, who owns it, does it."""
-        paths = [(self.folder, PRIVATE_FOLDER_MODE), (self.folder / VECTORS, PRIVATE_FOLDER_MODE)]
+        paths = [(self.folder, PRIVATE_FOLDER_MODE), (self.folder / VECTORS_FOLDER, PRIVATE_FOLDER_MODE)]
         paths.append((self.folder / THUMBS, PRIVATE_FOLDER_MODE))
         for name in (CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm", INDEX_MARKER, LOCK):
             paths.append((self.folder / name, PRIVATE_FILE_MODE))
-        paths.extend((self.folder / VECTORS / f"{kind}.faiss", PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
+        paths.extend(
+            (self.folder / VECTORS_FOLDER / f"{kind}.faiss", PRIVATE_FILE_MODE) for kind in VECTOR_KINDS
+        )
         for model in self._models:
-            paths.append((self.folder / VECTORS / model, PRIVATE_FOLDER_MODE))
+            paths.append((self.folder / VECTORS_FOLDER / model, PRIVATE_FOLDER_MODE))
             paths.extend((self._faiss_path(kind, model), PRIVATE_FILE_MODE) for kind in VECTOR_KINDS)
         for path, mode in paths:
             try:
@@ -455,7 +457,7 @@ class Store:
         with contextlib.suppress(OSError):
             for kind in VECTOR_KINDS:
                 self._faiss_path(kind, model).unlink(missing_ok=True)
-            (self.folder / VECTORS / model).rmdir()
+            (self.folder / VECTORS_FOLDER / model).rmdir()
 
     def _catch_up(self, slot: tuple[str, str]) -> None:
         live = self._live[slot]
@@ -538,7 +540,9 @@ class Store:
         old = self.catalog.get_meta(self.catalog.slot("faiss", kind, model))
         path = self._faiss_path(kind, model)
         with storage_errors(self.folder):
-            _private_folder(self.folder / VECTORS)  # deleted by hand: made again owner-only, not by FAISS
+            _private_folder(
+                self.folder / VECTORS_FOLDER
+            )  # deleted by hand: made again owner-only, not by FAISS
             _private_folder(path.parent)
             sha, ntotal = live.index.save(path)
         record = {
@@ -551,21 +555,21 @@ class Store:
             "trained_n": live.index.trained_n,
         }
         if self.catalog.has_models:
-            record["file"] = str(path.relative_to(self.folder / VECTORS))
+            record["file"] = str(path.relative_to(self.folder / VECTORS_FOLDER))
         self.catalog.record_saved_vectors(kind, model, record)
         live.sha = sha
         if old and old.get("file") not in (None, record.get("file")):  # the flat layout of older indexes
             with contextlib.suppress(OSError):
-                (self.folder / VECTORS / old["file"]).unlink()
+                (self.folder / VECTORS_FOLDER / old["file"]).unlink()
 
     def _faiss_path(self, kind: str, model: str, record: dict[str, Any] | None = None) -> Path:
         """Where (model, kind)'s FAISS file is: as its record says, else vectors/MODEL/KIND.faiss (in a
         catalog older than schema 4, vectors/KIND.faiss)."""
         if record and record.get("file"):
-            return self.folder / VECTORS / str(record["file"])
+            return self.folder / VECTORS_FOLDER / str(record["file"])
         if not self.catalog.has_models:
-            return self.folder / VECTORS / f"{kind}.faiss"
-        return self.folder / VECTORS / model / f"{kind}.faiss"
+            return self.folder / VECTORS_FOLDER / f"{kind}.faiss"
+        return vector_file(self.folder, model, kind)
 
 
 @functools.cache
